@@ -1,0 +1,78 @@
+// Philox4x32-10 counter-based RNG and the normal draw shared by every pygen backend.
+//
+// One scheme everywhere: the normal draw for counter `ctr` under key `seed` equals
+// Triton's `tl.randn(seed, ctr)` (uint32 counter path): Philox4x32-10 with
+// counter = (lo32(ctr), hi32(ctr), 0, 0) and key = (lo32(seed), hi32(seed)); the first
+// two words become uniforms with Triton's conversion; Box-Muller's cosine branch.
+// The same function runs on the host (C++ backend) and the device (CUDA backend), and
+// the pure-torch reference (pygen/_rng.py) and the Triton helper (kernels/philox.py)
+// implement the same steps. Keep all four in step.
+#pragma once
+#include <cstdint>
+#include <cmath>
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define PYGEN_HD __host__ __device__ __forceinline__
+#else
+#define PYGEN_HD inline
+#endif
+
+namespace pygen {
+
+struct Philox4 {
+  uint32_t x[4];
+};
+
+PYGEN_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Philox4x32 with 10 rounds (Salmon et al., SC'11; the Random123 constants).
+PYGEN_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                               uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kMulA = 0xD2511F53u, kMulB = 0xCD9E8D57u;
+  constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi_a = mulhi32(kMulA, c0), lo_a = kMulA * c0;
+    const uint32_t hi_b = mulhi32(kMulB, c2), lo_b = kMulB * c2;
+    c0 = hi_b ^ c1 ^ k0;
+    c2 = hi_a ^ c3 ^ k1;
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// Triton's uint_to_uniform_float for 32-bit words: reinterpret as int32, fold the
+// negative half onto the positive one, scale into [0, 1).
+PYGEN_HD float uint_to_uniform(uint32_t bits) {
+  int32_t v = static_cast<int32_t>(bits);
+  v = v < 0 ? -v - 1 : v;
+  return static_cast<float>(v) * 4.6566127342e-10f;
+}
+
+// Standard normal for element counter `ctr` (64-bit) under `seed` (64-bit key).
+PYGEN_HD float philox_normal(uint64_t seed, uint64_t ctr) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u,
+                                  0u, static_cast<uint32_t>(seed),
+                                  static_cast<uint32_t>(seed >> 32));
+  float u1 = uint_to_uniform(r.x[0]);
+  const float u2 = uint_to_uniform(r.x[1]);
+  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;  // Triton clamps u1 so that log(u1) stays finite
+  const float th = 6.283185307179586f * u2;
+  // Full-precision logf/cosf (not the __logf/__cosf intrinsics): the draw must agree
+  // with the host and Triton to a few ulp.
+  return sqrtf(-2.0f * logf(u1)) * cosf(th);
+}
+
+}  // namespace pygen

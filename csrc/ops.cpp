@@ -1,0 +1,335 @@
+// Torch binding of pygen's C++/CUDA kernels: op schemas, CPU and CUDA implementations,
+// and the pygen._C Python module. The only translation unit that includes torch.
+//
+// Argument checking with user-facing messages happens in Python (pygen/ops/); the
+// checks here are a last line of defence that raise (never crash) on direct calls.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cpu/gaussian_cpu.h"
+#include "cuda/gaussian_cuda.h"
+#include "pygen/philox.h"
+
+namespace pygen {
+namespace {
+
+using at::Tensor;
+
+// Test hook: fill every output with NaN before the kernel runs, so that an element the
+// kernel fails to write shows up in the comparison with the reference.
+std::atomic<bool> g_poison{false};
+
+Tensor new_output(at::IntArrayRef sizes, const Tensor& like) {
+  Tensor t = at::empty(sizes, like.options());
+  if (g_poison.load(std::memory_order_relaxed)) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "pygen: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 1, "pygen: ", name, " must have shape (B, ...), got a 0-dim tensor");
+  const bool cpu = t.device().is_cpu();
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || (!cpu && (st == at::kHalf || st == at::kBFloat16)),
+              "pygen: ", name, " must be float32 or float64", cpu ? "" : ", float16 or bfloat16",
+              " on ", t.device(), ", got ", st);
+}
+
+void check_like(const Tensor& t, const Tensor& mu, const char* name) {
+  TORCH_CHECK(t.sizes() == mu.sizes(), "pygen: ", name, " must have shape ", mu.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == mu.scalar_type(), "pygen: ", name, " must have dtype ", mu.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == mu.device(), "pygen: ", name, " must be on ", mu.device(), ", got ", t.device());
+}
+
+void check_seed(const Tensor& seed, const Tensor& mu) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 && seed.device() == mu.device(),
+              "pygen: seed must be a one-element int64 tensor on ", mu.device());
+}
+
+struct Rows {
+  int64_t rows, cols;
+};
+Rows rows_of(const Tensor& mu) {
+  const int64_t rows = mu.size(0);
+  int64_t cols = 1;
+  for (int64_t d = 1; d < mu.dim(); ++d) cols *= mu.size(d);
+  return {rows, cols};
+}
+
+// The prior arrives expanded to mu's shape (possibly a stride-0 view); view it as
+// (rows, cols) without copying when the strides allow it.
+Tensor prior_view(const Tensor& p, const Tensor& mu, Rows rc, const char* name) {
+  check_like(p, mu, name);
+  return p.reshape({rc.rows, rc.cols});
+}
+
+void run_forward(GaussianFwdArgs& a, const Tensor& mu) {
+  if (a.rows * a.cols == 0 && a.kl == nullptr) return;
+  if (mu.device().is_cpu()) {
+    cpu::gaussian_forward(a, [](int64_t b, int64_t e, int64_t g, const std::function<void(int64_t, int64_t)>& f) {
+      at::parallel_for(b, e, g, f);
+    });
+    return;
+  }
+#ifdef PYGEN_WITH_CUDA
+  TORCH_CHECK(mu.device().is_cuda(), "pygen: unsupported device ", mu.device());
+  c10::DeviceGuard guard(mu.device());
+  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(mu.device()).native_handle();
+  Tensor ws;
+  if (const size_t bytes = cuda::gaussian_forward_workspace_bytes(a)) {
+    ws = at::empty({static_cast<int64_t>(bytes)}, mu.options().dtype(at::kByte));
+    a.workspace = ws.data_ptr();
+  }
+  const char* err = cuda::gaussian_forward(a, stream);
+  TORCH_CHECK(err == nullptr, "pygen: CUDA launch failed: ", err);
+#else
+  TORCH_CHECK(false, "pygen was built without CUDA; tensors are on ", mu.device());
+#endif
+}
+
+void run_backward(GaussianBwdArgs& a, const Tensor& like) {
+  if (a.rows * a.cols == 0) return;
+  if (like.device().is_cpu()) {
+    cpu::gaussian_backward(a, [](int64_t b, int64_t e, int64_t g, const std::function<void(int64_t, int64_t)>& f) {
+      at::parallel_for(b, e, g, f);
+    });
+    return;
+  }
+#ifdef PYGEN_WITH_CUDA
+  c10::DeviceGuard guard(like.device());
+  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(like.device()).native_handle();
+  const char* err = cuda::gaussian_backward(a, stream);
+  TORCH_CHECK(err == nullptr, "pygen: CUDA launch failed: ", err);
+#else
+  TORCH_CHECK(false, "pygen was built without CUDA; tensors are on ", like.device());
+#endif
+}
+
+// ---- forward ops ------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> sample_forward(const Tensor& mu_in, const Tensor& lv_in, const Tensor& seed,
+                                          int64_t offset, bool with_kl) {
+  check_float(mu_in, "mu");
+  check_like(lv_in, mu_in, "logvar");
+  check_seed(seed, mu_in);
+  TORCH_CHECK(offset >= 0, "pygen: offset must be >= 0, got ", offset);
+  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous();
+  const Rows rc = rows_of(mu);
+  const Tensor seed_c = seed.contiguous();
+  Tensor z = new_output(mu.sizes(), mu);
+  Tensor kl = with_kl ? new_output({rc.rows}, mu) : Tensor();
+  GaussianFwdArgs a;
+  a.rows = rc.rows;
+  a.cols = rc.cols;
+  a.dtype = dtype_of(mu);
+  a.mu = mu.const_data_ptr();
+  a.logvar = lv.const_data_ptr();
+  a.seed = seed_c.const_data_ptr<int64_t>();
+  a.offset = static_cast<uint64_t>(offset);
+  a.z = z.data_ptr();
+  a.kl = with_kl ? kl.data_ptr() : nullptr;
+  run_forward(a, mu);
+  return {z, kl};
+}
+
+Tensor reparameterize(const Tensor& mu, const Tensor& logvar, const Tensor& seed, int64_t offset) {
+  return std::get<0>(sample_forward(mu, logvar, seed, offset, false));
+}
+
+std::tuple<Tensor, Tensor> reparameterize_kl(const Tensor& mu, const Tensor& logvar, const Tensor& seed,
+                                             int64_t offset) {
+  return sample_forward(mu, logvar, seed, offset, true);
+}
+
+Tensor gaussian_kl(const Tensor& mu_in, const Tensor& lv_in, const std::optional<Tensor>& prior_mu,
+                   const std::optional<Tensor>& prior_logvar) {
+  check_float(mu_in, "mu");
+  check_like(lv_in, mu_in, "logvar");
+  TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
+              "pygen: pass prior_mu and prior_logvar together (the Python API fills in a missing one)");
+  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous();
+  const Rows rc = rows_of(mu);
+  Tensor kl = new_output({rc.rows}, mu);
+  GaussianFwdArgs a;
+  a.rows = rc.rows;
+  a.cols = rc.cols;
+  a.dtype = dtype_of(mu);
+  a.mu = mu.const_data_ptr();
+  a.logvar = lv.const_data_ptr();
+  a.kl = kl.data_ptr();
+  Tensor pm, pl;
+  if (prior_mu.has_value()) {
+    pm = prior_view(*prior_mu, mu, rc, "prior_mu");
+    pl = prior_view(*prior_logvar, mu, rc, "prior_logvar");
+    a.prior_mu = pm.const_data_ptr();
+    a.prior_logvar = pl.const_data_ptr();
+    a.pmu_stride_row = pm.stride(0);
+    a.pmu_stride_col = pm.stride(1);
+    a.plv_stride_row = pl.stride(0);
+    a.plv_stride_col = pl.stride(1);
+  }
+  run_forward(a, mu);
+  return kl;
+}
+
+// ---- backward ops -----------------------------------------------------------------
+
+Tensor reparameterize_backward(const Tensor& grad_z, const Tensor& lv_in, const Tensor& seed, int64_t offset) {
+  check_float(lv_in, "logvar");
+  check_like(grad_z, lv_in, "grad_z");
+  check_seed(seed, lv_in);
+  const Tensor lv = lv_in.contiguous(), gz = grad_z.contiguous(), seed_c = seed.contiguous();
+  const Rows rc = rows_of(lv);
+  Tensor glv = new_output(lv.sizes(), lv);
+  GaussianBwdArgs a;
+  a.rows = rc.rows;
+  a.cols = rc.cols;
+  a.dtype = dtype_of(lv);
+  a.logvar = lv.const_data_ptr();
+  a.seed = seed_c.const_data_ptr<int64_t>();
+  a.offset = static_cast<uint64_t>(offset);
+  a.grad_z = gz.const_data_ptr();
+  a.grad_logvar = glv.data_ptr();
+  run_backward(a, lv);
+  return glv;
+}
+
+std::tuple<Tensor, Tensor> reparameterize_kl_backward(const Tensor& grad_z, const Tensor& grad_kl,
+                                                      const Tensor& mu_in, const Tensor& lv_in,
+                                                      const Tensor& seed, int64_t offset) {
+  check_float(mu_in, "mu");
+  check_like(lv_in, mu_in, "logvar");
+  check_like(grad_z, mu_in, "grad_z");
+  check_seed(seed, mu_in);
+  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous(), gz = grad_z.contiguous();
+  const Tensor gkl = grad_kl.contiguous(), seed_c = seed.contiguous();
+  const Rows rc = rows_of(mu);
+  TORCH_CHECK(gkl.numel() == rc.rows && gkl.scalar_type() == mu.scalar_type(),
+              "pygen: grad_kl must have shape (", rc.rows, ",) and dtype ", mu.scalar_type());
+  Tensor gmu = new_output(mu.sizes(), mu), glv = new_output(mu.sizes(), mu);
+  GaussianBwdArgs a;
+  a.rows = rc.rows;
+  a.cols = rc.cols;
+  a.dtype = dtype_of(mu);
+  a.mu = mu.const_data_ptr();
+  a.logvar = lv.const_data_ptr();
+  a.seed = seed_c.const_data_ptr<int64_t>();
+  a.offset = static_cast<uint64_t>(offset);
+  a.grad_z = gz.const_data_ptr();
+  a.grad_kl = gkl.const_data_ptr();
+  a.grad_mu = gmu.data_ptr();
+  a.grad_logvar = glv.data_ptr();
+  run_backward(a, mu);
+  return {gmu, glv};
+}
+
+std::vector<Tensor> gaussian_kl_backward(const Tensor& grad_kl, const Tensor& mu_in, const Tensor& lv_in,
+                                         const std::optional<Tensor>& prior_mu,
+                                         const std::optional<Tensor>& prior_logvar) {
+  check_float(mu_in, "mu");
+  check_like(lv_in, mu_in, "logvar");
+  TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(), "pygen: pass prior_mu and prior_logvar together");
+  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous(), gkl = grad_kl.contiguous();
+  const Rows rc = rows_of(mu);
+  TORCH_CHECK(gkl.numel() == rc.rows && gkl.scalar_type() == mu.scalar_type(),
+              "pygen: grad_kl must have shape (", rc.rows, ",) and dtype ", mu.scalar_type());
+  std::vector<Tensor> out = {new_output(mu.sizes(), mu), new_output(mu.sizes(), mu)};
+  GaussianBwdArgs a;
+  a.rows = rc.rows;
+  a.cols = rc.cols;
+  a.dtype = dtype_of(mu);
+  a.mu = mu.const_data_ptr();
+  a.logvar = lv.const_data_ptr();
+  a.grad_kl = gkl.const_data_ptr();
+  a.grad_mu = out[0].data_ptr();
+  a.grad_logvar = out[1].data_ptr();
+  Tensor pm, pl;
+  if (prior_mu.has_value()) {
+    pm = prior_view(*prior_mu, mu, rc, "prior_mu");
+    pl = prior_view(*prior_logvar, mu, rc, "prior_logvar");
+    out.push_back(new_output(mu.sizes(), mu));
+    out.push_back(new_output(mu.sizes(), mu));
+    a.prior_mu = pm.const_data_ptr();
+    a.prior_logvar = pl.const_data_ptr();
+    a.pmu_stride_row = pm.stride(0);
+    a.pmu_stride_col = pm.stride(1);
+    a.plv_stride_row = pl.stride(0);
+    a.plv_stride_col = pl.stride(1);
+    a.grad_prior_mu = out[2].data_ptr();
+    a.grad_prior_logvar = out[3].data_ptr();
+  }
+  run_backward(a, mu);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pygen, m) {
+  m.def("reparameterize(Tensor mu, Tensor logvar, Tensor seed, int offset) -> Tensor");
+  m.def("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor seed, int offset) -> Tensor");
+  m.def("reparameterize_kl(Tensor mu, Tensor logvar, Tensor seed, int offset) -> (Tensor, Tensor)");
+  m.def(
+      "reparameterize_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed, "
+      "int offset) -> (Tensor, Tensor)");
+  m.def("gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
+  m.def(
+      "gaussian_kl_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, "
+      "Tensor? prior_logvar) -> Tensor[]");
+}
+
+#define PYGEN_REGISTER_IMPLS(m)                                      \
+  m.impl("reparameterize", &reparameterize);                         \
+  m.impl("reparameterize_backward", &reparameterize_backward);       \
+  m.impl("reparameterize_kl", &reparameterize_kl);                   \
+  m.impl("reparameterize_kl_backward", &reparameterize_kl_backward); \
+  m.impl("gaussian_kl", &gaussian_kl);                               \
+  m.impl("gaussian_kl_backward", &gaussian_kl_backward);
+
+TORCH_LIBRARY_IMPL(pygen, CPU, m) { PYGEN_REGISTER_IMPLS(m) }
+#ifdef PYGEN_WITH_CUDA
+TORCH_LIBRARY_IMPL(pygen, CUDA, m) { PYGEN_REGISTER_IMPLS(m) }
+#endif
+
+}  // namespace pygen
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pygen's compiled kernels; the ops live in torch.ops.pygen";
+  m.def("cuda_enabled", []() {
+#ifdef PYGEN_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("_set_poison", [](bool on) { pygen::g_poison.store(on); }, "Fill outputs with NaN before kernels (tests).");
+  m.def(
+      "philox4x32_10",
+      [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+        const pygen::Philox4 r = pygen::philox4x32_10(c0, c1, c2, c3, k0, k1);
+        return pybind11::make_tuple(r.x[0], r.x[1], r.x[2], r.x[3]);
+      },
+      "The raw Philox4x32-10 block (for known-answer tests).");
+  m.def(
+      "philox_normal", [](uint64_t seed, uint64_t ctr) { return pygen::philox_normal(seed, ctr); },
+      "The normal draw of counter ctr under seed, as every backend computes it.");
+}

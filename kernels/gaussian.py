@@ -1,0 +1,218 @@
+"""Triton kernels for reparameterized sampling, Gaussian KL and their gradients.
+
+Each program handles a (BLOCK_R rows x BLOCK_C columns) tile of the (B, N) view. A row
+longer than BLOCK_C is split over several programs whose KL partials are summed in
+column order afterwards (deterministic, no atomics). Arithmetic runs in float32
+(float64 for float64 inputs); the noise is always drawn in float32, as on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import randn_at
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter pays ~10 ms per program: give it few, large tiles.
+_TILE = 1 << 16 if _INTERPRET else 2048
+_MAX_GRID_1 = 65535
+
+
+@triton.jit
+def _load(ptr, idx, mask, ACC_F64: tl.constexpr):
+    x = tl.load(ptr + idx, mask=mask, other=0.0)
+    if ACC_F64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _gaussian_fwd_kernel(
+    mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, part_ptr,
+    rows, cols, offset, pmu_sr, pmu_sc, plv_sr, plv_sc, chunks,
+    SAMPLE: tl.constexpr, KL: tl.constexpr, PRIOR: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r = r1[:, None]
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    mask = (r < rows) & (c < cols)
+    idx = r * cols + c
+    m = _load(mu_ptr, idx, mask, ACC_F64)
+    lv = _load(lv_ptr, idx, mask, ACC_F64)
+    if SAMPLE:
+        seed = tl.load(seed_ptr)
+        eps = randn_at(seed, offset + idx).to(m.dtype)
+        z = m + tl.exp(0.5 * lv) * eps
+        tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=mask)
+    if KL:
+        if PRIOR:
+            pm = _load(pmu_ptr, r * pmu_sr + c * pmu_sc, mask, ACC_F64)
+            pl = _load(plv_ptr, r * plv_sr + c * plv_sc, mask, ACC_F64)
+            d = m - pm
+            term = tl.exp(lv - pl) + d * d * tl.exp(-pl) - 1.0 - lv + pl
+        else:
+            term = tl.exp(lv) + m * m - 1.0 - lv
+        s = tl.sum(tl.where(mask, term, 0.0), axis=1)
+        if chunks == 1:
+            tl.store(kl_ptr + r1, (0.5 * s).to(kl_ptr.dtype.element_ty), mask=r1 < rows)
+        else:
+            tl.store(part_ptr + r1 * chunks + pid_c, s, mask=r1 < rows)
+
+
+@triton.jit
+def _gaussian_bwd_kernel(
+    mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr, gz_ptr, gkl_ptr,
+    gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
+    rows, cols, offset, pmu_sr, pmu_sc, plv_sr, plv_sc,
+    GZ: tl.constexpr, GKL: tl.constexpr, PRIOR: tl.constexpr, WRITE_GMU: tl.constexpr,
+    ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r = r1[:, None]
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    mask = (r < rows) & (c < cols)
+    idx = r * cols + c
+    lv = _load(lv_ptr, idx, mask, ACC_F64)
+    g_mu = lv * 0.0
+    g_lv = lv * 0.0
+    if GZ:
+        g = _load(gz_ptr, idx, mask, ACC_F64)
+        seed = tl.load(seed_ptr)
+        eps = randn_at(seed, offset + idx).to(lv.dtype)
+        g_mu += g
+        g_lv += 0.5 * g * tl.exp(0.5 * lv) * eps
+    if GKL:
+        gk = _load(gkl_ptr, r, r < rows, ACC_F64)
+        m = _load(mu_ptr, idx, mask, ACC_F64)
+        if PRIOR:
+            pl = _load(plv_ptr, r * plv_sr + c * plv_sc, mask, ACC_F64)
+            d = m - _load(pmu_ptr, r * pmu_sr + c * pmu_sc, mask, ACC_F64)
+            inv_pvar = tl.exp(-pl)
+            ratio = tl.exp(lv - pl)
+            dm = gk * d * inv_pvar
+            g_mu += dm
+            g_lv += 0.5 * gk * (ratio - 1.0)
+            tl.store(gpmu_ptr + idx, (-dm).to(gpmu_ptr.dtype.element_ty), mask=mask)
+            gpl = 0.5 * gk * (1.0 - ratio - d * d * inv_pvar)
+            tl.store(gplv_ptr + idx, gpl.to(gplv_ptr.dtype.element_ty), mask=mask)
+        else:
+            g_mu += gk * m
+            g_lv += 0.5 * gk * (tl.exp(lv) - 1.0)
+    if WRITE_GMU:
+        tl.store(gmu_ptr + idx, g_mu.to(gmu_ptr.dtype.element_ty), mask=mask)
+    tl.store(glv_ptr + idx, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiles(rows: int, cols: int) -> tuple[int, int, int, tuple[int, int]]:
+    block_c = min(triton.next_power_of_2(max(cols, 1)), _TILE)
+    block_c = max(block_c, triton.next_power_of_2(triton.cdiv(cols, _MAX_GRID_1)))
+    block_r = max(1, min(_TILE // block_c, triton.next_power_of_2(max(rows, 1))))
+    chunks = max(1, triton.cdiv(cols, block_c))
+    return block_r, block_c, chunks, (triton.cdiv(rows, block_r), chunks)
+
+
+def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
+    rows = x.shape[0]
+    cols = 1
+    for s in x.shape[1:]:
+        cols *= s
+    return rows, cols
+
+
+def _prior_2d(p: torch.Tensor | None, rows: int, cols: int):
+    if p is None:
+        return None, 0, 0
+    p2 = p.reshape(rows, cols)  # a view when the broadcast strides allow it
+    return p2, p2.stride(0), p2.stride(1)
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    from pygen import _alloc  # the poisoning hook of the test-suite
+
+    return _alloc.empty(shape, dtype or like.dtype, like.device)
+
+
+def gaussian_forward(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    offset: int,
+    sample: bool,
+    kl: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """z (shape of mu) when ``sample``, per-row KL (B,) when ``kl``. Priors are expanded to mu."""
+    mu = mu.contiguous()
+    logvar = logvar.contiguous()
+    rows, cols = _rows_cols(mu)
+    z = _empty(mu.shape, mu) if sample else None
+    kl_out = _empty((rows,), mu) if kl else None
+    if rows == 0 or (cols == 0 and not kl):
+        return z, kl_out
+    block_r, block_c, chunks, grid = _tiles(rows, cols)
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    part = _empty((rows, chunks), mu, acc) if kl and chunks > 1 else None
+    pmu, pmu_sr, pmu_sc = _prior_2d(prior_mu, rows, cols)
+    plv, plv_sr, plv_sc = _prior_2d(prior_logvar, rows, cols)
+    _gaussian_fwd_kernel[grid](
+        mu, logvar, pmu if pmu is not None else mu, plv if plv is not None else mu,
+        seed if seed is not None else mu, z if z is not None else mu,
+        kl_out if kl_out is not None else mu, part if part is not None else mu,
+        rows, cols, offset, pmu_sr, pmu_sc, plv_sr, plv_sc, chunks,
+        SAMPLE=sample, KL=kl, PRIOR=pmu is not None, ACC_F64=acc == torch.float64,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    if part is not None:
+        kl_out.copy_((0.5 * part.sum(dim=1)).to(mu.dtype))
+    return z, kl_out
+
+
+def gaussian_backward(
+    grad_z: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    mu: torch.Tensor | None,
+    logvar: torch.Tensor,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    offset: int,
+    write_grad_mu: bool,
+) -> list[torch.Tensor]:
+    """[grad_mu (if write_grad_mu), grad_logvar, grad_prior_mu, grad_prior_logvar (if prior)]."""
+    logvar = logvar.contiguous()
+    rows, cols = _rows_cols(logvar)
+    has_prior = prior_mu is not None
+    outs = [_empty(logvar.shape, logvar) for _ in range(int(write_grad_mu) + 1 + 2 * int(has_prior))]
+    if rows * cols == 0:
+        return outs
+    gmu = outs[0] if write_grad_mu else None
+    glv = outs[int(write_grad_mu)]
+    gpmu, gplv = (outs[-2], outs[-1]) if has_prior else (None, None)
+    block_r, block_c, _, grid = _tiles(rows, cols)
+    pmu, pmu_sr, pmu_sc = _prior_2d(prior_mu, rows, cols)
+    plv, plv_sr, plv_sc = _prior_2d(prior_logvar, rows, cols)
+    mu_c = mu.contiguous() if mu is not None else logvar
+    dummy = logvar
+    _gaussian_bwd_kernel[grid](
+        mu_c, logvar, pmu if pmu is not None else dummy, plv if plv is not None else dummy,
+        seed if seed is not None else dummy,
+        grad_z.contiguous() if grad_z is not None else dummy,
+        grad_kl.contiguous() if grad_kl is not None else dummy,
+        gmu if gmu is not None else dummy, glv,
+        gpmu if gpmu is not None else dummy, gplv if gplv is not None else dummy,
+        rows, cols, offset, pmu_sr, pmu_sc, plv_sr, plv_sc,
+        GZ=grad_z is not None, GKL=grad_kl is not None, PRIOR=has_prior, WRITE_GMU=write_grad_mu,
+        ACC_F64=logvar.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return outs
