@@ -17,6 +17,7 @@ Backends: ``"cpp"`` (CPU), ``"cuda"``, ``"triton"``, ``"torch"`` (reference);
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -63,7 +64,7 @@ def gaussian_kl_ref(
         pl = prior_logvar.to(ct) if prior_logvar is not None else torch.zeros((), dtype=ct, device=mu.device)
         d = m - pm
         term = torch.exp(lv - pl) + d * d * torch.exp(-pl) - 1.0 - lv + pl
-    return (0.5 * term.reshape(mu.shape[0], -1).sum(dim=1)).to(mu.dtype)
+    return (0.5 * term.reshape(mu.shape[0], math.prod(mu.shape[1:])).sum(dim=1)).to(mu.dtype)
 
 
 # ---- compiled ops: fake (meta) implementations and autograd ------------------------------
