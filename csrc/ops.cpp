@@ -321,6 +321,8 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def("_cpu_isa", &pygen::cpu::isa, "The instruction set of the CPU kernels in use.");
+  m.def("_set_cpu_isa", &pygen::cpu::set_isa, "Use the baseline/avx2/avx512 CPU kernels; False if unsupported.");
   m.def("_set_poison", [](bool on) { pygen::g_poison.store(on); }, "Fill outputs with NaN before kernels (tests).");
   m.def(
       "philox4x32_10",

@@ -170,3 +170,30 @@ def test_seed_arguments_are_checked():
         reparameterize(mu, mu, offset=-5)
     with pytest.raises(TypeError, match="offset must be an int"):
         reparameterize(mu, mu, offset=1.5)
+
+
+def test_cpu_builds_for_every_isa_give_identical_results():
+    """The baseline / AVX2 / AVX-512 builds differ in vector width only, never in results."""
+    if "cpp" not in pygen.available_backends():
+        pytest.skip("C++ extension not built")
+    C = _ext._C
+    mu, lv = torch.randn(5, 9000), torch.randn(5, 9000)
+    pm, pl = torch.randn(9000), torch.randn(5, 9000)
+    g = torch.randn(5, 9000)
+    before = C._cpu_isa()
+    results = {}
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            if not C._set_cpu_isa(isa):
+                continue
+            m, v = mu.clone().requires_grad_(True), lv.clone().requires_grad_(True)
+            z, kl = pygen.ops.reparameterize_kl(m, v, seed=9, backend="cpp")
+            kl_p = pygen.ops.gaussian_kl(m, v, pm, pl, backend="cpp")
+            grads = torch.autograd.grad((z, kl, kl_p), (m, v), (g, kl.detach() * 0 + 1, kl_p.detach() * 0 + 2))
+            results[isa] = (z, kl, kl_p, *grads)
+    finally:
+        C._set_cpu_isa(before)
+    base = results["baseline"]
+    for isa, res in results.items():
+        for a, b in zip(res, base):
+            assert torch.equal(a, b), isa

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
+
 #include "pygen/gaussian.h"
 
 namespace pygen::cpu {
@@ -11,11 +13,23 @@ namespace pygen::cpu {
 using ParallelFor =
     std::function<void(int64_t, int64_t, int64_t, const std::function<void(int64_t, int64_t)>&)>;
 
-void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& parallel_for);
-void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& parallel_for);
+// One build of the kernels per instruction set (gaussian_cpu.cpp compiled per ISA).
+#define PYGEN_DECLARE_CPU_ISA(isa)                                           \
+  namespace isa {                                                          \
+  void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf);  \
+  void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf); \
+  }
+PYGEN_DECLARE_CPU_ISA(baseline)
+PYGEN_DECLARE_CPU_ISA(avx2)
+PYGEN_DECLARE_CPU_ISA(avx512)
+#undef PYGEN_DECLARE_CPU_ISA
 
-// Normal draws for counters offset .. offset + n - 1 (tests and the torch backend's check).
-void philox_normal_fill(float* out, int64_t n, uint64_t seed, uint64_t offset,
-                        const ParallelFor& parallel_for);
+// Dispatch to the widest build this CPU runs (or the one set by set_isa).
+void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf);
+void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf);
+
+// "baseline", "avx2" or "avx512"; set_isa returns false when the CPU lacks it.
+std::string isa();
+bool set_isa(const std::string& name);
 
 }  // namespace pygen::cpu

@@ -1,0 +1,63 @@
+# make demo  - set up from a fresh clone and run the large-batch sampling demo
+# make test  - set up from a fresh clone and run the tests (+ nvcc compile check)
+#
+# Everything lives in $(VENV). On a machine with no GPU the CPU build of torch is used
+# (TORCH_SPEC); on a GPU machine install CUDA torch yourself first, or point VENV at
+# an environment that has it: setup skips torch when the venv already imports it.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: setup build test demo cuda-check bench clean
+
+setup: $(VENV)/.deps
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+build: $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(BIN)/pip install -q --no-build-isolation -e .
+	touch $@
+
+test: build
+	$(BIN)/python -m pytest -q tests
+	PYGEN_BENCH_QUICK=1 $(BIN)/python -m pytest -q benchmarks --benchmark-disable
+	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; \
+	else echo "nvcc not found: skipping the CUDA compile check"; fi
+
+demo: build
+	$(BIN)/python -m pygen.demo
+
+# Compile every CUDA source for sm_80 and sm_90a without torch: the .cu files include
+# no torch headers, so this runs anywhere nvcc does, GPU or not. Then compile the torch
+# binding with its CUDA half switched on (it needs no CUDA headers, so the CPU torch
+# headers suffice): nothing CUDA-side goes unbuilt on a machine without a GPU.
+cuda-check: setup
+	@set -e; for f in csrc/cuda/*.cu; do \
+	  echo "nvcc $$f ($(CUDA_ARCH_FLAGS))"; \
+	  $(NVCC) -std=c++17 -O3 -Icsrc -Icsrc/include --expt-relaxed-constexpr -Werror all-warnings \
+	    $(CUDA_ARCH_FLAGS) -c $$f -o /dev/null; \
+	done
+	@echo "g++ -fsyntax-only -DPYGEN_WITH_CUDA csrc/ops.cpp"
+	@$(CXX) -std=c++17 -fsyntax-only -Wall -DPYGEN_WITH_CUDA -Icsrc -Icsrc/include \
+	  $$($(BIN)/python -c "import sysconfig, pybind11; from torch.utils import cpp_extension as c; \
+	  print(' '.join('-isystem ' + p for p in c.include_paths() + [pybind11.get_include(), sysconfig.get_paths()['include']]))") \
+	  csrc/ops.cpp
+	@echo "cuda-check: all CUDA sources and the CUDA binding compile"
+
+bench: build
+	$(BIN)/python -m pytest benchmarks/bench_gaussian.py --benchmark-group-by=group \
+	  --benchmark-columns=median,iqr,ops
+
+clean:
+	rm -rf build $(VENV)/.built

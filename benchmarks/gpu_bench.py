@@ -1,0 +1,458 @@
+#!/usr/bin/env python
+"""GPU benchmark of pygen's Gaussian ops against eager torch and torch.compile.
+
+    python benchmarks/gpu_bench.py --out /tmp/gpu.json                # on a CUDA machine
+    python benchmarks/gpu_bench.py --dry-run --out /tmp/x.json        # CPU smoke test
+
+For each size (default 2**20, 2**24, 2**26 float32, plus 2**26 bfloat16), op
+(reparameterize, gaussian_kl, reparameterize_kl), mode (forward, backward,
+forward_backward) and provider (pygen-cuda, pygen-triton where available, eager, compile),
+time with ``triton.testing.do_bench(warmup=25, rep=100)`` (median and 20/80% quantiles) and
+report GB/s over the minimum bytes moved (_common.bytes_moved), its fraction of a measured
+``dst.copy_(src)`` bandwidth (256 MiB, read + write bytes), peak extra memory, and speedups
+over eager and compile. Inputs have shape (numel // 256, 256).
+
+- "backward" times only the backward: the graph is built once per input set and
+  ``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True)`` is timed.
+- "forward_backward" times forward + ``torch.autograd.grad`` (no .grad accumulation).
+- When one input set is smaller than 2x the L2 cache, several sets are rotated so that
+  the cache does not flatter small sizes (do_bench also flushes L2 between calls).
+- ``--dry-run``: CPU, tiny sizes, pygen's "cpp" backend and a perf_counter timer; it checks
+  that the script works, its numbers mean little.
+
+Writes a JSON with metadata (device, versions, date; no hostname) and one record per
+(op, mode, size, dtype, provider), and prints a table per configuration and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import inspect
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _baselines, _common
+
+import torch  # noqa: E402
+
+import pygen  # noqa: E402
+from _common import (  # noqa: E402
+    MB,
+    OPS,
+    bytes_moved,
+    check_grads,
+    check_outputs,
+    cpu_bench,
+    make_grads,
+    make_inputs,
+    provider_fn,
+    shape_for,
+)
+
+MODES = ("forward", "backward", "forward_backward")
+BASELINES = ("eager", "compile")
+QUANTILES = (0.5, 0.2, 0.8)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- arguments ---------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'2**20', '2^20', '1048576' or '1e6' -> int."""
+    t = text.strip().replace("^", "**")
+    if m := re.fullmatch(r"(\d+)\*\*(\d+)", t):
+        return int(m.group(1)) ** int(m.group(2))
+    value = float(t)
+    if value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return int(value)
+
+
+def parse_list(text: str, item=str) -> list:
+    return [item(x) for x in text.split(",") if x.strip()]
+
+
+def size_label(n: int) -> str:
+    k = n.bit_length() - 1
+    return f"2**{k}" if n == 1 << k else f"{n:.0e}".replace("+0", "").replace("+", "")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", metavar="PATH.json", help="write the results here (JSON)")
+    p.add_argument("--sizes", help="comma list of element counts, e.g. 2**20,2**24 "
+                                   "(default 2**20,2**24,2**26; dry run 2**12,2**14)")
+    p.add_argument("--dtype", default="float32", help="comma list of dtypes for every size (default float32)")
+    p.add_argument("--bf16-sizes", default=None,
+                   help="extra bfloat16 runs at these sizes (default 2**26, the largest; '' for none)")
+    p.add_argument("--ops", default=",".join(OPS), help="comma list (default all)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list (default all)")
+    p.add_argument("--providers", default=None,
+                   help="comma list from pygen-cuda,pygen-triton,pygen-cpp,eager,compile (default: what runs here)")
+    p.add_argument("--dim", type=int, default=256, help="elements per sample; B = numel // dim (default 256)")
+    p.add_argument("--warmup", type=float, default=25, help="do_bench warmup, ms (default 25)")
+    p.add_argument("--rep", type=float, default=100, help="do_bench rep, ms (default 100)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new configuration after this many seconds (the rest is listed as skipped)")
+    p.add_argument("--compile-dynamic", action="store_true", help="torch.compile(dynamic=None) instead of False")
+    p.add_argument("--no-check", action="store_true", help="skip the output/gradient sanity checks")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU smoke test: tiny sizes, backend cpp, perf_counter timer")
+    args = p.parse_args(argv)
+    args.sizes = parse_list(args.sizes or ("2**12,2**14" if args.dry_run else "2**20,2**24,2**26"), parse_size)
+    if args.bf16_sizes is None:
+        args.bf16_sizes = [] if args.dry_run else [max(args.sizes)]
+    else:
+        args.bf16_sizes = parse_list(args.bf16_sizes, parse_size)
+    try:
+        args.dtypes = [DTYPES[d.strip()] for d in args.dtype.split(",") if d.strip()]
+    except KeyError as e:
+        p.error(f"unknown dtype {e}; choose from {sorted(DTYPES)}")
+    args.ops = parse_list(args.ops)
+    args.modes = parse_list(args.modes)
+    for name, values, allowed in (("--ops", args.ops, OPS), ("--modes", args.modes, MODES)):
+        if bad := [v for v in values if v not in allowed]:
+            p.error(f"{name}: unknown {bad}; choose from {allowed}")
+    return args
+
+
+# ---- timers ------------------------------------------------------------------------------
+
+
+def make_timer(device: str, warmup: float, rep: float):
+    """fn -> [median, q20, q80] in ms, and a description of the timer."""
+    if device == "cpu":
+        return (lambda fn: cpu_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES),
+                f"time.perf_counter (cpu_bench, warmup={warmup} ms, rep={rep} ms)")
+    try:
+        import triton.testing
+
+        params = inspect.signature(triton.testing.do_bench).parameters
+    except ImportError:
+        return (lambda fn: cuda_event_bench(fn, warmup, rep), f"CUDA events (warmup={warmup} ms, rep={rep} ms)")
+    kwargs = {"warmup": warmup, "rep": rep}
+    if "return_mode" in params:
+        kwargs["return_mode"] = "median"
+    if "quantiles" in params:
+        kwargs["quantiles"] = list(QUANTILES)
+
+    def timer(fn):
+        r = triton.testing.do_bench(fn, **kwargs)
+        return [float(x) for x in r] if isinstance(r, (list, tuple)) else [float(r)] * 3
+
+    return timer, f"triton.testing.do_bench({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def cuda_event_bench(fn, warmup: float, rep: float) -> list[float]:
+    """do_bench's method without triton: CUDA events, L2 flushed before each call."""
+    cache = torch.empty(256 * MB, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        cache.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup / estimate))):
+        fn()
+    n = max(1, int(rep / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        cache.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    from _common import quantile_list
+
+    return quantile_list(times, QUANTILES)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- measurements -----------------------------------------------------------------------
+
+
+def copy_bandwidth(device: str, timer, nbytes: int) -> dict:
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    q = timer(lambda: dst.copy_(src))
+    del src, dst
+    return {"tensor_bytes": nbytes, "bytes": 2 * nbytes, "median_ms": q[0], "gbps": 2 * nbytes / (q[0] * 1e-3) / 1e9,
+            "method": "dst.copy_(src), float32, bytes read + written / median time"}
+
+
+def l2_bytes(device: str) -> int:
+    if device != "cuda":
+        return 32 * MB  # a stand-in for a CPU's last-level cache in the dry run
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or 50 * MB)
+
+
+def n_input_sets(set_bytes: int, l2: int, cap: int = 16) -> int:
+    """Enough input sets that cycling through them spans 2x the L2 cache."""
+    return 1 if set_bytes >= 2 * l2 else min(cap, math.ceil(2 * l2 / max(set_bytes, 1)))
+
+
+def build_bench_fn(op: str, mode: str, f, sets: list, device: str):
+    """The zero-argument callable to time, cycling through ``sets`` of (mu, logvar, grads)."""
+    order = itertools.cycle(range(len(sets)))
+    if mode == "forward":
+        def run():
+            mu, lv, _ = sets[next(order)]
+            return f(mu, lv)
+    elif mode == "backward":
+        graphs = [(f(mu, lv), (mu, lv), g) for mu, lv, g in sets]  # built once, reused
+
+        def run():
+            outs, inputs, grads = graphs[next(order)]
+            return torch.autograd.grad(outs, inputs, grads, retain_graph=True)
+    else:
+        def run():
+            mu, lv, grads = sets[next(order)]
+            return torch.autograd.grad(f(mu, lv), (mu, lv), grads)
+    return run
+
+
+def peak_extra_bytes(fn, device: str) -> int | None:
+    """Peak memory a call allocates on top of what is already allocated (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return torch.cuda.max_memory_allocated() - base
+
+
+def sanity(op: str, mode: str, f, mu, lv, grads) -> str | None:
+    if mode == "forward":  # (not under no_grad: compile would guard on it and compile twice)
+        return check_outputs(op, f(mu, lv), mu, lv)
+    outs = f(mu, lv)
+    err = check_outputs(op, outs, mu, lv)
+    if err:
+        return err
+    return check_grads(op, mu, lv, grads, torch.autograd.grad(outs, (mu, lv), grads))
+
+
+# ---- metadata ----------------------------------------------------------------------------
+
+
+def git_info() -> dict:
+    def git(*a):
+        return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except Exception:  # no git, or not a checkout (a copied tree)
+        return {"git_commit": None, "git_dirty": None}
+
+
+def metadata(device: str, args, timer_desc: str, copy_bw: dict) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device == "cuda":
+        idx = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        name = torch.cuda.get_device_name(idx)
+        dev = {"name": name, "capability": list(torch.cuda.get_device_capability(idx)),
+               "total_memory": props.total_memory, "multi_processor_count": props.multi_processor_count,
+               "l2_cache_bytes": l2_bytes(device)}
+    else:
+        name = "cpu-dry-run"
+        dev = {"name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    return {
+        "script": "benchmarks/gpu_bench.py",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": name,
+        "device_slug": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
+        "device_info": dev,
+        "dry_run": args.dry_run,
+        "versions": {"pygen": pygen.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "triton": triton_version, "python": platform.python_version()},
+        **git_info(),
+        "backends_available": pygen.available_backends(),
+        "timer": timer_desc,
+        "compile": {"dynamic": None if args.compile_dynamic else False,
+                    "donated_buffer": getattr(importlib.import_module("torch._functorch.config"),
+                                              "donated_buffer", None)},
+        "copy_bandwidth": copy_bw,
+        "shape": f"(numel // {args.dim}, {args.dim})",
+        "bytes_model": "minimum traffic: each input read once, each output written once (see _common.bytes_moved)",
+        "args": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()
+                 if k not in ("dtypes",)} | {"dtypes": [str(d).replace("torch.", "") for d in args.dtypes]},
+    }
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
+def default_providers(device: str) -> list[str]:
+    avail = pygen.available_backends()
+    if device == "cpu":
+        mine = ["pygen-cpp"] if "cpp" in avail else []
+    else:
+        mine = [f"pygen-{b}" for b in ("cuda", "triton") if b in avail]
+    return mine + list(BASELINES)
+
+
+def fmt_ms(x):
+    return f"{x:.4f}" if x is not None else "-"
+
+
+def main(argv=None) -> int:
+    args = get_args(argv)
+    if args.dry_run:
+        device = "cpu"
+        if args.warmup == 25 and args.rep == 100:
+            args.warmup, args.rep = 5.0, 20.0
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: run on a GPU machine, or use --dry-run for a CPU smoke test", file=sys.stderr)
+            return 2
+        device = "cuda"
+    providers = parse_list(args.providers) if args.providers else default_providers(device)
+    if "compile" in providers and "backward" in args.modes:
+        # Timing the backward alone calls it repeatedly (retain_graph=True), which AOTAutograd
+        # refuses for a backward that donates its saved buffers; turn donation off (recorded).
+        importlib.import_module("torch._functorch.config").donated_buffer = False
+    timer, timer_desc = make_timer(device, args.warmup, args.rep)
+    t_start = time.perf_counter()
+
+    copy_bw = copy_bandwidth(device, timer, 64 * MB if args.dry_run else 256 * MB)
+    meta = metadata(device, args, timer_desc, copy_bw)
+    l2 = l2_bytes(device)
+    print(f"device: {meta['device']}  torch {torch.__version__}  cuda {torch.version.cuda}  "
+          f"triton {meta['versions']['triton']}  pygen {pygen.__version__}")
+    print(f"timer: {timer_desc}")
+    print(f"copy bandwidth: {copy_bw['gbps']:.1f} GB/s ({copy_bw['tensor_bytes'] >> 20} MiB dst.copy_(src), read+write)")
+    print(f"providers: {providers}")
+
+    configs = [(n, dt) for n in args.sizes for dt in args.dtypes]
+    configs += [(n, torch.bfloat16) for n in args.bf16_sizes if (n, torch.bfloat16) not in configs]
+    results, errors, skipped = [], [], []
+    for numel_nominal, dtype in configs:
+        shape = shape_for(numel_nominal, args.dim)
+        numel = shape[0] * shape[1]
+        for op in args.ops:
+            for mode in args.modes:
+                label = f"{op}/{mode}/{size_label(numel_nominal)}/{str(dtype).replace('torch.', '')}"
+                if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
+                    skipped.append(label)
+                    continue
+                nbytes = bytes_moved(op, mode, shape[0], numel, dtype.itemsize)
+                grad = mode != "forward"
+                set_bytes = 2 * numel * dtype.itemsize + (nbytes if grad else 0)
+                n_sets = n_input_sets(set_bytes, l2)
+                sets = []
+                for s in range(n_sets):
+                    mu, lv = make_inputs(shape, dtype, device, requires_grad=grad, seed=2 * s)
+                    sets.append((mu, lv, make_grads(op, mu, seed=2 * s + 1) if grad else None))
+                rows = []
+                for provider in providers:
+                    rec = {"op": op, "mode": mode, "provider": provider, "numel": numel, "numel_nominal": numel_nominal,
+                           "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes,
+                           "input_sets": n_sets}
+                    try:
+                        f = provider_fn(provider, op, compile_dynamic=None if args.compile_dynamic else False)
+                        if not args.no_check:
+                            mu, lv, g = sets[0]
+                            if err := sanity(op, mode, f, mu, lv, g):
+                                rec["check"] = err
+                                errors.append(f"{label} {provider}: check failed: {err}")
+                        fn = build_bench_fn(op, mode, f, sets, device)
+                        q = timer(fn)
+                        rec.update(median_ms=q[0], q20_ms=q[1], q80_ms=q[2], gbps=nbytes / (q[0] * 1e-3) / 1e9)
+                        rec["copy_fraction"] = rec["gbps"] / copy_bw["gbps"]
+                        rec["peak_extra_bytes"] = peak_extra_bytes(fn, device)
+                        del fn
+                    except Exception as e:  # record and go on: one broken provider must not hide the rest
+                        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        errors.append(f"{label} {provider}: {rec['error']}")
+                        traceback.print_exc(limit=3)
+                    rows.append(rec)
+                del sets
+                base = {r["provider"]: r.get("median_ms") for r in rows}
+                for r in rows:
+                    for b in BASELINES:
+                        ok = r.get("median_ms") and base.get(b)
+                        r[f"speedup_vs_{b}"] = base[b] / r["median_ms"] if ok else None
+                results.extend(rows)
+                print(f"\n== {label}: shape {shape}, {nbytes / 1e6:.1f} MB minimum traffic, {n_sets} input set(s)")
+                print(f"{'provider':<13}{'median ms':>11}{'q20':>9}{'q80':>9}{'GB/s':>9}{'copy':>7}"
+                      f"{'peak MB':>9}{'vs eager':>9}{'vs compile':>11}")
+                for r in rows:
+                    if "error" in r:
+                        print(f"{r['provider']:<13} ERROR {r['error']}")
+                        continue
+                    peak = r["peak_extra_bytes"]
+                    sp = [f"{r[f'speedup_vs_{b}']:.2f}x" if r[f"speedup_vs_{b}"] else "-" for b in BASELINES]
+                    print(f"{r['provider']:<13}{r['median_ms']:>11.4f}{r['q20_ms']:>9.4f}{r['q80_ms']:>9.4f}"
+                          f"{r['gbps']:>9.1f}{r['copy_fraction']:>7.1%}"
+                          f"{(peak / 1e6 if peak is not None else float('nan')):>9.1f}{sp[0]:>9}{sp[1]:>11}"
+                          + (f"  CHECK: {r['check']}" if "check" in r else ""))
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+
+    summary(results, providers)
+    if skipped:
+        print(f"\nskipped after --max-seconds={args.max_seconds}: {len(skipped)} configuration(s): {', '.join(skipped)}")
+    if errors:
+        print(f"\n{len(errors)} error(s):\n  " + "\n  ".join(errors))
+    meta["elapsed_s"] = time.perf_counter() - t_start
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump({"metadata": meta, "results": results, "errors": errors, "skipped": skipped}, fh, indent=1)
+        print(f"\nwrote {args.out} ({len(results)} records, {meta['elapsed_s']:.0f} s)")
+    return 1 if errors else 0
+
+
+def summary(results: list[dict], providers: list[str]) -> None:
+    """One line per configuration: each provider's median ms, the best pygen's copy fraction and speedups."""
+    print("\n== summary: median ms per provider; best pygen provider's fraction of copy bandwidth and speedups")
+    head = f"{'op/mode/size/dtype':<44}" + "".join(f"{p:>13}" for p in providers) + f"{'copy':>7}{'vs eager':>9}{'vs comp':>8}"
+    print(head)
+    by_cfg: dict[str, dict[str, dict]] = {}
+    for r in results:
+        key = f"{r['op']}/{r['mode']}/{size_label(r['numel_nominal'])}/{r['dtype']}"
+        by_cfg.setdefault(key, {})[r["provider"]] = r
+    for key, rows in by_cfg.items():
+        line = f"{key:<44}" + "".join(f"{fmt_ms(rows.get(p, {}).get('median_ms')):>13}" for p in providers)
+        mine = [r for p, r in rows.items() if p.startswith("pygen-") and r.get("median_ms")]
+        if mine:
+            best = min(mine, key=lambda r: r["median_ms"])
+            se, sc = best.get("speedup_vs_eager"), best.get("speedup_vs_compile")
+            line += f"{best['copy_fraction']:>7.1%}{(f'{se:.2f}x' if se else '-'):>9}{(f'{sc:.2f}x' if sc else '-'):>8}"
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+// Picks the widest CPU build of the kernels that this processor runs. The builds give
+// identical results (see gaussian_cpu.cpp), so the choice only changes speed;
+// PYGEN_CPU_ISA=baseline|avx2|avx512 in the environment, or pygen._C._set_cpu_isa,
+// overrides it (benchmarks and tests).
+#include <atomic>
+#include <cstdlib>
+
+#include "gaussian_cpu.h"
+
+namespace pygen::cpu {
+namespace {
+
+enum Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+bool supported(Isa isa) {
+#if defined(PYGEN_CPU_MULTI_ISA)
+  switch (isa) {
+    case kAvx512: return __builtin_cpu_supports("avx512f");
+    case kAvx2: return __builtin_cpu_supports("avx2");
+    default: return true;
+  }
+#else
+  return isa == kBaseline;
+#endif
+}
+
+int parse(const std::string& s) {
+  if (s == "baseline") return kBaseline;
+  if (s == "avx2") return kAvx2;
+  if (s == "avx512") return kAvx512;
+  return -1;
+}
+
+int initial() {
+  if (const char* env = std::getenv("PYGEN_CPU_ISA")) {
+    const int want = parse(env);
+    if (want >= 0 && supported(static_cast<Isa>(want))) return want;
+  }
+  if (supported(kAvx512)) return kAvx512;
+  if (supported(kAvx2)) return kAvx2;
+  return kBaseline;
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> value{initial()};
+  return value;
+}
+
+}  // namespace
+
+void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf) {
+  switch (current().load(std::memory_order_relaxed)) {
+#if defined(PYGEN_CPU_MULTI_ISA)
+    case kAvx512: return avx512::gaussian_forward(a, pf);
+    case kAvx2: return avx2::gaussian_forward(a, pf);
+#endif
+    default: return baseline::gaussian_forward(a, pf);
+  }
+}
+
+void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf) {
+  switch (current().load(std::memory_order_relaxed)) {
+#if defined(PYGEN_CPU_MULTI_ISA)
+    case kAvx512: return avx512::gaussian_backward(a, pf);
+    case kAvx2: return avx2::gaussian_backward(a, pf);
+#endif
+    default: return baseline::gaussian_backward(a, pf);
+  }
+}
+
+std::string isa() {
+  static const char* names[] = {"baseline", "avx2", "avx512"};
+  return names[current().load()];
+}
+
+bool set_isa(const std::string& name) {
+  const int want = parse(name);
+  if (want < 0 || !supported(static_cast<Isa>(want))) return false;
+  current().store(want);
+  return true;
+}
+
+}  // namespace pygen::cpu
