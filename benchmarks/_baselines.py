@@ -46,25 +46,11 @@ _COMPILED: dict[tuple[str, bool | None], Callable] = {}
 
 def _raise_recompile_limit(limit: int = 64) -> None:
     # One code object is compiled per (shape, dtype, grad mode); the benchmarks use more
-    # than Dynamo's default limit of 8 per function, after which it silently runs eager.
+    # than Dynamo's default limit of 8 per function, after which Dynamo falls back to eager.
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < limit:
             setattr(cfg, name, limit)
-
-
-def quiet_cpu_compile() -> None:
-    """Compile in-process on small CPU machines.
-
-    Inductor's default pool of compile workers keeps cores busy after a compile; with two
-    cores that shows up as multi-millisecond stalls in whatever is timed next.
-    """
-    import os
-
-    import torch._inductor.config
-
-    if (os.cpu_count() or 1) <= 4 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
-        torch._inductor.config.compile_threads = 1
 
 
 def compiled(op: str, *, dynamic: bool | None = False) -> Callable:
@@ -75,6 +61,5 @@ def compiled(op: str, *, dynamic: bool | None = False) -> Callable:
     key = (op, dynamic)
     if key not in _COMPILED:
         _raise_recompile_limit()
-        quiet_cpu_compile()
         _COMPILED[key] = torch.compile(EAGER[op], dynamic=dynamic)
     return _COMPILED[key]

@@ -59,6 +59,17 @@ def bench_providers(config) -> tuple[str, ...]:
     return _csv(providers, ALL_PROVIDERS, "--bench-providers") if providers else ALL_PROVIDERS
 
 
+def pytest_collect_file(file_path, parent):
+    """Collect bench_*.py when pytest walks this directory (``pytest benchmarks``).
+
+    A file named on the command line is collected by pytest itself whatever its name, so
+    only the directory walk needs this (and doing both would collect it twice).
+    """
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
 def pytest_generate_tests(metafunc):
     """Parametrize test functions taking (op, mode, size, provider); 1e7 is marked slow."""
     if "provider" not in metafunc.fixturenames:
@@ -105,11 +116,20 @@ def bench_record(pytestconfig):
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # Results files are committed (benchmarks/results/): keep the hostname out of them.
+    machine_info.pop("node", None)
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     import torch
 
     import pygen
 
+    if os.environ.get("PYGEN_BENCH_KEEP_DATA", "") in ("", "0"):
+        for b in output_json.get("benchmarks", []):  # every round's time: megabytes, not needed
+            (b.get("stats") or {}).pop("data", None)
     output_json["pygen"] = {
         "pygen_version": pygen.__version__,
         "torch_version": torch.__version__,

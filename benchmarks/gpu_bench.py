@@ -56,6 +56,7 @@ from _common import (  # noqa: E402
     make_grads,
     make_inputs,
     provider_fn,
+    quantile_list,
     shape_for,
 )
 
@@ -63,7 +64,7 @@ MODES = ("forward", "backward", "forward_backward")
 BASELINES = ("eager", "compile")
 QUANTILES = (0.5, 0.2, 0.8)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -180,10 +181,7 @@ def cuda_event_bench(fn, warmup: float, rep: float) -> list[float]:
         fn()
         e.record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    from _common import quantile_list
-
-    return quantile_list(times, QUANTILES)
+    return quantile_list([s.elapsed_time(e) for s, e in zip(starts, ends)], QUANTILES)
 
 
 def sync(device: str) -> None:
@@ -357,6 +355,8 @@ def main(argv=None) -> int:
 
     configs = [(n, dt) for n in args.sizes for dt in args.dtypes]
     configs += [(n, torch.bfloat16) for n in args.bf16_sizes if (n, torch.bfloat16) not in configs]
+    # Largest first, so that --max-seconds drops the small, latency-bound sizes first.
+    configs.sort(key=lambda c: (-c[0], c[1] != torch.float32))
     results, errors, skipped = [], [], []
     for numel_nominal, dtype in configs:
         shape = shape_for(numel_nominal, args.dim)
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
                 results.extend(rows)
                 print(f"\n== {label}: shape {shape}, {nbytes / 1e6:.1f} MB minimum traffic, {n_sets} input set(s)")
                 print(f"{'provider':<13}{'median ms':>11}{'q20':>9}{'q80':>9}{'GB/s':>9}{'copy':>7}"
-                      f"{'peak MB':>9}{'vs eager':>9}{'vs compile':>11}")
+                      f"{'peak MB':>9}{'vs eager':>10}{'vs compile':>11}")
                 for r in rows:
                     if "error" in r:
                         print(f"{r['provider']:<13} ERROR {r['error']}")
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
                     sp = [f"{r[f'speedup_vs_{b}']:.2f}x" if r[f"speedup_vs_{b}"] else "-" for b in BASELINES]
                     print(f"{r['provider']:<13}{r['median_ms']:>11.4f}{r['q20_ms']:>9.4f}{r['q80_ms']:>9.4f}"
                           f"{r['gbps']:>9.1f}{r['copy_fraction']:>7.1%}"
-                          f"{(peak / 1e6 if peak is not None else float('nan')):>9.1f}{sp[0]:>9}{sp[1]:>11}"
+                          f"{(peak / 1e6 if peak is not None else float('nan')):>9.1f}{sp[0]:>10}{sp[1]:>11}"
                           + (f"  CHECK: {r['check']}" if "check" in r else ""))
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -438,19 +438,19 @@ def main(argv=None) -> int:
 def summary(results: list[dict], providers: list[str]) -> None:
     """One line per configuration: each provider's median ms, the best pygen's copy fraction and speedups."""
     print("\n== summary: median ms per provider; best pygen provider's fraction of copy bandwidth and speedups")
-    head = f"{'op/mode/size/dtype':<44}" + "".join(f"{p:>13}" for p in providers) + f"{'copy':>7}{'vs eager':>9}{'vs comp':>8}"
+    head = f"{'op/mode/size/dtype':<50}" + "".join(f"{p:>13}" for p in providers) + f"{'copy':>7}{'vs eager':>10}{'vs comp':>10}"
     print(head)
     by_cfg: dict[str, dict[str, dict]] = {}
     for r in results:
         key = f"{r['op']}/{r['mode']}/{size_label(r['numel_nominal'])}/{r['dtype']}"
         by_cfg.setdefault(key, {})[r["provider"]] = r
     for key, rows in by_cfg.items():
-        line = f"{key:<44}" + "".join(f"{fmt_ms(rows.get(p, {}).get('median_ms')):>13}" for p in providers)
+        line = f"{key:<50}" + "".join(f"{fmt_ms(rows.get(p, {}).get('median_ms')):>13}" for p in providers)
         mine = [r for p, r in rows.items() if p.startswith("pygen-") and r.get("median_ms")]
         if mine:
             best = min(mine, key=lambda r: r["median_ms"])
             se, sc = best.get("speedup_vs_eager"), best.get("speedup_vs_compile")
-            line += f"{best['copy_fraction']:>7.1%}{(f'{se:.2f}x' if se else '-'):>9}{(f'{sc:.2f}x' if sc else '-'):>8}"
+            line += f"{best['copy_fraction']:>7.1%}{(f'{se:.2f}x' if se else '-'):>10}{(f'{sc:.2f}x' if sc else '-'):>10}"
         print(line)
 
 

@@ -40,8 +40,13 @@ stage() {
   fi
   echo "=== $name (limit ${limit}s): $*"
   timeout --kill-after=15 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1 || rc=$?
-  echo "--- $name: exit $rc after $((SECONDS - t0))s; last lines of $OUT_DIR/$name.log:"
-  tail -n "${TAIL_LINES:-15}" "$OUT_DIR/$name.log" | cut -c1-300
+  if [ -n "${SHOW_FROM:-}" ] && grep -q -- "$SHOW_FROM" "$OUT_DIR/$name.log"; then
+    echo "--- $name: exit $rc after $((SECONDS - t0))s; $OUT_DIR/$name.log from '$SHOW_FROM':"
+    sed -n "/$SHOW_FROM/,\$p" "$OUT_DIR/$name.log" | head -n 120 | cut -c1-300
+  else
+    echo "--- $name: exit $rc after $((SECONDS - t0))s; last lines of $OUT_DIR/$name.log:"
+    tail -n "${TAIL_LINES:-15}" "$OUT_DIR/$name.log" | cut -c1-300
+  fi
   if [ "$rc" -ne 0 ]; then
     FAILED+=("$name(exit $rc)")
     return 1
@@ -90,7 +95,7 @@ fi
 
 JSON="$OUT_DIR/gpu-$STAMP.json"
 BENCH_LEFT=$(($(left) - 10))
-TAIL_LINES=45 stage bench "$BENCH_LEFT" "$PY" benchmarks/gpu_bench.py --out "$JSON" \
+SHOW_FROM="^== summary" TAIL_LINES=30 stage bench "$BENCH_LEFT" "$PY" benchmarks/gpu_bench.py --out "$JSON" \
   --max-seconds $((BENCH_LEFT - 45)) || true
 if [ -f "$JSON" ]; then
   SLUG="$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['metadata']['device_slug'])" "$JSON")"

@@ -10,7 +10,7 @@ import pygen
 from pygen import _ext, _rng
 from pygen.ops import reparameterize
 
-from conftest import BACKEND_DEVICES
+from backends_under_test import BACKEND_DEVICES
 
 # Random123's known-answer vectors for Philox4x32-10: (counter, key) -> output.
 KAT = [
