@@ -15,7 +15,7 @@ enum Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 bool supported(Isa isa) {
 #if defined(PYGEN_CPU_MULTI_ISA)
   switch (isa) {
-    case kAvx512: return __builtin_cpu_supports("avx512f");
+    case kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
     case kAvx2: return __builtin_cpu_supports("avx2");
     default: return true;
   }
