@@ -27,6 +27,7 @@ from pygen import _backend, _ext, _rng
 from pygen.ops._checks import check_broadcastable, check_like, check_tensor
 
 __all__ = [
+    "randn",
     "reparameterize",
     "gaussian_kl",
     "reparameterize_kl",
@@ -302,3 +303,24 @@ def reparameterize_kl(
         eps = _rng.philox_normal(seed_t, offset, mu.shape)
         return reparameterize_ref(mu, logvar, eps), gaussian_kl_ref(mu, logvar)
     return _OPS[name].reparameterize_kl(mu, logvar, seed_t, offset)
+
+
+def randn(
+    *shape: int,
+    generator: torch.Generator | None = None,
+    seed: int | Tensor | None = None,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+) -> Tensor:
+    """Standard normal noise of ``shape`` from pygen's Philox scheme (the eps of :func:`reparameterize`).
+
+    Element i (row-major) uses counter ``offset + i``; seeds as in :func:`reparameterize`.
+    """
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    if len(shape) == 0:
+        raise ValueError("randn needs a shape with a batch dimension, e.g. randn(B, D)")
+    zeros = torch.zeros((), dtype=dtype, device=device).expand(shape)
+    return reparameterize(zeros, zeros, generator=generator, seed=seed, offset=offset, backend=backend)

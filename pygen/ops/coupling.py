@@ -1,0 +1,258 @@
+"""Coupling transforms of normalizing flows, with log-determinants.
+
+- :func:`affine_coupling`: y = x * exp(s) + shift (inverse: (x - shift) * exp(-s)).
+- :func:`rq_spline`: the monotone rational-quadratic spline of Neural Spline Flows
+  (Durkan et al., 2019) on [-tail_bound, tail_bound], identity (linear) tails outside.
+
+Both return ``(y, logdet)`` with ``logdet`` of shape (B,): log|det dy/dx| summed over
+every non-batch dim. Each has a pure-torch reference (``*_ref``) beside it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pygen import _backend
+from pygen.ops._checks import check_broadcastable, check_like, check_tensor
+
+__all__ = ["affine_coupling", "affine_coupling_ref", "rq_spline", "rq_spline_ref"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _row_sum(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).sum(dim=1)
+
+
+# ---- affine coupling ------------------------------------------------------------------------
+
+
+def _soft_clamp(log_scale: Tensor, soft_clamp: float | None) -> Tensor:
+    if soft_clamp is None:
+        return log_scale
+    return soft_clamp * torch.tanh(log_scale / soft_clamp)
+
+
+def affine_coupling_ref(
+    x: Tensor,
+    shift: Tensor,
+    log_scale: Tensor,
+    *,
+    inverse: bool = False,
+    soft_clamp: float | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`affine_coupling`, computed in float32 (float64 for float64)."""
+    ct = _compute_dtype(x.dtype)
+    xc, t = x.to(ct), shift.to(ct)
+    s = _soft_clamp(log_scale.to(ct), soft_clamp)
+    if mask is not None:
+        m = mask.to(ct)
+        s, t = s * m, t * m
+    y = (xc - t) * torch.exp(-s) if inverse else xc * torch.exp(s) + t
+    logdet = _row_sum(torch.broadcast_to(s, x.shape))
+    return y.to(x.dtype), (-logdet if inverse else logdet).to(x.dtype)
+
+
+def affine_coupling(
+    x: Tensor,
+    shift: Tensor,
+    log_scale: Tensor,
+    *,
+    inverse: bool = False,
+    soft_clamp: float | None = None,
+    mask: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Affine coupling transform and its log-determinant.
+
+    Args:
+        x: (B, ...) input.
+        shift, log_scale: the conditioner's outputs, shape of x.
+        inverse: apply the inverse, x = (y - shift) * exp(-s); logdet is then negated.
+        soft_clamp: if given, s = soft_clamp * tanh(log_scale / soft_clamp), which keeps
+            |s| < soft_clamp (the Glow / NICE-style guard against exploding scales).
+        mask: optional, broadcastable to x: elements where mask is 0 pass through
+            unchanged and add nothing to logdet (checkerboard/channel masks, no split/cat).
+        backend: "auto" (default), "torch", "cpp", "cuda" or "triton".
+
+    Returns:
+        y: shape of x; logdet: (B,), sum of s (of -s for the inverse) over non-batch dims.
+    """
+    _check_coupling(x, shift, log_scale, soft_clamp, mask)
+    name = _backend.resolve(backend, x.device, x.dtype)
+    impl = _AFFINE_IMPLS.get(name)
+    if impl is None:
+        return affine_coupling_ref(x, shift, log_scale, inverse=inverse, soft_clamp=soft_clamp, mask=mask)
+    return impl(x, shift, log_scale, inverse, soft_clamp, mask)
+
+
+def _check_coupling(x, shift, log_scale, soft_clamp, mask) -> None:
+    check_tensor(x, "x")
+    check_like(shift, x, "shift", "x")
+    check_like(log_scale, x, "log_scale", "x")
+    if soft_clamp is not None:
+        if isinstance(soft_clamp, bool) or not isinstance(soft_clamp, (int, float)) or not soft_clamp > 0:
+            raise ValueError(f"soft_clamp must be a positive number or None, got {soft_clamp!r}")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+        check_broadcastable(mask.to(x.dtype) if mask.dtype != x.dtype else mask, x, "mask", "x")
+
+
+# backend name -> fn(x, shift, log_scale, inverse, soft_clamp, mask); filled in by the
+# compiled-op registrations below ("torch" uses the reference).
+_AFFINE_IMPLS: dict = {}
+
+
+# ---- rational-quadratic spline ------------------------------------------------------------------
+
+
+def _spline_knots(widths, heights, derivatives, tail_bound, min_bin_width, min_bin_height, min_derivative):
+    """Knot positions (K+1), bin sizes (K) and knot derivatives (K+1) from raw parameters."""
+    k = widths.shape[-1]
+
+    def cum(raw, min_size):
+        size = min_size + (1 - min_size * k) * torch.softmax(raw, dim=-1)
+        knots = F.pad(torch.cumsum(size, dim=-1), (1, 0))
+        knots = 2 * tail_bound * knots - tail_bound
+        # pin the ends exactly (the cumulative sum can miss 1 by a few ulp)
+        knots = torch.cat([torch.full_like(knots[..., :1], -tail_bound), knots[..., 1:-1],
+                           torch.full_like(knots[..., :1], tail_bound)], dim=-1)
+        return knots, knots[..., 1:] - knots[..., :-1]
+
+    cw, w = cum(widths, min_bin_width)
+    ch, h = cum(heights, min_bin_height)
+    # boundary derivatives are 1 so that the linear tails join with slope 1
+    boundary = math.log(math.expm1(1 - min_derivative))
+    d = min_derivative + F.softplus(F.pad(derivatives, (1, 1), value=boundary))
+    return cw, w, ch, h, d
+
+
+def rq_spline_ref(
+    x: Tensor,
+    widths: Tensor,
+    heights: Tensor,
+    derivatives: Tensor,
+    *,
+    inverse: bool = False,
+    tail_bound: float = 3.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`rq_spline` (the usual chain of small torch ops), float32 or float64."""
+    ct = _compute_dtype(x.dtype)
+    xc = x.to(ct)
+    cw, w, ch, h, d = _spline_knots(
+        widths.to(ct), heights.to(ct), derivatives.to(ct), tail_bound, min_bin_width, min_bin_height, min_derivative
+    )
+    inside = (xc >= -tail_bound) & (xc <= tail_bound)
+    xi = xc.clamp(-tail_bound, tail_bound)  # finite math (and gradients) for tail elements
+    k = widths.shape[-1]
+    knots = ch if inverse else cw
+    idx = (torch.searchsorted(knots.contiguous(), xi[..., None].contiguous(), right=True) - 1).clamp(0, k - 1)
+
+    def at(t):
+        return t.gather(-1, idx)[..., 0]
+
+    x_k, w_k, y_k, h_k = at(cw), at(w), at(ch), at(h)
+    d_k, d_k1 = at(d[..., :-1]), at(d[..., 1:])
+    s_k = h_k / w_k
+    if inverse:
+        dy = xi - y_k
+        a = dy * (d_k + d_k1 - 2 * s_k) + h_k * (s_k - d_k)
+        b = h_k * d_k - dy * (d_k + d_k1 - 2 * s_k)
+        c = -s_k * dy
+        disc = (b * b - 4 * a * c).clamp_min(0)
+        theta = (2 * c) / (-b - torch.sqrt(disc))
+        out = theta * w_k + x_k
+    else:
+        theta = (xi - x_k) / w_k
+        num = h_k * (s_k * theta * theta + d_k * theta * (1 - theta))
+        den0 = s_k + (d_k + d_k1 - 2 * s_k) * theta * (1 - theta)
+        out = y_k + num / den0
+    tt = theta * (1 - theta)
+    den = s_k + (d_k + d_k1 - 2 * s_k) * tt
+    dnum = s_k * s_k * (d_k1 * theta * theta + 2 * s_k * tt + d_k * (1 - theta) * (1 - theta))
+    lad = torch.log(dnum) - 2 * torch.log(den)
+    y = torch.where(inside, out, xc)
+    lad = torch.where(inside, -lad if inverse else lad, torch.zeros_like(lad))
+    return y.to(x.dtype), _row_sum(lad).to(x.dtype)
+
+
+def _check_spline(x, widths, heights, derivatives, tail_bound, min_bin_width, min_bin_height, min_derivative) -> int:
+    check_tensor(x, "x")
+    for name, t in (("widths", widths), ("heights", heights), ("derivatives", derivatives)):
+        check_tensor(t, name)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x, {x.dtype}; got {t.dtype}")
+    k = widths.shape[-1] if widths.dim() == x.dim() + 1 else -1
+    if widths.shape != (*x.shape, k) or k < 2:
+        raise ValueError(f"widths must have shape x.shape + (K,) = {(*x.shape, 'K')} with K >= 2; got {tuple(widths.shape)}")
+    if heights.shape != widths.shape:
+        raise ValueError(f"heights must have the shape of widths, {tuple(widths.shape)}; got {tuple(heights.shape)}")
+    if derivatives.shape != (*x.shape, k - 1):
+        raise ValueError(
+            f"derivatives must have shape x.shape + (K-1,) = {(*x.shape, k - 1)} (interior knots); "
+            f"got {tuple(derivatives.shape)}"
+        )
+    if not tail_bound > 0:
+        raise ValueError(f"tail_bound must be > 0, got {tail_bound}")
+    if not (0 <= min_bin_width and min_bin_width * k < 1) or not (0 <= min_bin_height and min_bin_height * k < 1):
+        raise ValueError(f"min_bin_width and min_bin_height must be in [0, 1/K) = [0, {1 / k:.3g}) for K = {k}")
+    if not min_derivative > 0 or not min_derivative < 1:
+        raise ValueError(f"min_derivative must be in (0, 1), got {min_derivative}")
+    return k
+
+
+def rq_spline(
+    x: Tensor,
+    widths: Tensor,
+    heights: Tensor,
+    derivatives: Tensor,
+    *,
+    inverse: bool = False,
+    tail_bound: float = 3.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Monotone rational-quadratic spline with linear tails, and its log-determinant.
+
+    The parameterisation of ``unconstrained_rational_quadratic_spline`` (nflows) with
+    ``tails="linear"``: bins are softmax(widths) / softmax(heights) on
+    [-tail_bound, tail_bound] (each at least min_bin_width / min_bin_height), knot
+    derivatives are min_derivative + softplus(derivatives) inside and 1 at the ends.
+
+    Args:
+        x: (B, ...) input.
+        widths, heights: (B, ..., K) unnormalised bin widths and heights, K >= 2.
+        derivatives: (B, ..., K-1) unconstrained derivatives at the interior knots.
+        inverse: apply the inverse (solves the quadratic; logdet negated).
+
+    Returns:
+        y: shape of x; logdet: (B,), log|dy/dx| summed over non-batch dims (tails add 0).
+    """
+    _check_spline(x, widths, heights, derivatives, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    name = _backend.resolve(backend, x.device, x.dtype)
+    impl = _SPLINE_IMPLS.get(name)
+    kw = dict(inverse=inverse, tail_bound=float(tail_bound), min_bin_width=float(min_bin_width),
+              min_bin_height=float(min_bin_height), min_derivative=float(min_derivative))
+    if impl is None:
+        return rq_spline_ref(x, widths, heights, derivatives, **kw)
+    return impl(x, widths, heights, derivatives, **kw)
+
+
+_SPLINE_IMPLS: dict = {}
