@@ -16,7 +16,8 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/gaussian_cpu.h"
+#include "cpu/cpu_kernels.h"
+#include "cuda/coupling_cuda.h"
 #include "cuda/gaussian_cuda.h"
 #include "pygen/philox.h"
 
@@ -83,46 +84,61 @@ Tensor prior_view(const Tensor& p, const Tensor& mu, Rows rc, const char* name) 
   return p.reshape({rc.rows, rc.cols});
 }
 
-void run_forward(GaussianFwdArgs& a, const Tensor& mu) {
-  if (a.rows * a.cols == 0 && a.kl == nullptr) return;
-  if (mu.device().is_cpu()) {
-    cpu::gaussian_forward(a, [](int64_t b, int64_t e, int64_t g, const std::function<void(int64_t, int64_t)>& f) {
-      at::parallel_for(b, e, g, f);
-    });
+const cpu::ParallelFor& torch_parallel_for() {
+  static const cpu::ParallelFor pf = [](int64_t b, int64_t e, int64_t g,
+                                        const std::function<void(int64_t, int64_t)>& f) { at::parallel_for(b, e, g, f); };
+  return pf;
+}
+
+// Runs a kernel on the device of `like`: the CPU entry point with torch's thread pool, or
+// the CUDA launcher on the current stream (with `workspace_bytes` of scratch when asked).
+template <typename Args>
+void launch(const Tensor& like, Args& a, void (*cpu_fn)(const Args&, const cpu::ParallelFor&),
+            const char* (*cuda_fn)(const Args&, void*), size_t workspace_bytes = 0) {
+  if (like.device().is_cpu()) {
+    cpu_fn(a, torch_parallel_for());
     return;
   }
 #ifdef PYGEN_WITH_CUDA
-  TORCH_CHECK(mu.device().is_cuda(), "pygen: unsupported device ", mu.device());
-  c10::DeviceGuard guard(mu.device());
-  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(mu.device()).native_handle();
+  TORCH_CHECK(like.device().is_cuda(), "pygen: unsupported device ", like.device());
+  c10::DeviceGuard guard(like.device());
+  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(like.device()).native_handle();
   Tensor ws;
-  if (const size_t bytes = cuda::gaussian_forward_workspace_bytes(a)) {
-    ws = at::empty({static_cast<int64_t>(bytes)}, mu.options().dtype(at::kByte));
+  if (workspace_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(workspace_bytes)}, like.options().dtype(at::kByte));
     a.workspace = ws.data_ptr();
   }
-  const char* err = cuda::gaussian_forward(a, stream);
+  const char* err = cuda_fn(a, stream);
   TORCH_CHECK(err == nullptr, "pygen: CUDA launch failed: ", err);
 #else
-  TORCH_CHECK(false, "pygen was built without CUDA; tensors are on ", mu.device());
+  (void)cuda_fn;
+  (void)workspace_bytes;
+  TORCH_CHECK(false, "pygen was built without CUDA; tensors are on ", like.device());
 #endif
+}
+
+#ifndef PYGEN_WITH_CUDA
+// Stand-ins so that launch() has something to point at in a CPU-only build.
+namespace cuda {
+const char* gaussian_forward(const GaussianFwdArgs&, void*) { return "no CUDA"; }
+const char* gaussian_backward(const GaussianBwdArgs&, void*) { return "no CUDA"; }
+const char* affine_forward(const AffineArgs&, void*) { return "no CUDA"; }
+const char* affine_backward(const AffineArgs&, void*) { return "no CUDA"; }
+size_t gaussian_forward_workspace_bytes(const GaussianFwdArgs&) { return 0; }
+size_t affine_forward_workspace_bytes(const AffineArgs&) { return 0; }
+}  // namespace cuda
+#endif
+
+void run_forward(GaussianFwdArgs& a, const Tensor& mu) {
+  if (a.rows * a.cols == 0 && a.kl == nullptr) return;
+  const bool cuda = !mu.device().is_cpu();
+  launch(mu, a, &cpu::gaussian_forward, &cuda::gaussian_forward,
+         cuda ? cuda::gaussian_forward_workspace_bytes(a) : 0);
 }
 
 void run_backward(GaussianBwdArgs& a, const Tensor& like) {
   if (a.rows * a.cols == 0) return;
-  if (like.device().is_cpu()) {
-    cpu::gaussian_backward(a, [](int64_t b, int64_t e, int64_t g, const std::function<void(int64_t, int64_t)>& f) {
-      at::parallel_for(b, e, g, f);
-    });
-    return;
-  }
-#ifdef PYGEN_WITH_CUDA
-  c10::DeviceGuard guard(like.device());
-  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(like.device()).native_handle();
-  const char* err = cuda::gaussian_backward(a, stream);
-  TORCH_CHECK(err == nullptr, "pygen: CUDA launch failed: ", err);
-#else
-  TORCH_CHECK(false, "pygen was built without CUDA; tensors are on ", like.device());
-#endif
+  launch(like, a, &cpu::gaussian_backward, &cuda::gaussian_backward);
 }
 
 // ---- forward ops ------------------------------------------------------------------
@@ -282,6 +298,76 @@ std::vector<Tensor> gaussian_kl_backward(const Tensor& grad_kl, const Tensor& mu
   return out;
 }
 
+// ---- affine coupling ------------------------------------------------------------------
+
+struct AffineInputs {
+  Tensor x, shift, log_scale, mask;
+  Rows rc;
+};
+
+AffineInputs affine_inputs(const Tensor& x, const Tensor& shift, const Tensor& log_scale,
+                           const std::optional<Tensor>& mask, double soft_clamp, AffineArgs& a) {
+  check_float(x, "x");
+  check_like(shift, x, "shift");
+  check_like(log_scale, x, "log_scale");
+  TORCH_CHECK(soft_clamp >= 0, "pygen: soft_clamp must be >= 0 (0: none), got ", soft_clamp);
+  AffineInputs in{x.contiguous(), shift.contiguous(), log_scale.contiguous(), Tensor(), rows_of(x)};
+  a.rows = in.rc.rows;
+  a.cols = in.rc.cols;
+  a.dtype = dtype_of(x);
+  a.soft_clamp = soft_clamp;
+  a.x = in.x.const_data_ptr();
+  a.shift = in.shift.const_data_ptr();
+  a.log_scale = in.log_scale.const_data_ptr();
+  if (mask.has_value()) {
+    in.mask = prior_view(*mask, x, in.rc, "mask");  // a broadcast view in x's dtype
+    a.mask = in.mask.const_data_ptr();
+    a.mask_stride_row = in.mask.stride(0);
+    a.mask_stride_col = in.mask.stride(1);
+  }
+  return in;
+}
+
+std::tuple<Tensor, Tensor> affine_coupling(const Tensor& x, const Tensor& shift, const Tensor& log_scale,
+                                           const std::optional<Tensor>& mask, bool inverse, double soft_clamp) {
+  AffineArgs a;
+  const AffineInputs in = affine_inputs(x, shift, log_scale, mask, soft_clamp, a);
+  a.inverse = inverse;
+  Tensor y = new_output(x.sizes(), x), logdet = new_output({in.rc.rows}, x);
+  a.y = y.data_ptr();
+  a.logdet = logdet.data_ptr();
+  if (in.rc.rows == 0) return {y, logdet};
+  const bool cuda = !x.device().is_cpu();
+  launch(x, a, &cpu::affine_forward, &cuda::affine_forward, cuda ? cuda::affine_forward_workspace_bytes(a) : 0);
+  return {y, logdet};
+}
+
+// [grad_x, grad_log_scale], or [grad_x, grad_shift, grad_log_scale] when grad_shift is not
+// simply grad_y (inverse direction or a mask).
+std::vector<Tensor> affine_coupling_backward(const Tensor& grad_y, const Tensor& grad_logdet, const Tensor& x,
+                                             const Tensor& shift, const Tensor& log_scale,
+                                             const std::optional<Tensor>& mask, bool inverse, double soft_clamp) {
+  AffineArgs a;
+  const AffineInputs in = affine_inputs(x, shift, log_scale, mask, soft_clamp, a);
+  check_like(grad_y, x, "grad_y");
+  const Tensor gy = grad_y.contiguous(), gld = grad_logdet.contiguous();
+  TORCH_CHECK(gld.numel() == in.rc.rows && gld.scalar_type() == x.scalar_type(),
+              "pygen: grad_logdet must have shape (", in.rc.rows, ",) and dtype ", x.scalar_type());
+  a.inverse = inverse;
+  a.grad_y = gy.const_data_ptr();
+  a.grad_logdet = gld.const_data_ptr();
+  const bool write_shift = inverse || mask.has_value();
+  std::vector<Tensor> out = {new_output(x.sizes(), x)};
+  if (write_shift) out.push_back(new_output(x.sizes(), x));
+  out.push_back(new_output(x.sizes(), x));
+  a.grad_x = out[0].data_ptr();
+  a.grad_shift = write_shift ? out[1].data_ptr() : nullptr;
+  a.grad_log_scale = out.back().data_ptr();
+  if (in.rc.rows * in.rc.cols == 0) return out;
+  launch(x, a, &cpu::affine_backward, &cuda::affine_backward);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pygen, m) {
@@ -295,6 +381,12 @@ TORCH_LIBRARY(pygen, m) {
   m.def(
       "gaussian_kl_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, "
       "Tensor? prior_logvar) -> Tensor[]");
+  m.def(
+      "affine_coupling(Tensor x, Tensor shift, Tensor log_scale, Tensor? mask, bool inverse, float soft_clamp) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "affine_coupling_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor shift, Tensor log_scale, "
+      "Tensor? mask, bool inverse, float soft_clamp) -> Tensor[]");
 }
 
 #define PYGEN_REGISTER_IMPLS(m)                                      \
@@ -303,7 +395,9 @@ TORCH_LIBRARY(pygen, m) {
   m.impl("reparameterize_kl", &reparameterize_kl);                   \
   m.impl("reparameterize_kl_backward", &reparameterize_kl_backward); \
   m.impl("gaussian_kl", &gaussian_kl);                               \
-  m.impl("gaussian_kl_backward", &gaussian_kl_backward);
+  m.impl("gaussian_kl_backward", &gaussian_kl_backward);             \
+  m.impl("affine_coupling", &affine_coupling);                       \
+  m.impl("affine_coupling_backward", &affine_coupling_backward);
 
 TORCH_LIBRARY_IMPL(pygen, CPU, m) { PYGEN_REGISTER_IMPLS(m) }
 #ifdef PYGEN_WITH_CUDA

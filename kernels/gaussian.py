@@ -8,27 +8,17 @@ column order afterwards (deterministic, no atomics). Arithmetic runs in float32
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .philox import randn_at
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The interpreter pays ~10 ms per program: give it few, large tiles.
-_TILE = 1 << 16 if _INTERPRET else 2048
-_MAX_GRID_1 = 65535
-
-
-@triton.jit
-def _load(ptr, idx, mask, ACC_F64: tl.constexpr):
-    x = tl.load(ptr + idx, mask=mask, other=0.0)
-    if ACC_F64:
-        return x.to(tl.float64)
-    else:
-        return x.to(tl.float32)
+from ._rowwise import empty as _empty
+from ._rowwise import load_acc as _load
+from ._rowwise import prior_2d as _prior_2d
+from ._rowwise import rows_cols as _rows_cols
+from ._rowwise import tiles as _tiles
 
 
 @triton.jit
@@ -111,35 +101,6 @@ def _gaussian_bwd_kernel(
     if WRITE_GMU:
         tl.store(gmu_ptr + idx, g_mu.to(gmu_ptr.dtype.element_ty), mask=mask)
     tl.store(glv_ptr + idx, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
-
-
-def _tiles(rows: int, cols: int) -> tuple[int, int, int, tuple[int, int]]:
-    block_c = min(triton.next_power_of_2(max(cols, 1)), _TILE)
-    block_c = max(block_c, triton.next_power_of_2(triton.cdiv(cols, _MAX_GRID_1)))
-    block_r = max(1, min(_TILE // block_c, triton.next_power_of_2(max(rows, 1))))
-    chunks = max(1, triton.cdiv(cols, block_c))
-    return block_r, block_c, chunks, (triton.cdiv(rows, block_r), chunks)
-
-
-def _rows_cols(x: torch.Tensor) -> tuple[int, int]:
-    rows = x.shape[0]
-    cols = 1
-    for s in x.shape[1:]:
-        cols *= s
-    return rows, cols
-
-
-def _prior_2d(p: torch.Tensor | None, rows: int, cols: int):
-    if p is None:
-        return None, 0, 0
-    p2 = p.reshape(rows, cols)  # a view when the broadcast strides allow it
-    return p2, p2.stride(0), p2.stride(1)
-
-
-def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    from pygen import _alloc  # the poisoning hook of the test-suite
-
-    return _alloc.empty(shape, dtype or like.dtype, like.device)
 
 
 def gaussian_forward(

@@ -69,10 +69,14 @@ def use_backend(name: str) -> Iterator[None]:
         _stack.pop()
 
 
+def requested(backend: str | None) -> str:
+    """What the caller asked for: the argument, else the ``use_backend`` setting, else "auto"."""
+    return backend if backend is not None else (_stack[-1] if _stack else "auto")
+
+
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for a call on tensors of ``device`` and ``dtype``."""
-    name = backend if backend is not None else (_stack[-1] if _stack else "auto")
-    name = _validate(name)
+    name = _validate(requested(backend))
     if name == "auto":
         if device.type == "cuda":
             if "cuda" not in _UNAVAILABLE and dtype in GPU_DTYPES:

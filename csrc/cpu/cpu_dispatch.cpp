@@ -5,7 +5,7 @@
 #include <atomic>
 #include <cstdlib>
 
-#include "gaussian_cpu.h"
+#include "cpu_kernels.h"
 
 namespace pygen::cpu {
 namespace {
@@ -48,25 +48,22 @@ std::atomic<int>& current() {
 
 }  // namespace
 
-void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf) {
-  switch (current().load(std::memory_order_relaxed)) {
+// Calls isa::fn(args...) for the ISA in use.
 #if defined(PYGEN_CPU_MULTI_ISA)
-    case kAvx512: return avx512::gaussian_forward(a, pf);
-    case kAvx2: return avx2::gaussian_forward(a, pf);
-#endif
-    default: return baseline::gaussian_forward(a, pf);
+#define PYGEN_CPU_DISPATCH(fn, ...)                                           \
+  switch (current().load(std::memory_order_relaxed)) {                       \
+    case kAvx512: return avx512::fn(__VA_ARGS__);                            \
+    case kAvx2: return avx2::fn(__VA_ARGS__);                                \
+    default: return baseline::fn(__VA_ARGS__);                               \
   }
-}
+#else
+#define PYGEN_CPU_DISPATCH(fn, ...) return baseline::fn(__VA_ARGS__);
+#endif
 
-void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf) {
-  switch (current().load(std::memory_order_relaxed)) {
-#if defined(PYGEN_CPU_MULTI_ISA)
-    case kAvx512: return avx512::gaussian_backward(a, pf);
-    case kAvx2: return avx2::gaussian_backward(a, pf);
-#endif
-    default: return baseline::gaussian_backward(a, pf);
-  }
-}
+void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(gaussian_forward, a, pf) }
+void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(gaussian_backward, a, pf) }
+void affine_forward(const AffineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(affine_forward, a, pf) }
+void affine_backward(const AffineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(affine_backward, a, pf) }
 
 std::string isa() {
   static const char* names[] = {"baseline", "avx2", "avx512"};

@@ -8,6 +8,7 @@
 #include <limits>
 
 namespace pygen::cpu {
+namespace {  // internal linkage: this header is compiled once per ISA (see rowwise.h)
 
 inline float bits_to_float(uint32_t b) {
   float f;
@@ -86,4 +87,5 @@ inline float vcos_angle(float x) {
   return sign * ((jj == 1 || jj == 2) ? s : c);
 }
 
+}  // namespace
 }  // namespace pygen::cpu

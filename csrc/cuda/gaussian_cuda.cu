@@ -1,95 +1,13 @@
 // CUDA kernels for reparameterized sampling, Gaussian KL and their gradients.
 // No torch headers: raw pointers in, a stream and an error string out.
 //
-// Geometry: the (rows, cols) view is cut into tasks of one row-chunk each, run by a
-// group of `group` threads (a power of two, at most a block). Short rows get small
-// groups (many rows per block); long rows get whole blocks and several chunks, whose
-// KL partials a second kernel sums in chunk order (deterministic: no atomics).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <algorithm>
-
+// Work split and reductions: rowwise.cuh.
 #include "gaussian_cuda.h"
 #include "pygen/dispatch.h"
+#include "rowwise.cuh"
 
 namespace pygen::cuda {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kPerThread = 16;  // elements per thread in a block-wide task
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-struct Geometry {
-  int group;           // threads per task
-  int64_t chunk;       // columns per task
-  int64_t chunks;      // tasks per row
-  int64_t blocks;
-};
-
-Geometry geometry(int64_t rows, int64_t cols) {
-  Geometry g{};
-  const int64_t want = (cols + 3) / 4;  // about four elements per thread
-  g.group = 1;
-  while (g.group < kThreads && g.group < want) g.group *= 2;
-  if (g.group < kThreads) {
-    g.chunk = cols;
-    g.chunks = 1;
-  } else {
-    g.chunk = static_cast<int64_t>(kThreads) * kPerThread;
-    g.chunks = std::max<int64_t>(1, (cols + g.chunk - 1) / g.chunk);
-  }
-  const int64_t tasks = rows * g.chunks;
-  const int64_t per_block = kThreads / g.group;
-  g.blocks = (tasks + per_block - 1) / per_block;
-  return g;
-}
-
-// Sum over the `group` threads of a task; the total lands in the group's lane 0.
-// Every thread of the block must call it (shuffles and a barrier inside).
-template <typename A>
-__device__ __forceinline__ A group_sum(A v, int group) {
-  for (int o = min(group, 32) / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if (group > 32) {
-    __shared__ A partial[kThreads / 32];
-    const int warp = threadIdx.x >> 5;
-    if ((threadIdx.x & 31) == 0) partial[warp] = v;
-    __syncthreads();
-    if (threadIdx.x % group == 0) {
-      A s = 0;
-      for (int w = warp; w < warp + group / 32; ++w) s += partial[w];
-      v = s;
-    }
-  }
-  return v;
-}
 
 template <typename T, bool SAMPLE, bool KL, bool PRIOR>
 __global__ void __launch_bounds__(kThreads)
@@ -138,21 +56,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-}
-
-// One warp per row sums that row's chunk partials in a fixed order.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) finish_kl_kernel(GaussianFwdArgs a, int64_t chunks) {
-  using A = typename AccOf<T>::type;
-  const int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
-  const int lane = threadIdx.x & 31;
-  const A* part = static_cast<const A*>(a.workspace);
-  A s = 0;
-  if (r < a.rows) {
-    for (int64_t k = lane; k < chunks; k += 32) s += part[r * chunks + k];
-  }
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (r < a.rows && lane == 0) static_cast<T*>(a.kl)[r] = from_acc<T>(A(0.5) * s);
 }
 
 template <typename T, bool GZ, bool GKL, bool PRIOR, bool WRITE_GMU>
@@ -209,31 +112,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename F>
-const char* with_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat64: f(double{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    default: return "pygen: unsupported dtype";
-  }
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-template <typename T>
-size_t acc_size() {
-  return sizeof(typename AccOf<T>::type);
-}
-
 }  // namespace
 
 size_t gaussian_forward_workspace_bytes(const GaussianFwdArgs& a) {
-  const Geometry g = geometry(a.rows, a.cols);
-  if (a.kl == nullptr || g.chunks <= 1) return 0;
-  const size_t acc = a.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-  return static_cast<size_t>(a.rows * g.chunks) * acc;
+  return a.kl == nullptr ? 0 : partials_bytes(a.rows, a.cols, a.dtype);
 }
 
 const char* gaussian_forward(const GaussianFwdArgs& a, void* stream) {
@@ -252,7 +134,9 @@ const char* gaussian_forward(const GaussianFwdArgs& a, void* stream) {
     });
     if (a.kl != nullptr && g.chunks > 1) {
       const int64_t blocks = (a.rows * 32 + kThreads - 1) / kThreads;
-      finish_kl_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(a, g.chunks);
+      finish_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+          static_cast<const typename AccOf<T>::type*>(a.workspace), a.rows, g.chunks, 0.5,
+          static_cast<T*>(a.kl));
     }
   });
 }

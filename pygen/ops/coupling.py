@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pygen import _backend
+from pygen import _backend, _ext
 from pygen.ops._checks import check_broadcastable, check_like, check_tensor
 
 __all__ = ["affine_coupling", "affine_coupling_ref", "rq_spline", "rq_spline_ref"]
@@ -86,11 +86,27 @@ def affine_coupling(
         y: shape of x; logdet: (B,), sum of s (of -s for the inverse) over non-batch dims.
     """
     _check_coupling(x, shift, log_scale, soft_clamp, mask)
-    name = _backend.resolve(backend, x.device, x.dtype)
-    impl = _AFFINE_IMPLS.get(name)
-    if impl is None:
+    op = _pick(_AFFINE_OPS, "affine_coupling", backend, x)
+    if op is None:
         return affine_coupling_ref(x, shift, log_scale, inverse=inverse, soft_clamp=soft_clamp, mask=mask)
-    return impl(x, shift, log_scale, inverse, soft_clamp, mask)
+    m = mask.to(x.dtype).expand(x.shape) if mask is not None else None
+    return op(x, shift, log_scale, m, inverse, float(soft_clamp or 0.0))
+
+
+def _pick(ops: dict, op_name: str, backend: str | None, x: Tensor):
+    """The compiled op for the resolved backend; None means the torch reference.
+
+    "auto" falls back to the reference while an op has no kernel for a backend yet; an
+    explicit request for such a backend is an error, not a silent fallback.
+    """
+    name = _backend.resolve(backend, x.device, x.dtype)
+    if name == "torch":
+        return None
+    if name in ops:
+        return ops[name]
+    if _backend.requested(backend) == "auto":
+        return None
+    raise RuntimeError(f"{op_name} has no {name!r} kernel yet; use backend='torch' or 'auto'")
 
 
 def _check_coupling(x, shift, log_scale, soft_clamp, mask) -> None:
@@ -108,9 +124,63 @@ def _check_coupling(x, shift, log_scale, soft_clamp, mask) -> None:
         check_broadcastable(mask.to(x.dtype) if mask.dtype != x.dtype else mask, x, "mask", "x")
 
 
-# backend name -> fn(x, shift, log_scale, inverse, soft_clamp, mask); filled in by the
-# compiled-op registrations below ("torch" uses the reference).
-_AFFINE_IMPLS: dict = {}
+# backend name -> op(x, shift, log_scale, mask, inverse, soft_clamp) -> (y, logdet); the
+# C++ ops (csrc/ops.cpp) serve "cpp" and "cuda", the Triton ones below "triton".
+_AFFINE_OPS: dict = {}
+
+
+def _register_affine(prefix: str) -> None:
+    ops = torch.ops.pygen
+    fwd, bwd = getattr(ops, prefix + "affine_coupling"), getattr(ops, prefix + "affine_coupling_backward")
+
+    @torch.library.register_fake(f"pygen::{prefix}affine_coupling")
+    def _(x, shift, log_scale, mask, inverse, soft_clamp):
+        return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+
+    @torch.library.register_fake(f"pygen::{prefix}affine_coupling_backward")
+    def _(grad_y, grad_logdet, x, shift, log_scale, mask, inverse, soft_clamp):
+        return [x.new_empty(x.shape) for _ in range(3 if inverse or mask is not None else 2)]
+
+    # Saved for backward: the inputs only (y is recomputed where needed).
+    def setup(ctx, inputs, output):
+        x, shift, log_scale, mask, inverse, soft_clamp = inputs
+        ctx.save_for_backward(x, shift, log_scale, mask)
+        ctx.inverse, ctx.soft_clamp = inverse, soft_clamp
+
+    def backward(ctx, grad_y, grad_logdet):
+        x, shift, log_scale, mask = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        if grad_logdet is None:
+            grad_logdet = x.new_zeros(x.shape[:1])
+        grads = bwd(grad_y, grad_logdet, x, shift, log_scale, mask, ctx.inverse, ctx.soft_clamp)
+        grad_shift = grads[1] if len(grads) == 3 else grad_y  # forward, no mask: dy/dshift = 1
+        return grads[0], grad_shift, grads[-1], None, None, None
+
+    torch.library.register_autograd(f"pygen::{prefix}affine_coupling", backward, setup_context=setup)
+    _AFFINE_OPS.update({"cpp": fwd, "cuda": fwd} if prefix == "" else {"triton": fwd})
+
+
+if _ext.HAS_CPP:
+    _register_affine("")
+
+if "triton" in _backend.available_backends():
+    from pygen.kernels import coupling as _tk
+
+    @torch.library.custom_op("pygen::triton_affine_coupling", mutates_args=())
+    def _triton_affine_coupling(
+        x: Tensor, shift: Tensor, log_scale: Tensor, mask: Tensor | None, inverse: bool, soft_clamp: float
+    ) -> tuple[Tensor, Tensor]:
+        return _tk.affine_forward(x, shift, log_scale, mask, inverse, soft_clamp)
+
+    @torch.library.custom_op("pygen::triton_affine_coupling_backward", mutates_args=())
+    def _triton_affine_coupling_backward(
+        grad_y: Tensor, grad_logdet: Tensor, x: Tensor, shift: Tensor, log_scale: Tensor,
+        mask: Tensor | None, inverse: bool, soft_clamp: float,
+    ) -> list[Tensor]:
+        return _tk.affine_backward(grad_y, grad_logdet, x, shift, log_scale, mask, inverse, soft_clamp)
+
+    _register_affine("triton_")
 
 
 # ---- rational-quadratic spline ------------------------------------------------------------------
@@ -246,8 +316,7 @@ def rq_spline(
         y: shape of x; logdet: (B,), log|dy/dx| summed over non-batch dims (tails add 0).
     """
     _check_spline(x, widths, heights, derivatives, tail_bound, min_bin_width, min_bin_height, min_derivative)
-    name = _backend.resolve(backend, x.device, x.dtype)
-    impl = _SPLINE_IMPLS.get(name)
+    impl = _pick(_SPLINE_OPS, "rq_spline", backend, x)
     kw = dict(inverse=inverse, tail_bound=float(tail_bound), min_bin_width=float(min_bin_width),
               min_bin_height=float(min_bin_height), min_derivative=float(min_derivative))
     if impl is None:
@@ -255,4 +324,4 @@ def rq_spline(
     return impl(x, widths, heights, derivatives, **kw)
 
 
-_SPLINE_IMPLS: dict = {}
+_SPLINE_OPS: dict = {}  # no fused kernel yet: the reference runs (see _pick)

@@ -43,6 +43,7 @@ struct GaussianBwdArgs {
   void* grad_logvar = nullptr;
   void* grad_prior_mu = nullptr;      // full (rows, cols); caller reduces broadcast dims
   void* grad_prior_logvar = nullptr;
+  void* workspace = nullptr;  // unused: the backward needs no scratch
 };
 
 PYGEN_HD float fexp(float x) { return expf(x); }

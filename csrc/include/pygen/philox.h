@@ -12,10 +12,13 @@
 #include <cmath>
 #include <math.h>
 
+// Internal linkage (static): the CPU kernels are compiled once per instruction set, and
+// an inline function with external linkage would be merged across those builds by the
+// linker, so baseline code could end up calling an AVX-512 copy.
 #if defined(__CUDACC__)
-#define PYGEN_HD __host__ __device__ __forceinline__
+#define PYGEN_HD static __host__ __device__ __forceinline__
 #else
-#define PYGEN_HD inline
+#define PYGEN_HD static inline
 #endif
 
 namespace pygen {

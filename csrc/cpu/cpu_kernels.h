@@ -1,10 +1,11 @@
-// CPU entry points for the Gaussian ops. No torch headers: the binding passes a
+// Entry points of pygen's CPU kernels. No torch headers: the binding passes a
 // parallel-for (at::parallel_for) so these kernels honour torch's thread settings.
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <string>
 
+#include "pygen/coupling.h"
 #include "pygen/gaussian.h"
 
 namespace pygen::cpu {
@@ -18,6 +19,8 @@ using ParallelFor =
   namespace isa {                                                          \
   void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf);  \
   void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf); \
+  void affine_forward(const AffineArgs& a, const ParallelFor& pf);         \
+  void affine_backward(const AffineArgs& a, const ParallelFor& pf);        \
   }
 PYGEN_DECLARE_CPU_ISA(baseline)
 PYGEN_DECLARE_CPU_ISA(avx2)
@@ -27,6 +30,8 @@ PYGEN_DECLARE_CPU_ISA(avx512)
 // Dispatch to the widest build this CPU runs (or the one set by set_isa).
 void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf);
 void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf);
+void affine_forward(const AffineArgs& a, const ParallelFor& pf);
+void affine_backward(const AffineArgs& a, const ParallelFor& pf);
 
 // "baseline", "avx2" or "avx512"; set_isa returns false when the CPU lacks it.
 std::string isa();

@@ -1,0 +1,161 @@
+// CUDA kernels for the affine coupling transform, its log-determinant and gradients.
+// The same formulas as csrc/cpu/coupling_cpu.cpp; work split and reductions: rowwise.cuh.
+#include "coupling_cuda.h"
+#include "pygen/dispatch.h"
+#include "rowwise.cuh"
+
+namespace pygen::cuda {
+namespace {
+
+struct FExp {
+  template <typename A>
+  __device__ A operator()(A v) const {
+    return fexp(v);
+  }
+};
+
+template <typename T, bool INVERSE, bool CLAMP, bool MASK>
+__global__ void __launch_bounds__(kThreads)
+    affine_forward_kernel(AffineArgs a, int group, int64_t chunk, int64_t chunks) {
+  using A = typename AccOf<T>::type;
+  const T* __restrict x = static_cast<const T*>(a.x);
+  const T* __restrict sh = static_cast<const T*>(a.shift);
+  const T* __restrict ls = static_cast<const T*>(a.log_scale);
+  const T* __restrict mk = static_cast<const T*>(a.mask);
+  T* __restrict y = static_cast<T*>(a.y);
+  const A c = static_cast<A>(a.soft_clamp);
+
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t task = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+  const bool active = task < a.rows * chunks;
+  const int64_t r = active ? task / chunks : 0;
+  A acc = 0;
+  if (active) {
+    const int64_t c0 = (task % chunks) * chunk;
+    const int64_t c1 = min(a.cols, c0 + chunk);
+#pragma unroll 4
+    for (int64_t col = c0 + lane; col < c1; col += group) {
+      const int64_t i = r * a.cols + col;
+      A s, ds;
+      if constexpr (CLAMP) {
+        soft_clamp(c, to_acc(ls[i]), s, ds, FExp{});
+      } else {
+        s = to_acc(ls[i]);
+      }
+      A t = to_acc(sh[i]);
+      if constexpr (MASK) {
+        const A m = to_acc(mk[r * a.mask_stride_row + col * a.mask_stride_col]);
+        s *= m;
+        t *= m;
+      }
+      const A xv = to_acc(x[i]);
+      y[i] = from_acc<T>(INVERSE ? (xv - t) * fexp(-s) : xv * fexp(s) + t);
+      acc += s;
+    }
+  }
+  acc = group_sum(acc, group);
+  if (active && lane == 0) {
+    if (chunks == 1) {
+      static_cast<T*>(a.logdet)[r] = from_acc<T>(INVERSE ? -acc : acc);
+    } else {
+      static_cast<A*>(a.workspace)[task] = acc;
+    }
+  }
+}
+
+template <typename T, bool INVERSE, bool CLAMP, bool MASK, bool WRITE_GSHIFT>
+__global__ void __launch_bounds__(kThreads)
+    affine_backward_kernel(AffineArgs a, int group, int64_t chunk, int64_t chunks) {
+  using A = typename AccOf<T>::type;
+  const T* __restrict x = static_cast<const T*>(a.x);
+  const T* __restrict sh = static_cast<const T*>(a.shift);
+  const T* __restrict ls = static_cast<const T*>(a.log_scale);
+  const T* __restrict mk = static_cast<const T*>(a.mask);
+  const T* __restrict gy = static_cast<const T*>(a.grad_y);
+  T* __restrict gx = static_cast<T*>(a.grad_x);
+  T* __restrict gt = static_cast<T*>(a.grad_shift);
+  T* __restrict gls = static_cast<T*>(a.grad_log_scale);
+  const A c = static_cast<A>(a.soft_clamp);
+
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t task = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+  if (task >= a.rows * chunks) return;  // no barrier below
+  const int64_t r = task / chunks;
+  const int64_t c0 = (task % chunks) * chunk;
+  const int64_t c1 = min(a.cols, c0 + chunk);
+  const A g_logdet = to_acc(static_cast<const T*>(a.grad_logdet)[r]);
+#pragma unroll 4
+  for (int64_t col = c0 + lane; col < c1; col += group) {
+    const int64_t i = r * a.cols + col;
+    A s, ds = A(1);
+    if constexpr (CLAMP) {
+      soft_clamp(c, to_acc(ls[i]), s, ds, FExp{});
+    } else {
+      s = to_acc(ls[i]);
+    }
+    A m = A(1);
+    if constexpr (MASK) m = to_acc(mk[r * a.mask_stride_row + col * a.mask_stride_col]);
+    s *= m;
+    const A g = to_acc(gy[i]);
+    if constexpr (INVERSE) {
+      const A e = fexp(-s);
+      const A yv = (to_acc(x[i]) - to_acc(sh[i]) * m) * e;
+      gx[i] = from_acc<T>(g * e);
+      if constexpr (WRITE_GSHIFT) gt[i] = from_acc<T>(-g * e * m);
+      gls[i] = from_acc<T>((-g * yv - g_logdet) * m * ds);
+    } else {
+      const A e = fexp(s);
+      gx[i] = from_acc<T>(g * e);
+      if constexpr (WRITE_GSHIFT) gt[i] = from_acc<T>(g * m);
+      gls[i] = from_acc<T>((g * to_acc(x[i]) * e + g_logdet) * m * ds);
+    }
+  }
+}
+
+}  // namespace
+
+size_t affine_forward_workspace_bytes(const AffineArgs& a) { return partials_bytes(a.rows, a.cols, a.dtype); }
+
+const char* affine_forward(const AffineArgs& a, void* stream) {
+  const Geometry g = geometry(a.rows, a.cols);
+  if (g.blocks == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  return with_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    with_bool(a.inverse, [&](auto inv) {
+      with_bool(a.soft_clamp != 0, [&](auto clamp) {
+        with_bool(a.mask != nullptr, [&](auto mask) {
+          affine_forward_kernel<T, decltype(inv)::value, decltype(clamp)::value, decltype(mask)::value>
+              <<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
+        });
+      });
+    });
+    if (g.chunks > 1) {
+      finish_rows_kernel<T><<<static_cast<unsigned>((a.rows * 32 + kThreads - 1) / kThreads), kThreads, 0, s>>>(
+          static_cast<const typename AccOf<T>::type*>(a.workspace), a.rows, g.chunks, a.inverse ? -1.0 : 1.0,
+          static_cast<T*>(a.logdet));
+    }
+  });
+}
+
+const char* affine_backward(const AffineArgs& a, void* stream) {
+  const Geometry g = geometry(a.rows, a.cols);
+  if (g.blocks == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  return with_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    with_bool(a.inverse, [&](auto inv) {
+      with_bool(a.soft_clamp != 0, [&](auto clamp) {
+        with_bool(a.mask != nullptr, [&](auto mask) {
+          with_bool(a.grad_shift != nullptr, [&](auto gshift) {
+            affine_backward_kernel<T, decltype(inv)::value, decltype(clamp)::value, decltype(mask)::value,
+                                   decltype(gshift)::value>
+                <<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
+          });
+        });
+      });
+    });
+  });
+}
+
+}  // namespace pygen::cuda

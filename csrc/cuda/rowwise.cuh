@@ -1,0 +1,144 @@
+// Shared by pygen's CUDA kernels that work on a (rows, cols) view with a per-row
+// reduction (KL, log-determinants): the work split, group reductions, dtype dispatch.
+//
+// Geometry: the view is cut into tasks of one row-chunk each, run by a group of `group`
+// threads (a power of two, at most a block). Short rows get small groups (many rows per
+// block); long rows get whole blocks and several chunks, whose partial sums a second
+// kernel adds in chunk order (deterministic: no atomics).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "pygen/gaussian.h"  // DType
+
+namespace pygen::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 16;  // elements per thread in a block-wide task
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+struct Geometry {
+  int group;           // threads per task
+  int64_t chunk;       // columns per task
+  int64_t chunks;      // tasks per row
+  int64_t blocks;
+};
+
+Geometry geometry(int64_t rows, int64_t cols) {
+  Geometry g{};
+  const int64_t want = (cols + 3) / 4;  // about four elements per thread
+  g.group = 1;
+  while (g.group < kThreads && g.group < want) g.group *= 2;
+  if (g.group < kThreads) {
+    g.chunk = cols;
+    g.chunks = 1;
+  } else {
+    g.chunk = static_cast<int64_t>(kThreads) * kPerThread;
+    g.chunks = std::max<int64_t>(1, (cols + g.chunk - 1) / g.chunk);
+  }
+  const int64_t tasks = rows * g.chunks;
+  const int64_t per_block = kThreads / g.group;
+  g.blocks = (tasks + per_block - 1) / per_block;
+  return g;
+}
+
+// Sum over the `group` threads of a task; the total lands in the group's lane 0.
+// Every thread of the block must call it (shuffles and a barrier inside).
+template <typename A>
+__device__ __forceinline__ A group_sum(A v, int group) {
+  for (int o = min(group, 32) / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (group > 32) {
+    __shared__ A partial[kThreads / 32];
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) partial[warp] = v;
+    __syncthreads();
+    if (threadIdx.x % group == 0) {
+      A s = 0;
+      for (int w = warp; w < warp + group / 32; ++w) s += partial[w];
+      v = s;
+    }
+  }
+  return v;
+}
+
+// Sums each row's chunk partials in a fixed order (one warp per row): out[r] = scale * sum.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    finish_rows_kernel(const typename AccOf<T>::type* partial, int64_t rows, int64_t chunks, double scale, T* out) {
+  using A = typename AccOf<T>::type;
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  A s = 0;
+  if (r < rows) {
+    for (int64_t k = lane; k < chunks; k += 32) s += partial[r * chunks + k];
+  }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (r < rows && lane == 0) out[r] = from_acc<T>(static_cast<A>(scale) * s);
+}
+
+// Bytes of per-chunk partial sums a reducing launch needs (0 when one chunk per row).
+inline size_t partials_bytes(int64_t rows, int64_t cols, DType dt) {
+  const Geometry g = geometry(rows, cols);
+  if (g.chunks <= 1) return 0;
+  return static_cast<size_t>(rows * g.chunks) * (dt == DType::kFloat64 ? sizeof(double) : sizeof(float));
+}
+
+inline void launch_finish_rows(DType dt, const void* partial, int64_t rows, int64_t chunks, double scale, void* out,
+                               cudaStream_t s);
+
+template <typename F>
+const char* with_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat64: f(double{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    default: return "pygen: unsupported dtype";
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+inline void launch_finish_rows(DType dt, const void* partial, int64_t rows, int64_t chunks, double scale, void* out,
+                               cudaStream_t s) {
+  const int64_t blocks = (rows * 32 + kThreads - 1) / kThreads;
+  with_dtype(dt, [&](auto t) {
+    using T = decltype(t);
+    finish_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+        static_cast<const typename AccOf<T>::type*>(partial), rows, chunks, scale, static_cast<T*>(out));
+  });
+}
+
+}  // namespace
+}  // namespace pygen::cuda

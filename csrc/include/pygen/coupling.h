@@ -1,0 +1,49 @@
+// Coupling transforms of normalizing flows: argument blocks shared by the CPU and CUDA
+// backends (raw pointers, no torch types). Same (rows, cols) = (B, prod(other dims))
+// view as pygen/gaussian.h; x, shift, log_scale, y and the gradients are contiguous; the
+// optional mask is a broadcast view with its own strides, in x's dtype.
+#pragma once
+#include <cstdint>
+
+#include "pygen/gaussian.h"  // DType, PYGEN_HD, fexp
+
+namespace pygen {
+
+struct AffineArgs {
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::kFloat32;
+  bool inverse = false;
+  double soft_clamp = 0;  // 0: s = log_scale; else s = c * tanh(log_scale / c)
+  const void* x = nullptr;
+  const void* shift = nullptr;
+  const void* log_scale = nullptr;
+  const void* mask = nullptr;  // null: every element is transformed
+  int64_t mask_stride_row = 0, mask_stride_col = 0;
+  // forward outputs
+  void* y = nullptr;
+  void* logdet = nullptr;     // (rows,)
+  void* workspace = nullptr;  // CUDA only: per-chunk partial sums
+  // backward
+  const void* grad_y = nullptr;
+  const void* grad_logdet = nullptr;  // (rows,)
+  void* grad_x = nullptr;
+  void* grad_shift = nullptr;  // null: the caller uses grad_y (forward direction, no mask)
+  void* grad_log_scale = nullptr;
+};
+
+// s and ds/dlog_scale for the soft clamp s = c * tanh(v / c) (c == 0: no clamp).
+// tanh(u) = 1 - 2 / (e^{2u} + 1) gives exact limits at +-inf; exp_fn lets the CPU pass its
+// vectorisable exp.
+template <typename T, typename Exp>
+PYGEN_HD void soft_clamp(T c, T log_scale, T& s, T& ds, Exp exp_fn) {
+  if (c == T(0)) {
+    s = log_scale;
+    ds = T(1);
+  } else {
+    const T th = T(1) - T(2) / (exp_fn(T(2) * log_scale / c) + T(1));
+    s = c * th;
+    ds = T(1) - th * th;
+  }
+}
+
+}  // namespace pygen

@@ -1,0 +1,57 @@
+"""Shared by pygen's Triton kernels on a (rows, cols) view with a per-row sum: tiling,
+views, output allocation (with the test-suite's NaN poisoning) and loads in the
+accumulation dtype."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter pays ~10 ms per program: give it few, large tiles.
+_TILE = 1 << 16 if _INTERPRET else 2048
+_MAX_GRID_1 = 65535
+
+
+@triton.jit
+def load_acc(ptr, idx, mask, ACC_F64: tl.constexpr):
+    """Masked load, converted to float32 (float64 when ACC_F64)."""
+    x = tl.load(ptr + idx, mask=mask, other=0.0)
+    if ACC_F64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+def tiles(rows: int, cols: int) -> tuple[int, int, int, tuple[int, int]]:
+    block_c = min(triton.next_power_of_2(max(cols, 1)), _TILE)
+    block_c = max(block_c, triton.next_power_of_2(triton.cdiv(cols, _MAX_GRID_1)))
+    block_r = max(1, min(_TILE // block_c, triton.next_power_of_2(max(rows, 1))))
+    chunks = max(1, triton.cdiv(cols, block_c))
+    return block_r, block_c, chunks, (triton.cdiv(rows, block_r), chunks)
+
+
+def rows_cols(x: torch.Tensor) -> tuple[int, int]:
+    rows = x.shape[0]
+    cols = 1
+    for s in x.shape[1:]:
+        cols *= s
+    return rows, cols
+
+
+def prior_2d(p: torch.Tensor | None, rows: int, cols: int):
+    if p is None:
+        return None, 0, 0
+    p2 = p.reshape(rows, cols)  # a view when the broadcast strides allow it
+    return p2, p2.stride(0), p2.stride(1)
+
+
+def empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    from pygen import _alloc  # the poisoning hook of the test-suite
+
+    return _alloc.empty(shape, dtype or like.dtype, like.device)
+
+
