@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -19,6 +20,7 @@
 #include "cpu/cpu_kernels.h"
 #include "cuda/coupling_cuda.h"
 #include "cuda/gaussian_cuda.h"
+#include "cuda/spline_cuda.h"
 #include "pygen/philox.h"
 
 namespace pygen {
@@ -126,6 +128,9 @@ const char* affine_forward(const AffineArgs&, void*) { return "no CUDA"; }
 const char* affine_backward(const AffineArgs&, void*) { return "no CUDA"; }
 size_t gaussian_forward_workspace_bytes(const GaussianFwdArgs&) { return 0; }
 size_t affine_forward_workspace_bytes(const AffineArgs&) { return 0; }
+const char* spline_forward(const SplineArgs&, void*) { return "no CUDA"; }
+const char* spline_backward(const SplineArgs&, void*) { return "no CUDA"; }
+size_t spline_forward_workspace_bytes(const SplineArgs&) { return 0; }
 }  // namespace cuda
 #endif
 
@@ -368,6 +373,90 @@ std::vector<Tensor> affine_coupling_backward(const Tensor& grad_y, const Tensor&
   return out;
 }
 
+// ---- rational-quadratic spline ----------------------------------------------------------
+
+struct SplineInputs {
+  Tensor x, widths, heights, derivatives;
+  Rows rc;
+};
+
+SplineInputs spline_inputs(const Tensor& x, const Tensor& widths, const Tensor& heights, const Tensor& derivatives,
+                           bool inverse, double tail_bound, double min_bin_width, double min_bin_height,
+                           double min_derivative, SplineArgs& a) {
+  check_float(x, "x");
+  const int64_t K = widths.dim() == x.dim() + 1 ? widths.size(-1) : -1;
+  TORCH_CHECK(K >= 2 && K <= kMaxSplineBins, "pygen: widths must have shape x.shape + (K,) with 2 <= K <= ",
+              kMaxSplineBins, ", got ", widths.sizes());
+  std::vector<int64_t> want(x.sizes().begin(), x.sizes().end());
+  want.push_back(K);
+  TORCH_CHECK(widths.sizes() == at::IntArrayRef(want) && heights.sizes() == at::IntArrayRef(want),
+              "pygen: widths and heights must have shape ", at::IntArrayRef(want));
+  want.back() = K - 1;
+  TORCH_CHECK(derivatives.sizes() == at::IntArrayRef(want), "pygen: derivatives must have shape ",
+              at::IntArrayRef(want));
+  for (const Tensor* t : {&widths, &heights, &derivatives}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                "pygen: spline parameters must have x's dtype and device");
+  }
+  TORCH_CHECK(tail_bound > 0 && min_derivative > 0 && min_bin_width * K < 1 && min_bin_height * K < 1,
+              "pygen: invalid spline constants");
+  SplineInputs in{x.contiguous(), widths.contiguous(), heights.contiguous(), derivatives.contiguous(), rows_of(x)};
+  a.rows = in.rc.rows;
+  a.cols = in.rc.cols;
+  a.bins = K;
+  a.dtype = dtype_of(x);
+  a.inverse = inverse;
+  a.tail_bound = tail_bound;
+  a.min_bin_width = min_bin_width;
+  a.min_bin_height = min_bin_height;
+  a.min_derivative = min_derivative;
+  // min_d + softplus(log(expm1(1 - min_d))) = 1 up to rounding: the tails' slope
+  a.boundary_derivative = min_derivative + std::log1p(std::expm1(1.0 - min_derivative));
+  a.x = in.x.const_data_ptr();
+  a.widths = in.widths.const_data_ptr();
+  a.heights = in.heights.const_data_ptr();
+  a.derivatives = in.derivatives.const_data_ptr();
+  return in;
+}
+
+std::tuple<Tensor, Tensor> rq_spline(const Tensor& x, const Tensor& widths, const Tensor& heights,
+                                     const Tensor& derivatives, bool inverse, double tail_bound, double min_bin_width,
+                                     double min_bin_height, double min_derivative) {
+  SplineArgs a;
+  const SplineInputs in = spline_inputs(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width,
+                                        min_bin_height, min_derivative, a);
+  Tensor y = new_output(x.sizes(), x), logdet = new_output({in.rc.rows}, x);
+  a.y = y.data_ptr();
+  a.logdet = logdet.data_ptr();
+  if (in.rc.rows == 0) return {y, logdet};
+  const bool cuda = !x.device().is_cpu();
+  launch(x, a, &cpu::spline_forward, &cuda::spline_forward, cuda ? cuda::spline_forward_workspace_bytes(a) : 0);
+  return {y, logdet};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rq_spline_backward(
+    const Tensor& grad_y, const Tensor& grad_logdet, const Tensor& x, const Tensor& widths, const Tensor& heights,
+    const Tensor& derivatives, bool inverse, double tail_bound, double min_bin_width, double min_bin_height,
+    double min_derivative) {
+  SplineArgs a;
+  const SplineInputs in = spline_inputs(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width,
+                                        min_bin_height, min_derivative, a);
+  check_like(grad_y, x, "grad_y");
+  const Tensor gy = grad_y.contiguous(), gld = grad_logdet.contiguous();
+  TORCH_CHECK(gld.numel() == in.rc.rows && gld.scalar_type() == x.scalar_type(),
+              "pygen: grad_logdet must have shape (", in.rc.rows, ",) and dtype ", x.scalar_type());
+  Tensor gx = new_output(x.sizes(), x), gw = new_output(widths.sizes(), x), gh = new_output(heights.sizes(), x),
+         gd = new_output(derivatives.sizes(), x);
+  a.grad_y = gy.const_data_ptr();
+  a.grad_logdet = gld.const_data_ptr();
+  a.grad_x = gx.data_ptr();
+  a.grad_widths = gw.data_ptr();
+  a.grad_heights = gh.data_ptr();
+  a.grad_derivatives = gd.data_ptr();
+  if (in.rc.rows * in.rc.cols > 0) launch(x, a, &cpu::spline_backward, &cuda::spline_backward);
+  return {gx, gw, gh, gd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pygen, m) {
@@ -387,6 +476,13 @@ TORCH_LIBRARY(pygen, m) {
   m.def(
       "affine_coupling_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor shift, Tensor log_scale, "
       "Tensor? mask, bool inverse, float soft_clamp) -> Tensor[]");
+  m.def(
+      "rq_spline(Tensor x, Tensor widths, Tensor heights, Tensor derivatives, bool inverse, float tail_bound, "
+      "float min_bin_width, float min_bin_height, float min_derivative) -> (Tensor, Tensor)");
+  m.def(
+      "rq_spline_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor widths, Tensor heights, "
+      "Tensor derivatives, bool inverse, float tail_bound, float min_bin_width, float min_bin_height, "
+      "float min_derivative) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #define PYGEN_REGISTER_IMPLS(m)                                      \
@@ -397,7 +493,9 @@ TORCH_LIBRARY(pygen, m) {
   m.impl("gaussian_kl", &gaussian_kl);                               \
   m.impl("gaussian_kl_backward", &gaussian_kl_backward);             \
   m.impl("affine_coupling", &affine_coupling);                       \
-  m.impl("affine_coupling_backward", &affine_coupling_backward);
+  m.impl("affine_coupling_backward", &affine_coupling_backward);     \
+  m.impl("rq_spline", &rq_spline);                                   \
+  m.impl("rq_spline_backward", &rq_spline_backward);
 
 TORCH_LIBRARY_IMPL(pygen, CPU, m) { PYGEN_REGISTER_IMPLS(m) }
 #ifdef PYGEN_WITH_CUDA

@@ -64,6 +64,8 @@ void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf) { PYGEN_C
 void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(gaussian_backward, a, pf) }
 void affine_forward(const AffineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(affine_forward, a, pf) }
 void affine_backward(const AffineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(affine_backward, a, pf) }
+void spline_forward(const SplineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(spline_forward, a, pf) }
+void spline_backward(const SplineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(spline_backward, a, pf) }
 
 std::string isa() {
   static const char* names[] = {"baseline", "avx2", "avx512"};

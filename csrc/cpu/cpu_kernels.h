@@ -7,6 +7,7 @@
 
 #include "pygen/coupling.h"
 #include "pygen/gaussian.h"
+#include "pygen/rq_spline.h"
 
 namespace pygen::cpu {
 
@@ -21,6 +22,8 @@ using ParallelFor =
   void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf); \
   void affine_forward(const AffineArgs& a, const ParallelFor& pf);         \
   void affine_backward(const AffineArgs& a, const ParallelFor& pf);        \
+  void spline_forward(const SplineArgs& a, const ParallelFor& pf);         \
+  void spline_backward(const SplineArgs& a, const ParallelFor& pf);        \
   }
 PYGEN_DECLARE_CPU_ISA(baseline)
 PYGEN_DECLARE_CPU_ISA(avx2)
@@ -32,6 +35,8 @@ void gaussian_forward(const GaussianFwdArgs& a, const ParallelFor& pf);
 void gaussian_backward(const GaussianBwdArgs& a, const ParallelFor& pf);
 void affine_forward(const AffineArgs& a, const ParallelFor& pf);
 void affine_backward(const AffineArgs& a, const ParallelFor& pf);
+void spline_forward(const SplineArgs& a, const ParallelFor& pf);
+void spline_backward(const SplineArgs& a, const ParallelFor& pf);
 
 // "baseline", "avx2" or "avx512"; set_isa returns false when the CPU lacks it.
 std::string isa();

@@ -268,8 +268,11 @@ def _check_spline(x, widths, heights, derivatives, tail_bound, min_bin_width, mi
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have the dtype of x, {x.dtype}; got {t.dtype}")
     k = widths.shape[-1] if widths.dim() == x.dim() + 1 else -1
-    if widths.shape != (*x.shape, k) or k < 2:
-        raise ValueError(f"widths must have shape x.shape + (K,) = {(*x.shape, 'K')} with K >= 2; got {tuple(widths.shape)}")
+    if widths.shape != (*x.shape, k) or not 2 <= k <= MAX_SPLINE_BINS:
+        raise ValueError(
+            f"widths must have shape x.shape + (K,) = {(*x.shape, 'K')} with K >= 2 and K <= {MAX_SPLINE_BINS}; "
+            f"got {tuple(widths.shape)}"
+        )
     if heights.shape != widths.shape:
         raise ValueError(f"heights must have the shape of widths, {tuple(widths.shape)}; got {tuple(heights.shape)}")
     if derivatives.shape != (*x.shape, k - 1):
@@ -324,4 +327,45 @@ def rq_spline(
     return impl(x, widths, heights, derivatives, **kw)
 
 
-_SPLINE_OPS: dict = {}  # no fused kernel yet: the reference runs (see _pick)
+# backend name -> op(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width,
+# min_bin_height, min_derivative) -> (y, logdet)
+_SPLINE_OPS: dict = {}
+MAX_SPLINE_BINS = 64  # kMaxSplineBins in csrc/include/pygen/rq_spline.h
+
+
+def _register_spline(prefix: str) -> None:
+    ops = torch.ops.pygen
+    fwd, bwd = getattr(ops, prefix + "rq_spline"), getattr(ops, prefix + "rq_spline_backward")
+
+    @torch.library.register_fake(f"pygen::{prefix}rq_spline")
+    def _(x, widths, heights, derivatives, *consts):
+        return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+
+    @torch.library.register_fake(f"pygen::{prefix}rq_spline_backward")
+    def _(grad_y, grad_logdet, x, widths, heights, derivatives, *consts):
+        return x.new_empty(x.shape), x.new_empty(widths.shape), x.new_empty(heights.shape), x.new_empty(derivatives.shape)
+
+    # Saved for backward: the inputs; the knots are recomputed in the fused backward.
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+        ctx.consts = inputs[4:]
+
+    def backward(ctx, grad_y, grad_logdet):
+        x, widths, heights, derivatives = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
+        if grad_logdet is None:
+            grad_logdet = x.new_zeros(x.shape[:1])
+        grads = bwd(grad_y, grad_logdet, x, widths, heights, derivatives, *ctx.consts)
+        return (*grads, *(None,) * len(ctx.consts))
+
+    torch.library.register_autograd(f"pygen::{prefix}rq_spline", backward, setup_context=setup)
+
+    def call(x, widths, heights, derivatives, *, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative):
+        return fwd(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative)
+
+    _SPLINE_OPS.update({"cpp": call, "cuda": call} if prefix == "" else {"triton": call})
+
+
+if _ext.HAS_CPP:
+    _register_spline("")
