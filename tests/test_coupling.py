@@ -155,7 +155,7 @@ def test_affine_coupling_bad_input():
 
 # ---- rational-quadratic spline ------------------------------------------------------------------
 
-SPLINE_BACKENDS = [(b, d) for b, d in COMPILED if b != "triton"] + [("torch", "cpu")]  # triton: not yet
+SPLINE_BACKENDS = COMPILED + [("torch", "cpu")]
 
 
 def _spline_inputs(b, d, k, dtype=torch.float64, scale=2.0, device="cpu"):
@@ -251,9 +251,12 @@ def test_rq_spline_gradcheck_and_extremes(backend, device):
 def test_rq_spline_opcheck_and_compile(backend, device):
     x, w, h, d = (t.float().requires_grad_(True) for t in _spline_inputs(3, 4, 6, device=device))
     consts = (3.0, 1e-3, 1e-3, 1e-3)
+    prefix = "triton_" if backend == "triton" else ""
+    fwd = getattr(torch.ops.pygen, prefix + "rq_spline")
+    bwd = getattr(torch.ops.pygen, prefix + "rq_spline_backward")
     for inverse in (False, True):
-        torch.library.opcheck(torch.ops.pygen.rq_spline, (x, w, h, d, inverse, *consts))
-        torch.library.opcheck(torch.ops.pygen.rq_spline_backward,
+        torch.library.opcheck(fwd, (x, w, h, d, inverse, *consts))
+        torch.library.opcheck(bwd,
                               (torch.randn(3, 4, device=device), torch.randn(3, device=device),
                                x.detach(), w.detach(), h.detach(), d.detach(), inverse, *consts))
 

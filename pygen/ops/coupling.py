@@ -369,3 +369,24 @@ def _register_spline(prefix: str) -> None:
 
 if _ext.HAS_CPP:
     _register_spline("")
+
+if "triton" in _backend.available_backends():
+    from pygen.kernels import spline as _tks
+
+    @torch.library.custom_op("pygen::triton_rq_spline", mutates_args=())
+    def _triton_rq_spline(
+        x: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor, inverse: bool, tail_bound: float,
+        min_bin_width: float, min_bin_height: float, min_derivative: float,
+    ) -> tuple[Tensor, Tensor]:
+        return _tks.spline_forward(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width,
+                                   min_bin_height, min_derivative)
+
+    @torch.library.custom_op("pygen::triton_rq_spline_backward", mutates_args=())
+    def _triton_rq_spline_backward(
+        grad_y: Tensor, grad_logdet: Tensor, x: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor,
+        inverse: bool, tail_bound: float, min_bin_width: float, min_bin_height: float, min_derivative: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _tks.spline_backward(grad_y, grad_logdet, x, widths, heights, derivatives, inverse, tail_bound,
+                                    min_bin_width, min_bin_height, min_derivative)
+
+    _register_spline("triton_")

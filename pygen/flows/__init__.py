@@ -1,0 +1,49 @@
+"""Normalizing flows on pygen's coupling ops.
+
+Layers (``forward(x, context=None) -> (z, logdet)`` maps data to latent,
+``inverse(z, context=None) -> (x, logdet)`` maps back; see :mod:`pygen.flows.base`):
+:class:`AffineCoupling`, :class:`SplineCoupling`, :class:`ActNorm`, :class:`InvConv1x1`,
+:class:`Permutation`, :class:`Squeeze`, :class:`MultiScale`, composed with :class:`Chain`.
+
+Distributions: :class:`StandardNormal`, :class:`Flow` (``log_prob``, ``sample``,
+``sample_and_log_prob``, ``bits_per_dim``) and the models :class:`RealNVP`, :class:`NSF`,
+:class:`Glow`.
+
+>>> import torch
+>>> from pygen.flows import NSF
+>>> flow = NSF(features=2, hidden=32, n_layers=4)
+>>> flow.log_prob(torch.randn(5, 2)).shape
+torch.Size([5])
+"""
+
+from pygen.flows.base import Chain, Transform
+from pygen.flows.conditioners import MLP, ConvNet
+from pygen.flows.coupling import AffineCoupling, SplineCoupling
+from pygen.flows.distribution import Flow, StandardNormal, dequantize
+from pygen.flows.image import MultiScale, Squeeze
+from pygen.flows.linear import InvConv1x1, Permutation
+from pygen.flows.masks import channel_mask, checkerboard_mask
+from pygen.flows.models import NSF, Glow, RealNVP
+from pygen.flows.normalization import ActNorm
+
+__all__ = [
+    "Transform",
+    "Chain",
+    "AffineCoupling",
+    "SplineCoupling",
+    "channel_mask",
+    "checkerboard_mask",
+    "MLP",
+    "ConvNet",
+    "ActNorm",
+    "InvConv1x1",
+    "Permutation",
+    "Squeeze",
+    "MultiScale",
+    "StandardNormal",
+    "Flow",
+    "dequantize",
+    "RealNVP",
+    "NSF",
+    "Glow",
+]
