@@ -18,14 +18,6 @@
 namespace pygen::cpu::PYGEN_CPU_ISA {
 namespace {
 
-inline float cexp(float x) { return vexp(x); }
-inline double cexp(double x) { return std::exp(x); }
-struct CExp {
-  template <typename T>
-  T operator()(T v) const {
-    return cexp(v);
-  }
-};
 
 template <typename T, bool INVERSE, bool CLAMP, bool MASK>
 void forward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {

@@ -18,8 +18,6 @@
 namespace pygen::cpu::PYGEN_CPU_ISA {
 namespace {
 
-inline float cexp(float x) { return vexp(x); }
-inline double cexp(double x) { return std::exp(x); }
 
 // Normals for counters ctr0 .. ctr0 + n - 1; a plain loop over independent elements
 // that the compiler vectorises (Philox rounds, then vexp/vlog/vcos, no libm calls).
@@ -35,16 +33,6 @@ void fill_normals(uint64_t seed, uint64_t ctr0, int64_t n, float* __restrict out
   }
 }
 
-// 2 * KL of one element; the same formulas as kl2_standard / kl2_prior in pygen/gaussian.h.
-template <typename T>
-inline T kl2(T m, T l) {
-  return cexp(l) + m * m - T(1) - l;
-}
-template <typename T>
-inline T kl2(T m, T l, T pm, T pl) {
-  const T d = m - pm;
-  return cexp(l - pl) + d * d * cexp(-pl) - T(1) - l + pl;
-}
 
 template <typename T, bool SAMPLE, bool KL, bool PRIOR>
 void forward_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
@@ -72,11 +60,11 @@ void forward_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
       if constexpr (KL && PRIOR) {
         kl.add(n, [&](int64_t j) {
           const int64_t c = b0 + j;
-          return kl2(m[j], l[j], pmu[r * a.pmu_stride_row + c * a.pmu_stride_col],
-                     plv[r * a.plv_stride_row + c * a.plv_stride_col]);
+          return kl2_prior(m[j], l[j], pmu[r * a.pmu_stride_row + c * a.pmu_stride_col],
+                           plv[r * a.plv_stride_row + c * a.plv_stride_col], CExp{});
         });
       } else if constexpr (KL) {
-        kl.add(n, [&](int64_t j) { return kl2(m[j], l[j]); });
+        kl.add(n, [&](int64_t j) { return kl2_standard(m[j], l[j], CExp{}); });
       }
     }
     return KL ? kl.total() : T(0);

@@ -4,6 +4,7 @@
 // so the backends agree to a few ulp, not bit for bit.
 #pragma once
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -86,6 +87,16 @@ inline float vcos_angle(float x) {
   const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
   return sign * ((jj == 1 || jj == 2) ? s : c);
 }
+
+// The kernels' exp: vectorisable for float, libm for double (not performance-critical).
+inline float cexp(float x) { return vexp(x); }
+inline double cexp(double x) { return std::exp(x); }
+struct CExp {
+  template <typename T>
+  T operator()(T v) const {
+    return cexp(v);
+  }
+};
 
 }  // namespace
 }  // namespace pygen::cpu

@@ -7,13 +7,6 @@
 namespace pygen::cuda {
 namespace {
 
-struct FExp {
-  template <typename A>
-  __device__ A operator()(A v) const {
-    return fexp(v);
-  }
-};
-
 template <typename T, bool INVERSE, bool CLAMP, bool MASK>
 __global__ void __launch_bounds__(kThreads)
     affine_forward_kernel(AffineArgs a, int group, int64_t chunk, int64_t chunks) {
@@ -25,16 +18,12 @@ __global__ void __launch_bounds__(kThreads)
   T* __restrict y = static_cast<T*>(a.y);
   const A c = static_cast<A>(a.soft_clamp);
 
-  const int lane = threadIdx.x & (group - 1);
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
-  const bool active = task < a.rows * chunks;
-  const int64_t r = active ? task / chunks : 0;
+  const RowTask tk(group, chunk, chunks, a.rows, a.cols);
+  const int64_t r = tk.r;
   A acc = 0;
-  if (active) {
-    const int64_t c0 = (task % chunks) * chunk;
-    const int64_t c1 = min(a.cols, c0 + chunk);
+  if (tk.active) {
 #pragma unroll 4
-    for (int64_t col = c0 + lane; col < c1; col += group) {
+    for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
       const int64_t i = r * a.cols + col;
       A s, ds;
       if constexpr (CLAMP) {
@@ -53,14 +42,7 @@ __global__ void __launch_bounds__(kThreads)
       acc += s;
     }
   }
-  acc = group_sum(acc, group);
-  if (active && lane == 0) {
-    if (chunks == 1) {
-      static_cast<T*>(a.logdet)[r] = from_acc<T>(INVERSE ? -acc : acc);
-    } else {
-      static_cast<A*>(a.workspace)[task] = acc;
-    }
-  }
+  store_row_sum<T>(acc, tk, group, chunks, INVERSE ? A(-1) : A(1), a.logdet, a.workspace);
 }
 
 template <typename T, bool INVERSE, bool CLAMP, bool MASK, bool WRITE_GSHIFT>
@@ -77,15 +59,12 @@ __global__ void __launch_bounds__(kThreads)
   T* __restrict gls = static_cast<T*>(a.grad_log_scale);
   const A c = static_cast<A>(a.soft_clamp);
 
-  const int lane = threadIdx.x & (group - 1);
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
-  if (task >= a.rows * chunks) return;  // no barrier below
-  const int64_t r = task / chunks;
-  const int64_t c0 = (task % chunks) * chunk;
-  const int64_t c1 = min(a.cols, c0 + chunk);
+  const RowTask tk(group, chunk, chunks, a.rows, a.cols);
+  if (!tk.active) return;  // no barrier below
+  const int64_t r = tk.r;
   const A g_logdet = to_acc(static_cast<const T*>(a.grad_logdet)[r]);
 #pragma unroll 4
-  for (int64_t col = c0 + lane; col < c1; col += group) {
+  for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
     const int64_t i = r * a.cols + col;
     A s, ds = A(1);
     if constexpr (CLAMP) {
@@ -130,11 +109,7 @@ const char* affine_forward(const AffineArgs& a, void* stream) {
         });
       });
     });
-    if (g.chunks > 1) {
-      finish_rows_kernel<T><<<static_cast<unsigned>((a.rows * 32 + kThreads - 1) / kThreads), kThreads, 0, s>>>(
-          static_cast<const typename AccOf<T>::type*>(a.workspace), a.rows, g.chunks, a.inverse ? -1.0 : 1.0,
-          static_cast<T*>(a.logdet));
-    }
+    finish_rows<T>(g, a.rows, a.workspace, a.inverse ? -1.0 : 1.0, a.logdet, s);
   });
 }
 

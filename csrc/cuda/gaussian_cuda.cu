@@ -19,17 +19,13 @@ __global__ void __launch_bounds__(kThreads)
   const T* __restrict__ plv = static_cast<const T*>(a.prior_logvar);
   T* __restrict__ z = static_cast<T*>(a.z);
 
-  const int lane = threadIdx.x & (group - 1);
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
-  const bool active = task < a.rows * chunks;
-  const int64_t r = active ? task / chunks : 0;
+  const RowTask tk(group, chunk, chunks, a.rows, a.cols);
+  const int64_t r = tk.r;
   A acc = 0;
-  if (active) {
-    const int64_t c0 = (task % chunks) * chunk;
-    const int64_t c1 = min(a.cols, c0 + chunk);
+  if (tk.active) {
     const uint64_t seed = SAMPLE ? static_cast<uint64_t>(*a.seed) : 0;
 #pragma unroll 4
-    for (int64_t c = c0 + lane; c < c1; c += group) {
+    for (int64_t c = tk.c0 + tk.lane; c < tk.c1; c += group) {
       const int64_t i = r * a.cols + c;
       const A m = to_acc(mu[i]), l = to_acc(lv[i]);
       if constexpr (SAMPLE) {
@@ -39,23 +35,14 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (KL) {
         if constexpr (PRIOR) {
           acc += kl2_prior(m, l, to_acc(pmu[r * a.pmu_stride_row + c * a.pmu_stride_col]),
-                           to_acc(plv[r * a.plv_stride_row + c * a.plv_stride_col]));
+                           to_acc(plv[r * a.plv_stride_row + c * a.plv_stride_col]), FExp{});
         } else {
-          acc += kl2_standard(m, l);
+          acc += kl2_standard(m, l, FExp{});
         }
       }
     }
   }
-  if constexpr (KL) {
-    acc = group_sum(acc, group);
-    if (active && lane == 0) {
-      if (chunks == 1) {
-        static_cast<T*>(a.kl)[r] = from_acc<T>(A(0.5) * acc);
-      } else {
-        static_cast<A*>(a.workspace)[task] = acc;
-      }
-    }
-  }
+  if constexpr (KL) store_row_sum<T>(acc, tk, group, chunks, A(0.5), a.kl, a.workspace);
 }
 
 template <typename T, bool GZ, bool GKL, bool PRIOR, bool WRITE_GMU>
@@ -72,16 +59,13 @@ __global__ void __launch_bounds__(kThreads)
   T* __restrict__ gpmu = static_cast<T*>(a.grad_prior_mu);
   T* __restrict__ gplv = static_cast<T*>(a.grad_prior_logvar);
 
-  const int lane = threadIdx.x & (group - 1);
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
-  if (task >= a.rows * chunks) return;  // no barrier below: early exit is safe
-  const int64_t r = task / chunks;
-  const int64_t c0 = (task % chunks) * chunk;
-  const int64_t c1 = min(a.cols, c0 + chunk);
+  const RowTask tk(group, chunk, chunks, a.rows, a.cols);
+  if (!tk.active) return;  // no barrier below: early exit is safe
+  const int64_t r = tk.r;
   const uint64_t seed = GZ ? static_cast<uint64_t>(*a.seed) : 0;
   const A gk = GKL ? to_acc(static_cast<const T*>(a.grad_kl)[r]) : A(0);
 #pragma unroll 4
-  for (int64_t c = c0 + lane; c < c1; c += group) {
+  for (int64_t c = tk.c0 + tk.lane; c < tk.c1; c += group) {
     const int64_t i = r * a.cols + c;
     const A l = to_acc(lv[i]);
     A g_mu = 0, g_lv = 0;
@@ -132,12 +116,7 @@ const char* gaussian_forward(const GaussianFwdArgs& a, void* stream) {
         });
       });
     });
-    if (a.kl != nullptr && g.chunks > 1) {
-      const int64_t blocks = (a.rows * 32 + kThreads - 1) / kThreads;
-      finish_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
-          static_cast<const typename AccOf<T>::type*>(a.workspace), a.rows, g.chunks, 0.5,
-          static_cast<T*>(a.kl));
-    }
+    if (a.kl != nullptr) finish_rows<T>(g, a.rows, a.workspace, 0.5, a.kl, s);
   });
 }
 

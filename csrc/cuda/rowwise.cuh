@@ -107,6 +107,45 @@ __global__ void __launch_bounds__(kThreads)
   if (r < rows && lane == 0) out[r] = from_acc<T>(static_cast<A>(scale) * s);
 }
 
+// The device exp as a functor, for the shared math that takes the backend's exp.
+struct FExp {
+  template <typename A>
+  __device__ A operator()(A v) const {
+    return fexp(v);
+  }
+};
+
+// This thread's place in the task grid: its lane in the group, the task's row and columns.
+struct RowTask {
+  int lane;
+  int64_t task, r, c0, c1;
+  bool active;  // false for the threads past the last task (they still join reductions)
+  __device__ RowTask(int group, int64_t chunk, int64_t chunks, int64_t rows, int64_t cols) {
+    lane = threadIdx.x & (group - 1);
+    task = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+    active = task < rows * chunks;
+    r = active ? task / chunks : 0;
+    c0 = active ? (task % chunks) * chunk : 0;
+    c1 = active ? min(cols, c0 + chunk) : 0;
+  }
+};
+
+// Sums a per-thread value over the task's group and stores scale * sum as the row's result
+// (one chunk per row) or the unscaled chunk partial for finish_rows_kernel. Every thread of
+// the block must call it.
+template <typename T, typename A>
+__device__ __forceinline__ void store_row_sum(A acc, const RowTask& t, int group, int64_t chunks, A scale, void* out,
+                                              void* workspace) {
+  acc = group_sum(acc, group);
+  if (t.active && t.lane == 0) {
+    if (chunks == 1) {
+      static_cast<T*>(out)[t.r] = from_acc<T>(scale * acc);
+    } else {
+      static_cast<A*>(workspace)[t.task] = acc;
+    }
+  }
+}
+
 // Bytes of per-chunk partial sums a reducing launch needs (0 when one chunk per row).
 inline size_t partials_bytes(int64_t rows, int64_t cols, DType dt) {
   const Geometry g = geometry(rows, cols);
@@ -114,8 +153,15 @@ inline size_t partials_bytes(int64_t rows, int64_t cols, DType dt) {
   return static_cast<size_t>(rows * g.chunks) * (dt == DType::kFloat64 ? sizeof(double) : sizeof(float));
 }
 
-inline void launch_finish_rows(DType dt, const void* partial, int64_t rows, int64_t chunks, double scale, void* out,
-                               cudaStream_t s);
+// After a reducing launch: add up the chunk partials (when there were several chunks).
+template <typename T>
+inline void finish_rows(const Geometry& g, int64_t rows, const void* workspace, double scale, void* out,
+                        cudaStream_t s) {
+  if (g.chunks <= 1) return;
+  const int64_t blocks = (rows * 32 + kThreads - 1) / kThreads;
+  finish_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+      static_cast<const typename AccOf<T>::type*>(workspace), rows, g.chunks, scale, static_cast<T*>(out));
+}
 
 template <typename F>
 const char* with_dtype(DType dt, F&& f) {
@@ -128,16 +174,6 @@ const char* with_dtype(DType dt, F&& f) {
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-inline void launch_finish_rows(DType dt, const void* partial, int64_t rows, int64_t chunks, double scale, void* out,
-                               cudaStream_t s) {
-  const int64_t blocks = (rows * 32 + kThreads - 1) / kThreads;
-  with_dtype(dt, [&](auto t) {
-    using T = decltype(t);
-    finish_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
-        static_cast<const typename AccOf<T>::type*>(partial), rows, chunks, scale, static_cast<T*>(out));
-  });
 }
 
 }  // namespace

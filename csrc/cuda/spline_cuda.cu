@@ -16,29 +16,17 @@ __global__ void __launch_bounds__(kThreads) spline_forward_kernel(SplineArgs a, 
   const T* d = static_cast<const T*>(a.derivatives);
   T* __restrict y = static_cast<T*>(a.y);
   const int64_t K = a.bins;
-  const int lane = threadIdx.x & (group - 1);
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
-  const bool active = task < a.rows * chunks;
-  const int64_t r = active ? task / chunks : 0;
+  const RowTask tk(group, chunk, chunks, a.rows, a.cols);
   A acc = 0;
-  if (active) {
-    const int64_t c0 = (task % chunks) * chunk;
-    const int64_t c1 = min(a.cols, c0 + chunk);
-    for (int64_t col = c0 + lane; col < c1; col += group) {
-      const int64_t i = r * a.cols + col;
+  if (tk.active) {
+    for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
+      const int64_t i = tk.r * a.cols + col;
       A out;
       acc += spline_element<A>(a, to_acc(x[i]), w + i * K, h + i * K, d + i * (K - 1), out);
       y[i] = from_acc<T>(out);
     }
   }
-  acc = group_sum(acc, group);
-  if (active && lane == 0) {
-    if (chunks == 1) {
-      static_cast<T*>(a.logdet)[r] = from_acc<T>(acc);
-    } else {
-      static_cast<A*>(a.workspace)[task] = acc;
-    }
-  }
+  store_row_sum<T>(acc, tk, group, chunks, A(1), a.logdet, a.workspace);
 }
 
 template <typename T>
@@ -69,10 +57,7 @@ const char* spline_forward(const SplineArgs& a, void* stream) {
   return with_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
     spline_forward_kernel<T><<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
-    if (g.chunks > 1) {
-      finish_rows_kernel<T><<<static_cast<unsigned>((a.rows * 32 + kThreads - 1) / kThreads), kThreads, 0, s>>>(
-          static_cast<const typename AccOf<T>::type*>(a.workspace), a.rows, g.chunks, 1.0, static_cast<T*>(a.logdet));
-    }
+    finish_rows<T>(g, a.rows, a.workspace, 1.0, a.logdet, s);
   });
 }
 

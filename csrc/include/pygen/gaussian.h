@@ -50,14 +50,15 @@ PYGEN_HD float fexp(float x) { return expf(x); }
 PYGEN_HD double fexp(double x) { return ::exp(x); }
 
 // KL(N(mu, e^lv) || N(pmu, e^plv)) per element, times 2 (the 0.5 is applied once per row).
-template <typename T>
-PYGEN_HD T kl2_standard(T mu, T lv) {
-  return fexp(lv) + mu * mu - T(1) - lv;
+// exp_fn: the backend's exp (the CPU passes its vectorisable one).
+template <typename T, typename Exp>
+PYGEN_HD T kl2_standard(T mu, T lv, Exp exp_fn) {
+  return exp_fn(lv) + mu * mu - T(1) - lv;
 }
-template <typename T>
-PYGEN_HD T kl2_prior(T mu, T lv, T pmu, T plv) {
+template <typename T, typename Exp>
+PYGEN_HD T kl2_prior(T mu, T lv, T pmu, T plv, Exp exp_fn) {
   const T d = mu - pmu;
-  return fexp(lv - plv) + d * d * fexp(-plv) - T(1) - lv + plv;
+  return exp_fn(lv - plv) + d * d * exp_fn(-plv) - T(1) - lv + plv;
 }
 
 }  // namespace pygen
