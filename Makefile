@@ -13,7 +13,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup build test demo cuda-check bench clean
+.PHONY: setup build test demo cuda-check isa-check bench clean
 
 setup: $(VENV)/.deps
 
@@ -32,6 +32,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 test: build
 	$(BIN)/python -m pytest -q tests
 	PYGEN_BENCH_QUICK=1 $(BIN)/python -m pytest -q benchmarks --benchmark-disable
+	@$(MAKE) --no-print-directory isa-check
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; \
 	else echo "nvcc not found: skipping the CUDA compile check"; fi
 
@@ -54,6 +55,18 @@ cuda-check: setup
 	  print(' '.join('-isystem ' + p for p in c.include_paths() + [pybind11.get_include(), sysconfig.get_paths()['include']]))") \
 	  csrc/ops.cpp
 	@echo "cuda-check: all CUDA sources and the CUDA binding compile"
+
+# The CPU kernels are compiled once per ISA and linked together: any inline function with
+# external linkage (a weak symbol) would be merged across the builds, so baseline code
+# could run an AVX-512 copy. Check that the widest build defines none.
+CPU_KERNELS := $(shell sed -n 's/.*set(PYGEN_CPU_KERNELS \(.*\))/\1/p' CMakeLists.txt)
+isa-check:
+	@set -e; tmp=$$(mktemp -d); for f in $(CPU_KERNELS); do \
+	  $(CXX) -std=c++17 -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -mavx512f -mavx512dq \
+	    -Icsrc -Icsrc/cpu -Icsrc/include -DPYGEN_CPU_ISA=avx512 -c $$f -o $$tmp/k.o; \
+	  weak=$$(nm -C $$tmp/k.o | grep -E ' [WV] ' | grep -v __gxx_personality || true); \
+	  if [ -n "$$weak" ]; then echo "isa-check: $$f defines weak symbols:"; echo "$$weak"; exit 1; fi; \
+	done; rm -rf $$tmp; echo "isa-check: per-ISA CPU kernels define no shared (weak) symbols"
 
 bench: build
 	$(BIN)/python -m pytest benchmarks/bench_gaussian.py --benchmark-group-by=group \
