@@ -241,11 +241,19 @@ def _spline_tiles(rows: int, cols: int, k: int):
     return kp, block_r, block_c, chunks, (triton.cdiv(rows, block_r), chunks)
 
 
+_CONSTS: dict[tuple, torch.Tensor] = {}
+
+
 def _consts(x, tail_bound, min_bin_width, min_bin_height, min_derivative) -> torch.Tensor:
-    bd = min_derivative + math.log1p(math.expm1(1.0 - min_derivative))  # boundary derivative (= 1)
+    """The constants as a device tensor, cached: no host-to-device copy per call."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    vals = [tail_bound, min_bin_width, min_bin_height, min_derivative, bd]
-    return torch.tensor(vals, dtype=dtype).to(x.device, non_blocking=True)
+    key = (x.device, dtype, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    t = _CONSTS.get(key)
+    if t is None:
+        bd = min_derivative + math.log1p(math.expm1(1.0 - min_derivative))  # boundary derivative (= 1)
+        vals = [tail_bound, min_bin_width, min_bin_height, min_derivative, bd]
+        t = _CONSTS[key] = torch.tensor(vals, dtype=dtype, device=x.device)
+    return t
 
 
 def spline_forward(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width, min_bin_height,
