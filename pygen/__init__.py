@@ -5,8 +5,8 @@
 >>> z, kl = pygen.ops.reparameterize_kl(mu, logvar)
 """
 
-from pygen import flows, nn, ops
+from pygen import diffusion, flows, nn, ops
 from pygen._backend import available_backends, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "flows", "available_backends", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "flows", "diffusion", "available_backends", "use_backend", "__version__"]

@@ -1,0 +1,65 @@
+"""Diffusion sampling: noise schedules, reference sampler steps and diffusers-compatible schedulers.
+
+- :mod:`pygen.diffusion.schedules`: beta schedules, alphas_cumprod, timestep spacing, sigmas,
+  Karras sigmas.
+- :mod:`pygen.diffusion.steps`: pure-torch reference steps (``ddpm_step_ref``, ``ddim_step_ref``,
+  ``euler_step_ref``, ``euler_ancestral_step_ref``, ``dpmpp_2m_step_ref``), the references the
+  fused kernels are tested against.
+- :mod:`pygen.diffusion.schedulers`: ``DDPMScheduler``, ``DDIMScheduler``,
+  ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``,
+  ``DPMSolverMultistepScheduler`` with diffusers' constructor keywords and loop protocol.
+"""
+
+from pygen.diffusion.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
+from pygen.diffusion.schedules import (
+    alphas_cumprod_from_betas,
+    cosine_betas,
+    final_alpha_cumprod,
+    karras_sigmas,
+    make_betas,
+    rescale_zero_terminal_snr,
+    sigma_to_t,
+    sigmas_from_alphas_cumprod,
+    spaced_timesteps,
+)
+from pygen.diffusion.steps import (
+    ddim_step_ref,
+    ddpm_step_ref,
+    dpmpp_2m_step_ref,
+    euler_ancestral_step_ref,
+    euler_step_ref,
+    gather,
+)
+
+__all__ = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "make_betas",
+    "cosine_betas",
+    "rescale_zero_terminal_snr",
+    "alphas_cumprod_from_betas",
+    "final_alpha_cumprod",
+    "spaced_timesteps",
+    "sigmas_from_alphas_cumprod",
+    "karras_sigmas",
+    "sigma_to_t",
+    "gather",
+    "ddpm_step_ref",
+    "ddim_step_ref",
+    "euler_step_ref",
+    "euler_ancestral_step_ref",
+    "dpmpp_2m_step_ref",
+]
