@@ -19,6 +19,7 @@
 
 #include "cpu/cpu_kernels.h"
 #include "cuda/coupling_cuda.h"
+#include "cuda/diffusion_cuda.h"
 #include "cuda/gaussian_cuda.h"
 #include "cuda/spline_cuda.h"
 #include "pygen/philox.h"
@@ -131,6 +132,7 @@ size_t affine_forward_workspace_bytes(const AffineArgs&) { return 0; }
 const char* spline_forward(const SplineArgs&, void*) { return "no CUDA"; }
 const char* spline_backward(const SplineArgs&, void*) { return "no CUDA"; }
 size_t spline_forward_workspace_bytes(const SplineArgs&) { return 0; }
+const char* alpha_step(const StepArgs&, void*) { return "no CUDA"; }
 }  // namespace cuda
 #endif
 
@@ -457,6 +459,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rq_spline_backward(
   return {gx, gw, gh, gd};
 }
 
+// ---- diffusion sampler steps ------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& sample, const Tensor& alphas_cumprod,
+                                      const Tensor& t, const Tensor& prev_t, double final_alpha_cumprod, int64_t kind,
+                                      int64_t prediction, double eta, double clip_range, bool clipped_eps,
+                                      const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
+                                      int64_t offset) {
+  check_float(sample, "sample");
+  check_like(model_output, sample, "model_output");
+  const Rows rc = rows_of(sample);
+  TORCH_CHECK(kind >= 0 && kind <= 2 && prediction >= 0 && prediction <= 2, "pygen: bad step kind or prediction");
+  TORCH_CHECK(alphas_cumprod.dim() == 1 && alphas_cumprod.device() == sample.device() &&
+                  (alphas_cumprod.scalar_type() == at::kFloat || alphas_cumprod.scalar_type() == at::kDouble),
+              "pygen: alphas_cumprod must be a 1-D float32/float64 tensor on ", sample.device());
+  for (const Tensor* v : {&t, &prev_t}) {
+    TORCH_CHECK(v->scalar_type() == at::kLong && v->dim() == 1 && v->size(0) == rc.rows && v->device() == sample.device(),
+                "pygen: t and prev_t must be int64 tensors of shape (", rc.rows, ",) on ", sample.device());
+  }
+  if (noise.has_value()) check_like(*noise, sample, "noise");
+  if (seed.has_value()) check_seed(*seed, sample);
+  const Tensor mo = model_output.contiguous(), x = sample.contiguous(), table = alphas_cumprod.contiguous();
+  const Tensor tc = t.contiguous(), tpc = prev_t.contiguous();
+  const Tensor nz = noise.has_value() ? noise->contiguous() : Tensor();
+  const Tensor sd = seed.has_value() ? seed->contiguous() : Tensor();
+  Tensor prev = new_output(x.sizes(), x), x0 = new_output(x.sizes(), x);
+  StepArgs a;
+  a.rows = rc.rows;
+  a.cols = rc.cols;
+  a.dtype = dtype_of(x);
+  a.kind = static_cast<StepKind>(kind);
+  a.prediction = static_cast<Prediction>(prediction);
+  a.eta = eta;
+  a.clip_range = clip_range;
+  a.clipped_eps = clipped_eps;
+  a.model_output = mo.const_data_ptr();
+  a.sample = x.const_data_ptr();
+  a.alphas_cumprod = table.const_data_ptr();
+  a.table_f64 = table.scalar_type() == at::kDouble;
+  a.num_timesteps = table.size(0);
+  a.final_alpha_cumprod = final_alpha_cumprod;
+  a.t = tc.const_data_ptr<int64_t>();
+  a.prev_t = tpc.const_data_ptr<int64_t>();
+  a.noise = nz.defined() ? nz.const_data_ptr() : nullptr;
+  a.seed = sd.defined() ? sd.const_data_ptr<int64_t>() : nullptr;
+  a.offset = static_cast<uint64_t>(offset);
+  a.prev_sample = prev.data_ptr();
+  a.pred_original = x0.data_ptr();
+  if (rc.rows * rc.cols > 0) launch(x, a, &cpu::alpha_step, &cuda::alpha_step);
+  return {prev, x0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pygen, m) {
@@ -483,6 +536,10 @@ TORCH_LIBRARY(pygen, m) {
       "rq_spline_backward(Tensor grad_y, Tensor grad_logdet, Tensor x, Tensor widths, Tensor heights, "
       "Tensor derivatives, bool inverse, float tail_bound, float min_bin_width, float min_bin_height, "
       "float min_derivative) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "alpha_step(Tensor model_output, Tensor sample, Tensor alphas_cumprod, Tensor t, Tensor prev_t, "
+      "float final_alpha_cumprod, int kind, int prediction, float eta, float clip_range, bool clipped_eps, "
+      "Tensor? noise, Tensor? seed, int offset) -> (Tensor, Tensor)");
 }
 
 #define PYGEN_REGISTER_IMPLS(m)                                      \
@@ -495,7 +552,8 @@ TORCH_LIBRARY(pygen, m) {
   m.impl("affine_coupling", &affine_coupling);                       \
   m.impl("affine_coupling_backward", &affine_coupling_backward);     \
   m.impl("rq_spline", &rq_spline);                                   \
-  m.impl("rq_spline_backward", &rq_spline_backward);
+  m.impl("rq_spline_backward", &rq_spline_backward);                 \
+  m.impl("alpha_step", &alpha_step);
 
 TORCH_LIBRARY_IMPL(pygen, CPU, m) { PYGEN_REGISTER_IMPLS(m) }
 #ifdef PYGEN_WITH_CUDA

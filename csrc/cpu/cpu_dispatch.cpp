@@ -66,6 +66,7 @@ void affine_forward(const AffineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISP
 void affine_backward(const AffineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(affine_backward, a, pf) }
 void spline_forward(const SplineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(spline_forward, a, pf) }
 void spline_backward(const SplineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(spline_backward, a, pf) }
+void alpha_step(const StepArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(alpha_step, a, pf) }
 
 std::string isa() {
   static const char* names[] = {"baseline", "avx2", "avx512"};

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "pygen/coupling.h"
+#include "pygen/diffusion.h"
 #include "pygen/gaussian.h"
 #include "pygen/rq_spline.h"
 
@@ -24,6 +25,7 @@ using ParallelFor =
   void affine_backward(const AffineArgs& a, const ParallelFor& pf);        \
   void spline_forward(const SplineArgs& a, const ParallelFor& pf);         \
   void spline_backward(const SplineArgs& a, const ParallelFor& pf);        \
+  void alpha_step(const StepArgs& a, const ParallelFor& pf);               \
   }
 PYGEN_DECLARE_CPU_ISA(baseline)
 PYGEN_DECLARE_CPU_ISA(avx2)
@@ -37,6 +39,7 @@ void affine_forward(const AffineArgs& a, const ParallelFor& pf);
 void affine_backward(const AffineArgs& a, const ParallelFor& pf);
 void spline_forward(const SplineArgs& a, const ParallelFor& pf);
 void spline_backward(const SplineArgs& a, const ParallelFor& pf);
+void alpha_step(const StepArgs& a, const ParallelFor& pf);
 
 // "baseline", "avx2" or "avx512"; set_isa returns false when the CPU lacks it.
 std::string isa();

@@ -1,6 +1,7 @@
 """pygen's fused ops. Each has a pure-torch reference ``<op>_ref`` beside it."""
 
 from pygen.ops.coupling import affine_coupling, affine_coupling_ref, rq_spline, rq_spline_ref
+from pygen.ops.diffusion import ddim_step, ddpm_step
 from pygen.ops.gaussian import (
     gaussian_kl,
     gaussian_kl_ref,
@@ -16,4 +17,6 @@ __all__ = [
     "affine_coupling_ref",
     "rq_spline",
     "rq_spline_ref",
+    "ddim_step",
+    "ddpm_step",
     "reparameterize", "gaussian_kl", "reparameterize_kl", "reparameterize_ref", "gaussian_kl_ref"]

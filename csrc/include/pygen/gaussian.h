@@ -48,6 +48,10 @@ struct GaussianBwdArgs {
 
 PYGEN_HD float fexp(float x) { return expf(x); }
 PYGEN_HD double fexp(double x) { return ::exp(x); }
+PYGEN_HD float flog(float x) { return logf(x); }
+PYGEN_HD double flog(double x) { return ::log(x); }
+PYGEN_HD float fsqrt(float x) { return sqrtf(x); }
+PYGEN_HD double fsqrt(double x) { return ::sqrt(x); }
 
 // KL(N(mu, e^lv) || N(pmu, e^plv)) per element, times 2 (the 0.5 is applied once per row).
 // exp_fn: the backend's exp (the CPU passes its vectorisable one).

@@ -40,11 +40,6 @@ struct SplineArgs {
   void* grad_derivatives = nullptr;
 };
 
-PYGEN_HD float flog(float x) { return logf(x); }
-PYGEN_HD double flog(double x) { return ::log(x); }
-PYGEN_HD float fsqrt(float x) { return sqrtf(x); }
-PYGEN_HD double fsqrt(double x) { return ::sqrt(x); }
-
 template <typename A>
 PYGEN_HD A softplus(A v) {  // log(1 + e^v) without overflow
   return v > A(20) ? v : flog(A(1) + fexp(v));

@@ -1,0 +1,52 @@
+// CPU kernel for the alpha-space sampler steps (DDPM, DDIM): pygen/diffusion.h's math,
+// coefficients per sample from the schedule table, noise drawn in-kernel (or given).
+// Compiled once per ISA like the other CPU kernels.
+#include "cpu_kernels.h"
+#include "noise.h"
+#include "pygen/diffusion.h"
+#include "rowwise.h"
+
+#ifndef PYGEN_CPU_ISA
+#define PYGEN_CPU_ISA baseline
+#endif
+
+namespace pygen::cpu::PYGEN_CPU_ISA {
+namespace {
+
+template <typename T>
+void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
+  const int64_t cols = a.cols;
+  const T* mo = static_cast<const T*>(a.model_output);
+  const T* x = static_cast<const T*>(a.sample);
+  const T* given = static_cast<const T*>(a.noise);
+  T* prev = static_cast<T*>(a.prev_sample);
+  T* x0_out = static_cast<T*>(a.pred_original);
+  const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
+
+  for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
+    alignas(64) float eps[kBlock];
+    const StepCoeffs<T> c = step_coeffs<T>(a, r);
+    const bool draw = given == nullptr && a.seed != nullptr && c.c_noise != T(0);
+    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const int64_t n = b0 + kBlock < c1 ? kBlock : c1 - b0;
+      const int64_t i0 = r * cols + b0;
+      if (draw) fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = i0 + j;
+        const T z = given != nullptr ? given[i] : (draw ? static_cast<T>(eps[j]) : T(0));
+        T x0;
+        prev[i] = step_element<T>(a, c, mo[i], x[i], z, x0);
+        if (x0_out != nullptr) x0_out[i] = x0;
+      }
+    }
+    return T(0);
+  });
+}
+
+}  // namespace
+
+void alpha_step(const StepArgs& a, const ParallelFor& pf) {
+  a.dtype == DType::kFloat64 ? step_kernel<double>(a, pf) : step_kernel<float>(a, pf);
+}
+
+}  // namespace pygen::cpu::PYGEN_CPU_ISA

@@ -1,0 +1,102 @@
+"""Triton kernel for the alpha-space sampler steps (DDPM, DDIM): the formulas of
+csrc/include/pygen/diffusion.h, per-sample coefficients gathered from the schedule table
+inside the kernel, Philox noise drawn in-kernel (or read when given)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rowwise import empty, load_acc, rows_cols, tiles
+from .philox import randn_at
+
+
+@triton.jit
+def _sqrt0(x):
+    return tl.sqrt(tl.maximum(x, 0.0))
+
+
+@triton.jit
+def _alpha_step_kernel(
+    mo_ptr, x_ptr, table_ptr, t_ptr, tp_ptr, noise_ptr, seed_ptr, prev_ptr, x0_ptr,
+    rows, cols, offset, final_ab, eta, clip,
+    KIND: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr,
+    GIVEN: tl.constexpr, DRAW: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = r1 < rows
+    t = tl.load(t_ptr + r1, mask=rmask, other=0)
+    tp = tl.load(tp_ptr + r1, mask=rmask, other=0)
+    ab = load_acc(table_ptr, t, rmask, ACC_F64)
+    ab_prev = tl.where(tp < 0, final_ab, load_acc(table_ptr, tl.maximum(tp, 0), rmask, ACC_F64))
+    sa = _sqrt0(ab)
+    sb = _sqrt0(1.0 - ab)
+    if KIND == 0:  # DDIM
+        s = eta * _sqrt0((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+        c_x0 = _sqrt0(ab_prev)
+        c_eps = _sqrt0(1.0 - ab_prev - s * s)
+        c_x = s * 0.0
+        c_noise = s
+    else:  # DDPM, fixed_small (1) or fixed_large (2)
+        alpha = ab / ab_prev
+        beta = 1.0 - alpha
+        c_x0 = _sqrt0(ab_prev) * beta / (1.0 - ab)
+        c_eps = beta * 0.0
+        c_x = _sqrt0(alpha) * (1.0 - ab_prev) / (1.0 - ab)
+        if KIND == 1:
+            var = tl.maximum((1.0 - ab_prev) / (1.0 - ab) * beta, 1e-20)
+        else:
+            var = beta
+        c_noise = tl.where(t > 0, _sqrt0(var), 0.0)
+    r = r1[:, None]
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    inb = (r < rows) & (c < cols)
+    idx = r * cols + c
+    mo = load_acc(mo_ptr, idx, inb, ACC_F64)
+    x = load_acc(x_ptr, idx, inb, ACC_F64)
+    sa2, sb2 = sa[:, None], sb[:, None]
+    if PRED == 0:
+        eps = mo
+        x0 = (x - sb2 * eps) / sa2
+    elif PRED == 1:
+        x0 = mo
+        eps = (x - sa2 * x0) / sb2
+    else:
+        x0 = sa2 * x - sb2 * mo
+        eps = sa2 * mo + sb2 * x
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        if CLIPPED_EPS:
+            eps = (x - sa2 * x0) / sb2
+    prev = c_x0[:, None] * x0 + c_eps[:, None] * eps + c_x[:, None] * x
+    if GIVEN:
+        prev += c_noise[:, None] * load_acc(noise_ptr, idx, inb, ACC_F64)
+    if DRAW:
+        z = randn_at(tl.load(seed_ptr), offset + idx).to(prev.dtype)
+        prev += c_noise[:, None] * z
+    tl.store(prev_ptr + idx, prev.to(prev_ptr.dtype.element_ty), mask=inb)
+    tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=inb)
+
+
+def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cumprod, kind, prediction, eta,
+               clip_range, clipped_eps, noise, seed, offset) -> tuple[torch.Tensor, torch.Tensor]:
+    mo, x = model_output.contiguous(), sample.contiguous()
+    rows, cols = rows_cols(x)
+    prev, x0 = empty(x.shape, x), empty(x.shape, x)
+    if rows * cols == 0:
+        return prev, x0
+    block_r, block_c, _, grid = tiles(rows, cols)
+    acc64 = x.dtype == torch.float64
+    table = alphas_cumprod.to(torch.float64 if acc64 else torch.float32).contiguous()
+    _alpha_step_kernel[grid](
+        mo, x, table, t.contiguous(), prev_t.contiguous(), noise if noise is not None else x,
+        seed if seed is not None else t, prev, x0, rows, cols, offset, float(final_alpha_cumprod), float(eta),
+        float(clip_range), KIND=kind, PRED=prediction, CLIP=clip_range > 0, CLIPPED_EPS=clipped_eps,
+        GIVEN=noise is not None, DRAW=noise is None and seed is not None, ACC_F64=acc64,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return prev, x0

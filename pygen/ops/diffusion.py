@@ -1,0 +1,173 @@
+"""Fused diffusion sampler steps in alpha space: DDIM and DDPM (ancestral).
+
+One kernel pass per step over a whole batch in which every sample may sit at its own
+timestep: the coefficients are gathered from the schedule table on the device, the
+noise is drawn in-kernel from pygen's Philox stream (or passed in), and the step writes
+``prev_sample`` and ``pred_original_sample`` only. References: ``ddim_step_ref`` /
+``ddpm_step_ref`` in :mod:`pygen.diffusion.steps` (the tests compare against them).
+
+Shapes: model_output and sample (B, ...); t and prev_t ints or (B,) int64 tensors;
+alphas_cumprod (T,) float32/float64 on the sample's device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pygen import _backend, _ext, _rng
+from pygen.ops._checks import check_like, check_tensor
+
+__all__ = ["ddim_step", "ddpm_step"]
+
+_PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+_KIND = {"ddim": 0, "fixed_small": 1, "fixed_large": 2}
+
+_STEP_OPS: dict = {}
+if _ext.HAS_CPP:
+
+    @torch.library.register_fake("pygen::alpha_step")
+    def _(model_output, sample, *args):
+        return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
+
+    _STEP_OPS["cpp"] = _STEP_OPS["cuda"] = torch.ops.pygen.alpha_step
+
+if "triton" in _backend.available_backends():
+    from pygen.kernels import diffusion as _tkd
+
+    @torch.library.custom_op("pygen::triton_alpha_step", mutates_args=())
+    def _triton_alpha_step(
+        model_output: Tensor, sample: Tensor, alphas_cumprod: Tensor, t: Tensor, prev_t: Tensor,
+        final_alpha_cumprod: float, kind: int, prediction: int, eta: float, clip_range: float, clipped_eps: bool,
+        noise: Tensor | None, seed: Tensor | None, offset: int,
+    ) -> tuple[Tensor, Tensor]:
+        return _tkd.alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cumprod, kind, prediction,
+                               eta, clip_range, clipped_eps, noise, seed, offset)
+
+    @torch.library.register_fake("pygen::triton_alpha_step")
+    def _(model_output, sample, *args):
+        return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
+
+    _STEP_OPS["triton"] = torch.ops.pygen.triton_alpha_step
+
+
+def _timesteps(t, name: str, sample: Tensor, num_timesteps: int, allow_final: bool) -> Tensor:
+    """t as a (B,) int64 tensor on the sample's device (ints are range-checked here;
+    tensors only on CPU, where the check needs no device sync)."""
+    b = sample.shape[0]
+    low = -1 if allow_final else 0
+    if isinstance(t, Tensor):
+        if t.dtype != torch.int64 or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != b):
+            raise TypeError(f"{name} must be an int or an int64 tensor of shape () or ({b},); "
+                            f"got {t.dtype} of shape {tuple(t.shape)}")
+        if t.device != sample.device:
+            raise ValueError(f"{name} is on {t.device} but sample is on {sample.device}")
+        if t.device.type == "cpu" and t.numel() and not bool(((t >= low) & (t < num_timesteps)).all()):
+            raise ValueError(f"{name} must be in [{low}, {num_timesteps}); got values {t.min().item()}..{t.max().item()}")
+        return t.expand(b).contiguous()
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
+    if not low <= t < num_timesteps:
+        raise ValueError(f"{name} must be in [{low}, {num_timesteps}), got {t}")
+    return torch.full((b,), t, dtype=torch.int64, device=sample.device)
+
+
+def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, eta, prediction_type,
+          clip_sample, clip_sample_range, clipped_eps, noise, generator, seed, offset, backend):
+    check_tensor(sample, "sample")
+    check_like(model_output, sample, "model_output", "sample")
+    if not isinstance(alphas_cumprod, Tensor) or alphas_cumprod.dim() != 1 or not alphas_cumprod.is_floating_point():
+        raise TypeError("alphas_cumprod must be a 1-D floating tensor (the schedule's cumulative alphas)")
+    if alphas_cumprod.device != sample.device:
+        raise ValueError(f"alphas_cumprod is on {alphas_cumprod.device} but sample is on {sample.device}")
+    if prediction_type not in _PREDICTION:
+        raise ValueError(f"prediction_type must be one of {list(_PREDICTION)}, got {prediction_type!r}")
+    n = alphas_cumprod.shape[0]
+    tt = _timesteps(t, "t", sample, n, allow_final=False)
+    tp = _timesteps(prev_t, "prev_t", sample, n, allow_final=True)
+    if noise is not None:
+        check_like(noise, sample, "noise", "sample")
+        seed_t = None
+    else:
+        seed_t = _rng.as_seed(seed, sample.device, generator)
+    offset = _rng.check_offset(offset)
+    name = _backend.resolve(backend, sample.device, sample.dtype)
+    op = _STEP_OPS.get(name)
+    if op is None and name != "torch" and _backend.requested(backend) != "auto":
+        raise RuntimeError(f"{kind} steps have no {name!r} kernel yet; use backend='torch' or 'auto'")
+    clip = float(clip_sample_range) if clip_sample else 0.0
+    if op is not None:
+        table = alphas_cumprod if alphas_cumprod.dtype in (torch.float32, torch.float64) else alphas_cumprod.float()
+        return op(model_output, sample, table, tt, tp, float(final_alpha_cumprod), _KIND[kind], _PREDICTION[prediction_type],
+                  float(eta), clip, bool(clipped_eps), noise, seed_t, offset)
+    # reference path: the same noise stream as the kernels
+    from pygen.diffusion import steps as R
+
+    ab = R.gather(alphas_cumprod, tt, sample.dim())
+    table_prev = torch.cat([alphas_cumprod, alphas_cumprod.new_tensor([final_alpha_cumprod])])
+    ab_prev = R.gather(table_prev, torch.where(tp < 0, n, tp), sample.dim())
+    z = noise if noise is not None else _rng.philox_normal(seed_t, offset, sample.shape).to(sample.dtype)
+    if kind == "ddim":
+        return R.ddim_step_ref(model_output, sample, ab, ab_prev, z, eta=eta, prediction_type=prediction_type,
+                               clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                               use_clipped_model_output=clipped_eps)
+    z = z * (tt > 0).to(z.dtype).reshape(-1, *([1] * (sample.dim() - 1)))  # no noise at t = 0
+    return R.ddpm_step_ref(model_output, sample, ab, ab_prev, z, prediction_type=prediction_type, variance_type=kind,
+                           clip_sample=clip_sample, clip_sample_range=clip_sample_range)
+
+
+def ddim_step(
+    model_output: Tensor,
+    sample: Tensor,
+    t: int | Tensor,
+    alphas_cumprod: Tensor,
+    prev_t: int | Tensor,
+    *,
+    final_alpha_cumprod: float = 1.0,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    use_clipped_model_output: bool = False,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | Tensor | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step (Song et al. 2021) from t to prev_t for every sample; see the module doc.
+
+    prev_t < 0 means the final step (ab_prev = final_alpha_cumprod, diffusers'
+    ``set_alpha_to_one``). ``eta = 0`` is deterministic. Returns (prev_sample, pred_original_sample).
+    """
+    return _step("ddim", model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, eta, prediction_type,
+                 clip_sample, clip_sample_range, use_clipped_model_output, noise, generator, seed, offset, backend)
+
+
+def ddpm_step(
+    model_output: Tensor,
+    sample: Tensor,
+    t: int | Tensor,
+    alphas_cumprod: Tensor,
+    prev_t: int | Tensor,
+    *,
+    variance_type: str = "fixed_small",
+    final_alpha_cumprod: float = 1.0,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | Tensor | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDPM ancestral step (Ho et al. 2020) from t to prev_t (strided schedules allowed).
+
+    variance_type "fixed_small" (posterior variance) or "fixed_large" (beta); no noise
+    where t == 0. Returns (prev_sample, pred_original_sample).
+    """
+    if variance_type not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large', got {variance_type!r}")
+    return _step(variance_type, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, 0.0,
+                 prediction_type, clip_sample, clip_sample_range, False, noise, generator, seed, offset, backend)
