@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pygen import ops
 from pygen.diffusion import schedules as S
 from pygen.diffusion import steps as R
 
@@ -83,6 +84,12 @@ def _noise(shape, like: Tensor, generator, noise: Tensor | None, name: str = "no
     from pygen.ops import randn
 
     return randn(*shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _fusable(model_output: Tensor, sample: Tensor, noise: Tensor | None) -> bool:
+    """Whether pygen.ops' fused step applies (one dtype for all; the reference casts)."""
+    same = model_output.dtype == sample.dtype and model_output.shape == sample.shape and sample.dim() >= 1
+    return same and (noise is None or (noise.dtype == sample.dtype and noise.shape == sample.shape))
 
 
 def _check_io(model_output, sample) -> None:
@@ -281,8 +288,17 @@ class DDPMScheduler(_Base):
         ac = self._on("alphas_cumprod", dev)
         prev = self._on("prev_timesteps", dev)[t]
         ab = R.gather(ac, t, nd)
+        given = noise if noise is not None else variance_noise
+        if _fusable(model_output, sample, given) and c.variance_type in ("fixed_small", "fixed_large"):
+            # the fused kernel (its noise is off where t == 0, as below)
+            prev_sample, x0 = ops.ddpm_step(
+                model_output, sample, t, ac, prev, variance_type=c.variance_type, final_alpha_cumprod=1.0,
+                prediction_type=c.prediction_type, clip_sample=c.clip_sample, clip_sample_range=c.clip_sample_range,
+                noise=given.to(sample.device) if given is not None else None, generator=generator,
+            )
+            return _out(prev_sample, x0, return_dict)
         ab_prev = _bcast(torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(ac[0])), nd)
-        eps = _noise(model_output.shape, model_output, generator, noise if noise is not None else variance_noise)
+        eps = _noise(model_output.shape, model_output, generator, given)
         eps = eps * _bcast((t > 0).to(eps.dtype), nd)  # no noise on the step to t = -1
         prev_sample, x0 = R.ddpm_step_ref(
             model_output, sample, ab, ab_prev, eps,
@@ -365,9 +381,21 @@ class DDIMScheduler(_Base):
         ab = R.gather(ac, t, nd)
         final = self._on("final_alpha_cumprod", dev)
         ab_prev = _bcast(torch.where(prev >= 0, ac[prev.clamp(min=0)], final), nd)
+        given = noise if noise is not None else variance_noise
+        if _fusable(model_output, sample, given):
+            # the fused kernel: coefficients gathered on the device, noise drawn in-kernel
+            prev_t = torch.where(prev >= 0, prev, torch.full_like(prev, -1))
+            prev_sample, x0 = ops.ddim_step(
+                model_output, sample, t, ac, prev_t, final_alpha_cumprod=float(self.final_alpha_cumprod),
+                eta=eta, prediction_type=c.prediction_type, clip_sample=c.clip_sample,
+                clip_sample_range=c.clip_sample_range, use_clipped_model_output=use_clipped_model_output,
+                noise=given.to(sample.device) if given is not None else None,
+                generator=generator if (given is None and eta > 0) else None,
+            )
+            return _out(prev_sample, x0, return_dict)
         eps = None
         if eta > 0:
-            eps = _noise(model_output.shape, model_output, generator, noise if noise is not None else variance_noise)
+            eps = _noise(model_output.shape, model_output, generator, given)
         prev_sample, x0 = R.ddim_step_ref(
             model_output, sample, ab, ab_prev, eps, eta=eta,
             prediction_type=c.prediction_type, clip_sample=c.clip_sample,
