@@ -133,6 +133,9 @@ const char* spline_forward(const SplineArgs&, void*) { return "no CUDA"; }
 const char* spline_backward(const SplineArgs&, void*) { return "no CUDA"; }
 size_t spline_forward_workspace_bytes(const SplineArgs&) { return 0; }
 const char* alpha_step(const StepArgs&, void*) { return "no CUDA"; }
+const char* q_sample(const LossArgs&, void*) { return "no CUDA"; }
+const char* diffusion_mse(const LossArgs&, void*) { return "no CUDA"; }
+size_t diffusion_mse_workspace_bytes(const LossArgs&) { return 0; }
 }  // namespace cuda
 #endif
 
@@ -510,6 +513,93 @@ std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& 
   return {prev, x0};
 }
 
+// ---- diffusion training: q_sample and the per-sample weighted MSE ----------------------
+
+Rows loss_args(const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t, const Tensor& seed, int64_t offset,
+               LossArgs& a) {
+  check_float(x0, "x0");
+  const Rows rc = rows_of(x0);
+  TORCH_CHECK(alphas_cumprod.dim() == 1 && alphas_cumprod.device() == x0.device() &&
+                  (alphas_cumprod.scalar_type() == at::kFloat || alphas_cumprod.scalar_type() == at::kDouble),
+              "pygen: alphas_cumprod must be a 1-D float32/float64 tensor on ", x0.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == rc.rows && t.device() == x0.device(),
+              "pygen: t must be an int64 tensor of shape (", rc.rows, ",) on ", x0.device());
+  check_seed(seed, x0);
+  TORCH_CHECK(offset >= 0, "pygen: offset must be >= 0");
+  a.rows = rc.rows;
+  a.cols = rc.cols;
+  a.dtype = dtype_of(x0);
+  a.table_f64 = alphas_cumprod.scalar_type() == at::kDouble;
+  a.offset = static_cast<uint64_t>(offset);
+  return rc;
+}
+
+Tensor q_sample(const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t, const Tensor& seed, int64_t offset) {
+  LossArgs a;
+  const Rows rc = loss_args(x0, alphas_cumprod, t, seed, offset, a);
+  const Tensor x = x0.contiguous(), table = alphas_cumprod.contiguous(), tc = t.contiguous(), sd = seed.contiguous();
+  Tensor xt = new_output(x.sizes(), x);
+  a.x0 = x.const_data_ptr();
+  a.alphas_cumprod = table.const_data_ptr();
+  a.t = tc.const_data_ptr<int64_t>();
+  a.seed = sd.const_data_ptr<int64_t>();
+  a.x_t = xt.data_ptr();
+  if (rc.rows * rc.cols > 0) launch(x, a, &cpu::q_sample, &cuda::q_sample);
+  return xt;
+}
+
+std::tuple<Tensor, Tensor> diffusion_mse_impl(const std::optional<Tensor>& grad_loss, const Tensor& model_output,
+                                              const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t,
+                                              const Tensor& seed, int64_t offset, int64_t prediction,
+                                              double snr_gamma) {
+  LossArgs a;
+  const Rows rc = loss_args(x0, alphas_cumprod, t, seed, offset, a);
+  check_like(model_output, x0, "model_output");
+  TORCH_CHECK(prediction >= 0 && prediction <= 2 && snr_gamma >= 0, "pygen: bad prediction type or snr_gamma");
+  a.prediction = static_cast<Prediction>(prediction);
+  a.snr_gamma = snr_gamma;
+  const Tensor x = x0.contiguous(), mo = model_output.contiguous(), table = alphas_cumprod.contiguous();
+  const Tensor tc = t.contiguous(), sd = seed.contiguous();
+  a.x0 = x.const_data_ptr();
+  a.model_output = mo.const_data_ptr();
+  a.alphas_cumprod = table.const_data_ptr();
+  a.t = tc.const_data_ptr<int64_t>();
+  a.seed = sd.const_data_ptr<int64_t>();
+  Tensor first, second, gl;
+  if (grad_loss.has_value()) {
+    gl = grad_loss->contiguous();
+    TORCH_CHECK(gl.numel() == rc.rows && gl.scalar_type() == x.scalar_type(), "pygen: grad_loss must have shape (",
+                rc.rows, ",) and dtype ", x.scalar_type());
+    first = new_output(x.sizes(), x);
+    second = new_output(x.sizes(), x);
+    a.grad_loss = gl.const_data_ptr();
+    a.grad_model_output = first.data_ptr();
+    a.grad_x0 = second.data_ptr();
+    if (rc.rows * rc.cols > 0) launch(x, a, &cpu::diffusion_mse, &cuda::diffusion_mse);
+  } else {
+    first = new_output({rc.rows}, x);
+    a.loss = first.data_ptr();
+    const bool cuda = !x.device().is_cpu();
+    if (rc.rows > 0) {
+      launch(x, a, &cpu::diffusion_mse, &cuda::diffusion_mse, cuda ? cuda::diffusion_mse_workspace_bytes(a) : 0);
+    }
+    second = new_output({0}, x);
+  }
+  return {first, second};
+}
+
+Tensor diffusion_mse(const Tensor& model_output, const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t,
+                     const Tensor& seed, int64_t offset, int64_t prediction, double snr_gamma) {
+  return std::get<0>(
+      diffusion_mse_impl(std::nullopt, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma));
+}
+
+std::tuple<Tensor, Tensor> diffusion_mse_backward(const Tensor& grad_loss, const Tensor& model_output, const Tensor& x0,
+                                                  const Tensor& alphas_cumprod, const Tensor& t, const Tensor& seed,
+                                                  int64_t offset, int64_t prediction, double snr_gamma) {
+  return diffusion_mse_impl(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pygen, m) {
@@ -540,6 +630,13 @@ TORCH_LIBRARY(pygen, m) {
       "alpha_step(Tensor model_output, Tensor sample, Tensor alphas_cumprod, Tensor t, Tensor prev_t, "
       "float final_alpha_cumprod, int kind, int prediction, float eta, float clip_range, bool clipped_eps, "
       "Tensor? noise, Tensor? seed, int offset) -> (Tensor, Tensor)");
+  m.def("q_sample(Tensor x0, Tensor alphas_cumprod, Tensor t, Tensor seed, int offset) -> Tensor");
+  m.def(
+      "diffusion_mse(Tensor model_output, Tensor x0, Tensor alphas_cumprod, Tensor t, Tensor seed, int offset, "
+      "int prediction, float snr_gamma) -> Tensor");
+  m.def(
+      "diffusion_mse_backward(Tensor grad_loss, Tensor model_output, Tensor x0, Tensor alphas_cumprod, Tensor t, "
+      "Tensor seed, int offset, int prediction, float snr_gamma) -> (Tensor, Tensor)");
 }
 
 #define PYGEN_REGISTER_IMPLS(m)                                      \
@@ -553,7 +650,10 @@ TORCH_LIBRARY(pygen, m) {
   m.impl("affine_coupling_backward", &affine_coupling_backward);     \
   m.impl("rq_spline", &rq_spline);                                   \
   m.impl("rq_spline_backward", &rq_spline_backward);                 \
-  m.impl("alpha_step", &alpha_step);
+  m.impl("alpha_step", &alpha_step);                                 \
+  m.impl("q_sample", &q_sample);                                     \
+  m.impl("diffusion_mse", &diffusion_mse);                           \
+  m.impl("diffusion_mse_backward", &diffusion_mse_backward);
 
 TORCH_LIBRARY_IMPL(pygen, CPU, m) { PYGEN_REGISTER_IMPLS(m) }
 #ifdef PYGEN_WITH_CUDA

@@ -26,6 +26,8 @@ using ParallelFor =
   void spline_forward(const SplineArgs& a, const ParallelFor& pf);         \
   void spline_backward(const SplineArgs& a, const ParallelFor& pf);        \
   void alpha_step(const StepArgs& a, const ParallelFor& pf);               \
+  void q_sample(const LossArgs& a, const ParallelFor& pf);                 \
+  void diffusion_mse(const LossArgs& a, const ParallelFor& pf);            \
   }
 PYGEN_DECLARE_CPU_ISA(baseline)
 PYGEN_DECLARE_CPU_ISA(avx2)
@@ -40,6 +42,8 @@ void affine_backward(const AffineArgs& a, const ParallelFor& pf);
 void spline_forward(const SplineArgs& a, const ParallelFor& pf);
 void spline_backward(const SplineArgs& a, const ParallelFor& pf);
 void alpha_step(const StepArgs& a, const ParallelFor& pf);
+void q_sample(const LossArgs& a, const ParallelFor& pf);
+void diffusion_mse(const LossArgs& a, const ParallelFor& pf);
 
 // "baseline", "avx2" or "avx512"; set_isa returns false when the CPU lacks it.
 std::string isa();

@@ -43,7 +43,72 @@ void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
   });
 }
 
+template <typename T>
+void q_sample_kernel(const LossArgs& a, const ParallelFor& parallel_for) {
+  const int64_t cols = a.cols;
+  const T* x0 = static_cast<const T*>(a.x0);
+  T* xt = static_cast<T*>(a.x_t);
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
+    alignas(64) float eps[kBlock];
+    const LossCoeffs<T> c = loss_coeffs<T>(a, r);
+    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const int64_t n = b0 + kBlock < c1 ? kBlock : c1 - b0;
+      const int64_t i0 = r * cols + b0;
+      fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
+      for (int64_t j = 0; j < n; ++j) xt[i0 + j] = c.sa * x0[i0 + j] + c.sb * static_cast<T>(eps[j]);
+    }
+    return T(0);
+  });
+}
+
+// Forward (loss != null): loss[r] = w mean((mo - target)^2). Backward (grad_loss != null):
+// grad_mo = g w 2 (mo - target) / N, grad_x0 = -grad_mo d target / d x0.
+template <typename T>
+void mse_kernel(const LossArgs& a, const ParallelFor& parallel_for) {
+  const int64_t cols = a.cols;
+  const T* x0 = static_cast<const T*>(a.x0);
+  const T* mo = static_cast<const T*>(a.model_output);
+  const T* gl = static_cast<const T*>(a.grad_loss);
+  T* gmo = static_cast<T*>(a.grad_model_output);
+  T* gx0 = static_cast<T*>(a.grad_x0);
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  T* loss = static_cast<T*>(a.loss);
+  // the row's scale (w / N) is applied per row inside the task, so the reduction scale is 1
+  for_each_row_chunk<T>(a.rows, cols, parallel_for, loss, T(1), [&](int64_t r, int64_t c0, int64_t c1) {
+    alignas(64) float eps[kBlock];
+    const LossCoeffs<T> c = loss_coeffs<T>(a, r);
+    const T scale = c.w / static_cast<T>(cols);
+    const T g = gl != nullptr ? gl[r] : T(0);
+    LaneSum<T> sum;
+    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const int64_t n = b0 + kBlock < c1 ? kBlock : c1 - b0;
+      const int64_t i0 = r * cols + b0;
+      fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
+      sum.add(n, [&](int64_t j) {
+        T dt;
+        const T d = mo[i0 + j] - loss_target<T>(a, c, x0[i0 + j], static_cast<T>(eps[j]), dt);
+        if (gl != nullptr) {
+          const T gm = g * scale * T(2) * d;
+          gmo[i0 + j] = gm;
+          gx0[i0 + j] = -gm * dt;
+        }
+        return d * d;
+      });
+    }
+    return sum.total() * scale;
+  });
+}
+
 }  // namespace
+
+void q_sample(const LossArgs& a, const ParallelFor& pf) {
+  a.dtype == DType::kFloat64 ? q_sample_kernel<double>(a, pf) : q_sample_kernel<float>(a, pf);
+}
+
+void diffusion_mse(const LossArgs& a, const ParallelFor& pf) {
+  a.dtype == DType::kFloat64 ? mse_kernel<double>(a, pf) : mse_kernel<float>(a, pf);
+}
 
 void alpha_step(const StepArgs& a, const ParallelFor& pf) {
   a.dtype == DType::kFloat64 ? step_kernel<double>(a, pf) : step_kernel<float>(a, pf);

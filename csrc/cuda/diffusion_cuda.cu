@@ -35,7 +35,82 @@ __global__ void __launch_bounds__(kThreads) alpha_step_kernel(StepArgs a, int gr
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) q_sample_kernel(LossArgs a, int group, int64_t chunk, int64_t chunks) {
+  using A = typename AccOf<T>::type;
+  const RowTask tk(group, chunk, chunks, a.rows, a.cols);
+  if (!tk.active) return;
+  const T* __restrict x0 = static_cast<const T*>(a.x0);
+  T* __restrict xt = static_cast<T*>(a.x_t);
+  const LossCoeffs<A> c = loss_coeffs<A>(a, tk.r);
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+#pragma unroll 4
+  for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
+    const int64_t i = tk.r * a.cols + col;
+    const A eps = static_cast<A>(philox_normal(seed, a.offset + static_cast<uint64_t>(i)));
+    xt[i] = from_acc<T>(c.sa * to_acc(x0[i]) + c.sb * eps);
+  }
+}
+
+template <typename T, bool BACKWARD>
+__global__ void __launch_bounds__(kThreads) mse_kernel(LossArgs a, int group, int64_t chunk, int64_t chunks) {
+  using A = typename AccOf<T>::type;
+  const RowTask tk(group, chunk, chunks, a.rows, a.cols);
+  const T* __restrict x0 = static_cast<const T*>(a.x0);
+  const T* __restrict mo = static_cast<const T*>(a.model_output);
+  A acc = 0, scale = 0;
+  if (tk.active) {
+    const LossCoeffs<A> c = loss_coeffs<A>(a, tk.r);
+    scale = c.w / static_cast<A>(a.cols);
+    const A g = BACKWARD ? to_acc(static_cast<const T*>(a.grad_loss)[tk.r]) : A(0);
+    const uint64_t seed = static_cast<uint64_t>(*a.seed);
+#pragma unroll 4
+    for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
+      const int64_t i = tk.r * a.cols + col;
+      const A eps = static_cast<A>(philox_normal(seed, a.offset + static_cast<uint64_t>(i)));
+      A dt;
+      const A d = to_acc(mo[i]) - loss_target<A>(a, c, to_acc(x0[i]), eps, dt);
+      if constexpr (BACKWARD) {
+        const A gm = g * scale * A(2) * d;
+        static_cast<T*>(a.grad_model_output)[i] = from_acc<T>(gm);
+        static_cast<T*>(a.grad_x0)[i] = from_acc<T>(-gm * dt);
+      }
+      acc += d * d;
+    }
+  }
+  if constexpr (!BACKWARD) store_row_sum<T>(acc * scale, tk, group, chunks, A(1), a.loss, a.workspace);
+}
+
 }  // namespace
+
+const char* q_sample(const LossArgs& a, void* stream) {
+  const Geometry g = geometry(a.rows, a.cols);
+  if (g.blocks == 0 || a.cols == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  return with_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    q_sample_kernel<T><<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
+  });
+}
+
+size_t diffusion_mse_workspace_bytes(const LossArgs& a) {
+  return a.loss == nullptr ? 0 : partials_bytes(a.rows, a.cols, a.dtype);
+}
+
+const char* diffusion_mse(const LossArgs& a, void* stream) {
+  const Geometry g = geometry(a.rows, a.cols);
+  if (g.blocks == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  return with_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (a.grad_loss != nullptr) {
+      mse_kernel<T, true><<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
+    } else {
+      mse_kernel<T, false><<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
+      finish_rows<T>(g, a.rows, a.workspace, 1.0, a.loss, s);
+    }
+  });
+}
 
 const char* alpha_step(const StepArgs& a, void* stream) {
   const Geometry g = geometry(a.rows, a.cols);

@@ -1,7 +1,15 @@
 """pygen's fused ops. Each has a pure-torch reference ``<op>_ref`` beside it."""
 
 from pygen.ops.coupling import affine_coupling, affine_coupling_ref, rq_spline, rq_spline_ref
-from pygen.ops.diffusion import ddim_step, ddpm_step
+from pygen.ops.diffusion import (
+    ddim_step,
+    ddpm_step,
+    diffusion_loss,
+    diffusion_mse,
+    diffusion_mse_ref,
+    q_sample,
+    q_sample_ref,
+)
 from pygen.ops.gaussian import (
     gaussian_kl,
     gaussian_kl_ref,
@@ -19,4 +27,9 @@ __all__ = [
     "rq_spline_ref",
     "ddim_step",
     "ddpm_step",
+    "q_sample",
+    "q_sample_ref",
+    "diffusion_mse",
+    "diffusion_mse_ref",
+    "diffusion_loss",
     "reparameterize", "gaussian_kl", "reparameterize_kl", "reparameterize_ref", "gaussian_kl_ref"]

@@ -18,7 +18,7 @@ from torch import Tensor
 from pygen import _backend, _ext, _rng
 from pygen.ops._checks import check_like, check_tensor
 
-__all__ = ["ddim_step", "ddpm_step"]
+__all__ = ["ddim_step", "ddpm_step", "q_sample", "diffusion_mse", "diffusion_loss", "q_sample_ref", "diffusion_mse_ref"]
 
 _PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _KIND = {"ddim": 0, "fixed_small": 1, "fixed_large": 2}
@@ -53,7 +53,8 @@ if "triton" in _backend.available_backends():
 
 def _timesteps(t, name: str, sample: Tensor, num_timesteps: int, allow_final: bool) -> Tensor:
     """t as a (B,) int64 tensor on the sample's device (ints are range-checked here;
-    tensors only on CPU, where the check needs no device sync)."""
+    tensors only on CPU, where the check needs no device sync, and not while compiling,
+    where it would be a data-dependent branch)."""
     b = sample.shape[0]
     low = -1 if allow_final else 0
     if isinstance(t, Tensor):
@@ -62,7 +63,8 @@ def _timesteps(t, name: str, sample: Tensor, num_timesteps: int, allow_final: bo
                             f"got {t.dtype} of shape {tuple(t.shape)}")
         if t.device != sample.device:
             raise ValueError(f"{name} is on {t.device} but sample is on {sample.device}")
-        if t.device.type == "cpu" and t.numel() and not bool(((t >= low) & (t < num_timesteps)).all()):
+        check = t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
+        if check and not bool(((t >= low) & (t < num_timesteps)).all()):
             raise ValueError(f"{name} must be in [{low}, {num_timesteps}); got values {t.min().item()}..{t.max().item()}")
         return t.expand(b).contiguous()
     if isinstance(t, bool) or not isinstance(t, int):
@@ -171,3 +173,153 @@ def ddpm_step(
         raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large', got {variance_type!r}")
     return _step(variance_type, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, 0.0,
                  prediction_type, clip_sample, clip_sample_range, False, noise, generator, seed, offset, backend)
+
+
+# ---- training: noising and the weighted MSE, eps drawn in-kernel and never stored ----------
+
+
+def _weights(ab: Tensor, prediction_type: str, snr_gamma: float | None) -> Tensor:
+    if not snr_gamma:
+        return torch.ones_like(ab)
+    snr = ab / (1 - ab)
+    m = snr.clamp(max=snr_gamma)
+    return {"epsilon": m / snr, "v_prediction": m / (snr + 1), "sample": m}[prediction_type]
+
+
+def q_sample_ref(x0: Tensor, t: Tensor, alphas_cumprod: Tensor, eps: Tensor) -> Tensor:
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps; t (B,) int64."""
+    ct = torch.promote_types(x0.dtype, torch.float32)
+    ab = alphas_cumprod.to(ct)[t].reshape(-1, *([1] * (x0.dim() - 1)))
+    return (ab.sqrt() * x0.to(ct) + (1 - ab).sqrt() * eps.to(ct)).to(x0.dtype)
+
+
+def diffusion_mse_ref(model_output: Tensor, x0: Tensor, t: Tensor, alphas_cumprod: Tensor, eps: Tensor,
+                      prediction_type: str = "epsilon", snr_gamma: float | None = None) -> Tensor:
+    """Per-sample w_t * mean((model_output - target)^2), (B,); target eps / x0 / v by prediction type."""
+    ct = torch.promote_types(x0.dtype, torch.float32)
+    ab = alphas_cumprod.to(ct)[t]
+    ab_b = ab.reshape(-1, *([1] * (x0.dim() - 1)))
+    e, x = eps.to(ct), x0.to(ct)
+    target = {"epsilon": lambda: e, "sample": lambda: x,
+              "v_prediction": lambda: ab_b.sqrt() * e - (1 - ab_b).sqrt() * x}[prediction_type]()
+    err = (model_output.to(ct) - target) ** 2
+    mse = err.reshape(x0.shape[0], -1).mean(dim=1) if x0.numel() else torch.zeros(x0.shape[0], dtype=ct, device=x0.device)
+    return (_weights(ab, prediction_type, snr_gamma) * mse).to(x0.dtype)
+
+
+_TRAIN_OPS: dict = {}
+if _ext.HAS_CPP:
+    _TRAIN_OPS["cpp"] = _TRAIN_OPS["cuda"] = (torch.ops.pygen.q_sample, torch.ops.pygen.diffusion_mse,
+                                              torch.ops.pygen.diffusion_mse_backward)
+
+    @torch.library.register_fake("pygen::q_sample")
+    def _(x0, alphas_cumprod, t, seed, offset):
+        return x0.new_empty(x0.shape)
+
+    @torch.library.register_fake("pygen::diffusion_mse")
+    def _(model_output, x0, *args):
+        return x0.new_empty(x0.shape[:1])
+
+    @torch.library.register_fake("pygen::diffusion_mse_backward")
+    def _(grad_loss, model_output, x0, *args):
+        return x0.new_empty(x0.shape), x0.new_empty(x0.shape)
+
+    # q_sample: d x_t / d x0 = sqrt(ab_t); eps is not needed.
+    def _q_setup(ctx, inputs, output):
+        x0, alphas_cumprod, t, seed, offset = inputs
+        ctx.save_for_backward(alphas_cumprod, t)
+        ctx.ndim = x0.dim()
+
+    def _q_backward(ctx, grad):
+        alphas_cumprod, t = ctx.saved_tensors
+        scale = alphas_cumprod[t].sqrt().reshape(-1, *([1] * (ctx.ndim - 1))).to(grad.dtype)
+        return grad * scale, None, None, None, None
+
+    torch.library.register_autograd("pygen::q_sample", _q_backward, setup_context=_q_setup)
+
+    # diffusion_mse: eps regenerated from (seed, offset) by the backward kernel.
+    def _mse_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:5])
+        ctx.rest = inputs[5:]
+
+    def _mse_backward(ctx, grad):
+        mo, x0, ac, t, seed = ctx.saved_tensors
+        g_mo, g_x0 = torch.ops.pygen.diffusion_mse_backward(grad, mo, x0, ac, t, seed, *ctx.rest)
+        return g_mo, g_x0, None, None, None, None, None, None
+
+    torch.library.register_autograd("pygen::diffusion_mse", _mse_backward, setup_context=_mse_setup)
+
+
+def _train_args(x0: Tensor, t, alphas_cumprod: Tensor, prediction_type: str, snr_gamma):
+    check_tensor(x0, "x0")
+    if not isinstance(alphas_cumprod, Tensor) or alphas_cumprod.dim() != 1 or not alphas_cumprod.is_floating_point():
+        raise TypeError("alphas_cumprod must be a 1-D floating tensor")
+    if alphas_cumprod.device != x0.device:
+        raise ValueError(f"alphas_cumprod is on {alphas_cumprod.device} but x0 is on {x0.device}")
+    if prediction_type not in _PREDICTION:
+        raise ValueError(f"prediction_type must be one of {list(_PREDICTION)}, got {prediction_type!r}")
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be > 0 or None, got {snr_gamma}")
+    tt = _timesteps(t, "t", x0, alphas_cumprod.shape[0], allow_final=False)
+    table = alphas_cumprod if alphas_cumprod.dtype in (torch.float32, torch.float64) else alphas_cumprod.float()
+    return tt, table
+
+
+def _train_op(backend, x0):
+    name = _backend.resolve(backend, x0.device, x0.dtype)
+    ops = _TRAIN_OPS.get(name)
+    if ops is None and name != "torch" and _backend.requested(backend) != "auto":
+        raise RuntimeError(f"diffusion training ops have no {name!r} kernel yet; use backend='torch' or 'auto'")
+    return ops
+
+
+def q_sample(x0: Tensor, t: int | Tensor, alphas_cumprod: Tensor, *, generator: torch.Generator | None = None,
+             seed: int | Tensor | None = None, offset: int = 0, backend: str | None = None) -> Tensor:
+    """Noise data to level t: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, eps in-kernel from (seed, offset).
+
+    x0 (B, ...); t an int or (B,) int64. Pass the same seed/offset to :func:`diffusion_mse`
+    so that its target sees the same eps. Differentiable in x0.
+    """
+    tt, table = _train_args(x0, t, alphas_cumprod, "epsilon", None)
+    seed_t = _rng.as_seed(seed, x0.device, generator)
+    offset = _rng.check_offset(offset)
+    ops = _train_op(backend, x0)
+    if ops is None:
+        return q_sample_ref(x0, tt, table, _rng.philox_normal(seed_t, offset, x0.shape))
+    return ops[0](x0, table, tt, seed_t, offset)
+
+
+def diffusion_mse(model_output: Tensor, x0: Tensor, t: int | Tensor, alphas_cumprod: Tensor, *,
+                  seed: int | Tensor, offset: int = 0, prediction_type: str = "epsilon",
+                  snr_gamma: float | None = None, backend: str | None = None) -> Tensor:
+    """Per-sample loss w_t mean((model_output - target)^2), (B,), target from the eps of (seed, offset).
+
+    Targets: eps ("epsilon"), x0 ("sample"), v = sqrt(ab) eps - sqrt(1 - ab) x0 ("v_prediction").
+    ``snr_gamma``: Min-SNR-gamma weights (Hang et al. 2023). Differentiable in model_output and x0;
+    the backward regenerates eps instead of storing it.
+    """
+    tt, table = _train_args(x0, t, alphas_cumprod, prediction_type, snr_gamma)
+    check_like(model_output, x0, "model_output", "x0")
+    seed_t = _rng.as_seed(seed, x0.device, None)
+    offset = _rng.check_offset(offset)
+    ops = _train_op(backend, x0)
+    if ops is None:
+        eps = _rng.philox_normal(seed_t, offset, x0.shape)
+        return diffusion_mse_ref(model_output, x0, tt, table, eps, prediction_type, snr_gamma)
+    return ops[1](model_output, x0, table, tt, seed_t, offset, _PREDICTION[prediction_type], float(snr_gamma or 0.0))
+
+
+def diffusion_loss(model, x0: Tensor, alphas_cumprod: Tensor, *, t: int | Tensor | None = None,
+                   prediction_type: str = "epsilon", snr_gamma: float | None = None,
+                   generator: torch.Generator | None = None, backend: str | None = None, **model_kwargs) -> Tensor:
+    """One training loss evaluation: t ~ U{0..T-1} per sample (unless given), x_t by
+    :func:`q_sample`, ``model(x_t, t, **model_kwargs)``, then :func:`diffusion_mse`. Returns (B,)."""
+    check_tensor(x0, "x0")
+    if t is None:
+        t = torch.randint(0, alphas_cumprod.shape[0], (x0.shape[0],), device=x0.device, generator=generator)
+    seed = _rng.draw_seed(x0.device, generator)
+    x_t = q_sample(x0, t, alphas_cumprod, seed=seed, backend=backend)
+    tt = t if isinstance(t, Tensor) else torch.full((x0.shape[0],), t, dtype=torch.int64, device=x0.device)
+    out = model(x_t, tt, **model_kwargs)
+    return diffusion_mse(out, x0, tt, alphas_cumprod, seed=seed, prediction_type=prediction_type,
+                         snr_gamma=snr_gamma, backend=backend)

@@ -113,4 +113,66 @@ PYGEN_HD A step_element(const StepArgs& a, const StepCoeffs<A>& c, A mo, A x, A 
   return c.c_x0 * x0 + c.c_eps * eps + c.c_x * x + c.c_noise * noise;
 }
 
+// ---- training: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps and the per-sample weighted MSE ----
+// eps is drawn in-kernel from (seed, offset + i) by both ops, so nothing noise-sized is
+// stored between the forward and the backward. Targets: eps (epsilon), x0 (sample),
+// v = sqrt(ab) eps - sqrt(1 - ab) x0 (v_prediction). Min-SNR-gamma weights (Hang et al.
+// 2023), snr = ab / (1 - ab): min(snr, g) / snr, min(snr, g) / (snr + 1), min(snr, g).
+struct LossArgs {
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::kFloat32;
+  Prediction prediction = Prediction::kEpsilon;
+  double snr_gamma = 0;  // 0: unweighted
+  const void* x0 = nullptr;
+  const void* model_output = nullptr;
+  const void* alphas_cumprod = nullptr;
+  bool table_f64 = false;
+  const int64_t* t = nullptr;
+  const int64_t* seed = nullptr;
+  uint64_t offset = 0;
+  void* x_t = nullptr;   // q_sample output
+  void* loss = nullptr;  // (rows,)
+  const void* grad_loss = nullptr;
+  void* grad_model_output = nullptr;
+  void* grad_x0 = nullptr;
+  void* workspace = nullptr;
+};
+
+template <typename A>
+struct LossCoeffs {
+  A sa, sb, w;  // sqrt(ab), sqrt(1 - ab), the loss weight
+};
+
+template <typename A>
+PYGEN_HD LossCoeffs<A> loss_coeffs(const LossArgs& a, int64_t row) {
+  const int64_t t = a.t[row];
+  const A ab = a.table_f64 ? A(static_cast<const double*>(a.alphas_cumprod)[t])
+                           : A(static_cast<const float*>(a.alphas_cumprod)[t]);
+  LossCoeffs<A> c;
+  c.sa = fsqrt(ab);
+  c.sb = fsqrt(A(1) - ab);
+  c.w = A(1);
+  if (a.snr_gamma > 0) {
+    const A snr = ab / (A(1) - ab), g = A(a.snr_gamma);
+    const A m = snr < g ? snr : g;
+    c.w = a.prediction == Prediction::kEpsilon ? m / snr : (a.prediction == Prediction::kVPrediction ? m / (snr + A(1)) : m);
+  }
+  return c;
+}
+
+// The regression target for one element and d target / d x0.
+template <typename A>
+PYGEN_HD A loss_target(const LossArgs& a, const LossCoeffs<A>& c, A x0, A eps, A& dtarget_dx0) {
+  if (a.prediction == Prediction::kEpsilon) {
+    dtarget_dx0 = A(0);
+    return eps;
+  }
+  if (a.prediction == Prediction::kSample) {
+    dtarget_dx0 = A(1);
+    return x0;
+  }
+  dtarget_dx0 = -c.sb;
+  return c.sa * eps - c.sb * x0;
+}
+
 }  // namespace pygen
