@@ -100,3 +100,123 @@ def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cump
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return prev, x0
+
+
+@triton.jit
+def _loss_row(table_ptr, t_ptr, r1, rmask, PRED: tl.constexpr, SNR: tl.constexpr, gamma, ACC_F64: tl.constexpr):
+    """Per-row sqrt(ab), sqrt(1 - ab) and the Min-SNR-gamma weight."""
+    t = tl.load(t_ptr + r1, mask=rmask, other=0)
+    ab = load_acc(table_ptr, t, rmask, ACC_F64)
+    ab = tl.where(rmask, ab, 0.5)  # keep masked-out rows finite
+    w = ab * 0.0 + 1.0
+    if SNR:
+        snr = ab / (1.0 - ab)
+        m = tl.minimum(snr, gamma)
+        if PRED == 0:
+            w = m / snr
+        elif PRED == 2:
+            w = m / (snr + 1.0)
+        else:
+            w = m
+    return _sqrt0(ab), _sqrt0(1.0 - ab), w
+
+
+@triton.jit
+def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, offset,
+                     ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    sa, sb, _ = _loss_row(table_ptr, t_ptr, r1, r1 < rows, 0, False, 0.0, ACC_F64)
+    r = r1[:, None]
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    inb = (r < rows) & (c < cols)
+    idx = r * cols + c
+    x0 = load_acc(x0_ptr, idx, inb, ACC_F64)
+    eps = randn_at(tl.load(seed_ptr), offset + idx).to(x0.dtype)
+    tl.store(xt_ptr + idx, (sa[:, None] * x0 + sb[:, None] * eps).to(xt_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _mse_kernel(mo_ptr, x0_ptr, table_ptr, t_ptr, seed_ptr, gl_ptr, loss_ptr, part_ptr, gmo_ptr, gx0_ptr,
+                rows, cols, offset, gamma, chunks,
+                PRED: tl.constexpr, SNR: tl.constexpr, BACKWARD: tl.constexpr, ACC_F64: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = r1 < rows
+    sa, sb, w = _loss_row(table_ptr, t_ptr, r1, rmask, PRED, SNR, gamma, ACC_F64)
+    scale = (w / cols)[:, None]
+    r = r1[:, None]
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    inb = (r < rows) & (c < cols)
+    idx = r * cols + c
+    x0 = load_acc(x0_ptr, idx, inb, ACC_F64)
+    mo = load_acc(mo_ptr, idx, inb, ACC_F64)
+    eps = randn_at(tl.load(seed_ptr), offset + idx).to(x0.dtype)
+    if PRED == 0:
+        target = eps
+        dt = x0 * 0.0
+    elif PRED == 1:
+        target = x0
+        dt = x0 * 0.0 + 1.0
+    else:
+        target = sa[:, None] * eps - sb[:, None] * x0
+        dt = x0 * 0.0 - sb[:, None]
+    d = mo - target
+    if BACKWARD:
+        g = load_acc(gl_ptr, r, r < rows, ACC_F64)
+        gm = g * scale * 2.0 * d
+        tl.store(gmo_ptr + idx, gm.to(gmo_ptr.dtype.element_ty), mask=inb)
+        tl.store(gx0_ptr + idx, (-gm * dt).to(gx0_ptr.dtype.element_ty), mask=inb)
+    else:
+        total = tl.sum(tl.where(inb, d * d * scale, 0.0), axis=1)
+        if chunks == 1:
+            tl.store(loss_ptr + r1, total.to(loss_ptr.dtype.element_ty), mask=rmask)
+        else:
+            tl.store(part_ptr + r1 * chunks + pid_c, total, mask=rmask)
+
+
+def _table_for(x, alphas_cumprod):
+    return alphas_cumprod.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
+
+
+def q_sample(x0, alphas_cumprod, t, seed, offset) -> torch.Tensor:
+    x0 = x0.contiguous()
+    rows, cols = rows_cols(x0)
+    xt = empty(x0.shape, x0)
+    if rows * cols == 0:
+        return xt
+    block_r, block_c, _, grid = tiles(rows, cols)
+    _q_sample_kernel[grid](x0, _table_for(x0, alphas_cumprod), t.contiguous(), seed, xt, rows, cols, offset,
+                           ACC_F64=x0.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c)
+    return xt
+
+
+def diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma):
+    """Forward (grad_loss None): the (B,) loss. Backward: (grad_model_output, grad_x0)."""
+    x0, mo = x0.contiguous(), model_output.contiguous()
+    rows, cols = rows_cols(x0)
+    backward = grad_loss is not None
+    outs = (empty(x0.shape, x0), empty(x0.shape, x0)) if backward else (empty((rows,), x0),)
+    if rows == 0 or (backward and cols == 0):
+        return outs
+    if cols == 0:
+        outs[0].zero_()
+        return outs
+    block_r, block_c, chunks, grid = tiles(rows, cols)
+    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    part = empty((rows, chunks), x0, acc) if (not backward and chunks > 1) else None
+    dummy = x0
+    _mse_kernel[grid](
+        mo, x0, _table_for(x0, alphas_cumprod), t.contiguous(), seed,
+        grad_loss.contiguous() if backward else dummy, dummy if backward else outs[0],
+        part if part is not None else dummy, outs[0] if backward else dummy, outs[1] if backward else dummy,
+        rows, cols, offset, float(snr_gamma), chunks,
+        PRED=prediction, SNR=snr_gamma > 0, BACKWARD=backward, ACC_F64=acc == torch.float64,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    if part is not None:
+        outs[0].copy_(part.sum(dim=1).to(x0.dtype))
+    return outs

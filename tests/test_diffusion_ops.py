@@ -140,7 +140,7 @@ def test_step_opcheck_and_compile():
 
 from pygen.ops import diffusion_loss, diffusion_mse, diffusion_mse_ref, q_sample, q_sample_ref  # noqa: E402
 
-TRAIN_BACKENDS = [(b, d) for b, d in BACKEND_DEVICES if b != "triton"]  # no Triton training kernel yet
+TRAIN_BACKENDS = BACKEND_DEVICES
 
 
 @pytest.mark.parametrize("backend,device", TRAIN_BACKENDS, ids=str)

@@ -212,42 +212,72 @@ if _ext.HAS_CPP:
     _TRAIN_OPS["cpp"] = _TRAIN_OPS["cuda"] = (torch.ops.pygen.q_sample, torch.ops.pygen.diffusion_mse,
                                               torch.ops.pygen.diffusion_mse_backward)
 
-    @torch.library.register_fake("pygen::q_sample")
+
+if "triton" in _backend.available_backends():
+
+    @torch.library.custom_op("pygen::triton_q_sample", mutates_args=())
+    def _triton_q_sample(x0: Tensor, alphas_cumprod: Tensor, t: Tensor, seed: Tensor, offset: int) -> Tensor:
+        return _tkd.q_sample(x0, alphas_cumprod, t, seed, offset)
+
+    @torch.library.custom_op("pygen::triton_diffusion_mse", mutates_args=())
+    def _triton_diffusion_mse(model_output: Tensor, x0: Tensor, alphas_cumprod: Tensor, t: Tensor, seed: Tensor,
+                              offset: int, prediction: int, snr_gamma: float) -> Tensor:
+        return _tkd.diffusion_mse(None, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma)[0]
+
+    @torch.library.custom_op("pygen::triton_diffusion_mse_backward", mutates_args=())
+    def _triton_diffusion_mse_backward(grad_loss: Tensor, model_output: Tensor, x0: Tensor, alphas_cumprod: Tensor,
+                                       t: Tensor, seed: Tensor, offset: int, prediction: int,
+                                       snr_gamma: float) -> tuple[Tensor, Tensor]:
+        return _tkd.diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma)
+
+    _TRAIN_OPS["triton"] = (torch.ops.pygen.triton_q_sample, torch.ops.pygen.triton_diffusion_mse,
+                            torch.ops.pygen.triton_diffusion_mse_backward)
+
+
+def _register_train(prefix: str) -> None:
+    ops = torch.ops.pygen
+    bwd = getattr(ops, prefix + "diffusion_mse_backward")
+
+    @torch.library.register_fake(f"pygen::{prefix}q_sample")
     def _(x0, alphas_cumprod, t, seed, offset):
         return x0.new_empty(x0.shape)
 
-    @torch.library.register_fake("pygen::diffusion_mse")
+    @torch.library.register_fake(f"pygen::{prefix}diffusion_mse")
     def _(model_output, x0, *args):
         return x0.new_empty(x0.shape[:1])
 
-    @torch.library.register_fake("pygen::diffusion_mse_backward")
+    @torch.library.register_fake(f"pygen::{prefix}diffusion_mse_backward")
     def _(grad_loss, model_output, x0, *args):
         return x0.new_empty(x0.shape), x0.new_empty(x0.shape)
 
     # q_sample: d x_t / d x0 = sqrt(ab_t); eps is not needed.
-    def _q_setup(ctx, inputs, output):
+    def q_setup(ctx, inputs, output):
         x0, alphas_cumprod, t, seed, offset = inputs
         ctx.save_for_backward(alphas_cumprod, t)
         ctx.ndim = x0.dim()
 
-    def _q_backward(ctx, grad):
+    def q_backward(ctx, grad):
         alphas_cumprod, t = ctx.saved_tensors
         scale = alphas_cumprod[t].sqrt().reshape(-1, *([1] * (ctx.ndim - 1))).to(grad.dtype)
         return grad * scale, None, None, None, None
 
-    torch.library.register_autograd("pygen::q_sample", _q_backward, setup_context=_q_setup)
+    torch.library.register_autograd(f"pygen::{prefix}q_sample", q_backward, setup_context=q_setup)
 
     # diffusion_mse: eps regenerated from (seed, offset) by the backward kernel.
-    def _mse_setup(ctx, inputs, output):
+    def mse_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:5])
         ctx.rest = inputs[5:]
 
-    def _mse_backward(ctx, grad):
+    def mse_backward(ctx, grad):
         mo, x0, ac, t, seed = ctx.saved_tensors
-        g_mo, g_x0 = torch.ops.pygen.diffusion_mse_backward(grad, mo, x0, ac, t, seed, *ctx.rest)
+        g_mo, g_x0 = bwd(grad, mo, x0, ac, t, seed, *ctx.rest)
         return g_mo, g_x0, None, None, None, None, None, None
 
-    torch.library.register_autograd("pygen::diffusion_mse", _mse_backward, setup_context=_mse_setup)
+    torch.library.register_autograd(f"pygen::{prefix}diffusion_mse", mse_backward, setup_context=mse_setup)
+
+
+for _prefix in ([""] if _ext.HAS_CPP else []) + (["triton_"] if "triton" in _TRAIN_OPS else []):
+    _register_train(_prefix)
 
 
 def _train_args(x0: Tensor, t, alphas_cumprod: Tensor, prediction_type: str, snr_gamma):
