@@ -1,17 +1,27 @@
 """The baselines pygen is compared with: what users write without pygen.
 
-``eager_*`` is the usual chain of torch ops (eps from ``torch.randn_like``, then the
-elementwise formula, then a per-sample sum); ``compiled(op)`` is ``torch.compile`` of the
-very same function. This module is the one place where the chain is written out; the
-benchmarks import it (and pygen's references, ``pygen.ops.*_ref``, for sanity checks).
+``EAGER[op]`` is the usual chain of torch ops; ``compiled(op)`` is ``torch.compile`` of the
+very same function.
+
+- Gaussian ops: eps from ``torch.randn_like``, then the elementwise formula, then a
+  per-sample sum, written out below (this module is the one place where that chain is
+  written; pygen's ``gaussian_kl_ref`` is used only for sanity checks).
+- Coupling ops: pygen's references *are* that chain, so they are the baselines:
+  ``affine_coupling_ref`` is ``s = log_scale; y = x * exp(s) + shift`` (inverse
+  ``(x - shift) * exp(-s)``) and ``logdet = s.flatten(1).sum(1)``; ``rq_spline_ref`` is the
+  nflows-style chain (softmax, cumsum, pad, searchsorted, gather, the rational-quadratic
+  formula, log). They are imported, never copied.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+import pygen
 
 __all__ = ["EAGER", "eager_reparameterize", "eager_gaussian_kl", "eager_reparameterize_kl", "compiled"]
 
@@ -39,9 +49,13 @@ EAGER: dict[str, Callable] = {
     "reparameterize": eager_reparameterize,
     "gaussian_kl": eager_gaussian_kl,
     "reparameterize_kl": eager_reparameterize_kl,
+    # (x, shift, log_scale, *, inverse) -> (y, logdet) and (x, widths, heights, derivatives,
+    # *, inverse) -> (y, logdet), computed in float32 (float64 for float64 inputs)
+    "affine_coupling": pygen.ops.affine_coupling_ref,
+    "rq_spline": pygen.ops.rq_spline_ref,
 }
 
-_COMPILED: dict[tuple[str, bool | None], Callable] = {}
+_COMPILED: dict[tuple, Callable] = {}
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -53,13 +67,16 @@ def _raise_recompile_limit(limit: int = 64) -> None:
             setattr(cfg, name, limit)
 
 
-def compiled(op: str, *, dynamic: bool | None = False) -> Callable:
+def compiled(op: str, *, dynamic: bool | None = False, **options) -> Callable:
     """``torch.compile`` of ``EAGER[op]`` (static shapes by default: the best case for compile).
 
-    Cached per (op, dynamic) so each process compiles a given shape/dtype/grad-mode once.
+    ``options`` are keyword arguments of the op bound before compiling (``inverse=True``).
+    Cached per (op, dynamic, options) so each process compiles a given shape/dtype/grad-mode
+    once.
     """
-    key = (op, dynamic)
+    key = (op, dynamic, tuple(sorted(options.items())))
     if key not in _COMPILED:
         _raise_recompile_limit()
-        _COMPILED[key] = torch.compile(EAGER[op], dynamic=dynamic)
+        fn = functools.partial(EAGER[op], **options) if options else EAGER[op]
+        _COMPILED[key] = torch.compile(fn, dynamic=dynamic)
     return _COMPILED[key]

@@ -1,16 +1,22 @@
 #!/usr/bin/env python
-"""GPU benchmark of pygen's Gaussian ops against eager torch and torch.compile.
+"""GPU benchmark of pygen's ops against eager torch and torch.compile.
 
     python benchmarks/gpu_bench.py --out /tmp/gpu.json                # on a CUDA machine
     python benchmarks/gpu_bench.py --dry-run --out /tmp/x.json        # CPU smoke test
+    python benchmarks/gpu_bench.py --ops rq_spline,affine_coupling    # the coupling ops only
 
 For each size (default 2**20, 2**24, 2**26 float32, plus 2**26 bfloat16), op
-(reparameterize, gaussian_kl, reparameterize_kl), mode (forward, backward,
-forward_backward) and provider (pygen-cuda, pygen-triton where available, eager, compile),
-time with ``triton.testing.do_bench(warmup=25, rep=100)`` (median and 20/80% quantiles) and
-report GB/s over the minimum bytes moved (_common.bytes_moved), its fraction of a measured
+(reparameterize, gaussian_kl, reparameterize_kl, affine_coupling, rq_spline) and its
+variants (direction forward / inverse for the couplings, K = 8, 16 bins for the spline,
+which runs only where numel * K <= --spline-max-params, 2**27 by default: K 8 and 16 at
+2**20, K 8 at 2**24), mode (forward, backward, forward_backward) and provider
+(pygen-cuda, pygen-triton where available, eager, compile), time with
+``triton.testing.do_bench(warmup=25, rep=100)`` (median and 20/80% quantiles) and report GB/s over the minimum bytes moved (_common.bytes_moved), its fraction of a measured
 ``dst.copy_(src)`` bandwidth (256 MiB, read + write bytes), peak extra memory, and speedups
-over eager and compile. Inputs have shape (numel // 256, 256).
+over eager and compile. Inputs have shape (numel // 256, 256) (the spline's parameters
+(..., K) and (..., K-1)). The eager baseline of the couplings is pygen's reference
+(``affine_coupling_ref``, ``rq_spline_ref``: the usual chain of torch ops), compile is
+``torch.compile`` of it.
 
 - "backward" times only the backward: the graph is built once per input set and
   ``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True)`` is timed.
@@ -19,9 +25,11 @@ over eager and compile. Inputs have shape (numel // 256, 256).
   the cache does not flatter small sizes (do_bench also flushes L2 between calls).
 - ``--dry-run``: CPU, tiny sizes, pygen's "cpp" backend and a perf_counter timer; it checks
   that the script works, its numbers mean little.
+- A failed sanity check of a pygen provider is an error (exit status 1); of a baseline
+  (eager, compile) a warning: the time is kept, flagged with the check's message.
 
 Writes a JSON with metadata (device, versions, date; no hostname) and one record per
-(op, mode, size, dtype, provider), and prints a table per configuration and a summary.
+(op, variant, mode, size, dtype, provider), and prints a table per configuration and a summary.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import pygen  # noqa: E402
 from _common import (  # noqa: E402
     MB,
     OPS,
+    SPLINE_BINS,
     bytes_moved,
     check_grads,
     check_outputs,
@@ -58,6 +67,8 @@ from _common import (  # noqa: E402
     provider_fn,
     quantile_list,
     shape_for,
+    variant_label,
+    variants,
 )
 
 MODES = ("forward", "backward", "forward_backward")
@@ -99,7 +110,13 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", help="comma list of dtypes for every size (default float32)")
     p.add_argument("--bf16-sizes", default=None,
                    help="extra bfloat16 runs at these sizes (default 2**26, the largest; '' for none)")
-    p.add_argument("--ops", default=",".join(OPS), help="comma list (default all)")
+    p.add_argument("--ops", default=",".join(OPS),
+                   help="comma list, run in this order within each size (default all)")
+    p.add_argument("--bins", default=",".join(map(str, SPLINE_BINS)),
+                   help="rq_spline's K values (default 8,16)")
+    p.add_argument("--spline-max-params", type=parse_size, default=2**27,
+                   help="run rq_spline only where numel * K <= this (default 2**27: 512 MB per float32 "
+                        "parameter tensor; K 8 and 16 at 2**20, K 8 at 2**24)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list (default all)")
     p.add_argument("--providers", default=None,
                    help="comma list from pygen-cuda,pygen-triton,pygen-cpp,eager,compile (default: what runs here)")
@@ -124,6 +141,9 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown dtype {e}; choose from {sorted(DTYPES)}")
     args.ops = parse_list(args.ops)
     args.modes = parse_list(args.modes)
+    args.bins = parse_list(args.bins, int)
+    if any(k < 2 for k in args.bins):
+        p.error(f"--bins: K must be >= 2, got {args.bins}")
     for name, values, allowed in (("--ops", args.ops, OPS), ("--modes", args.modes, MODES)):
         if bad := [v for v in values if v not in allowed]:
             p.error(f"{name}: unknown {bad}; choose from {allowed}")
@@ -214,22 +234,22 @@ def n_input_sets(set_bytes: int, l2: int, cap: int = 16) -> int:
 
 
 def build_bench_fn(op: str, mode: str, f, sets: list, device: str):
-    """The zero-argument callable to time, cycling through ``sets`` of (mu, logvar, grads)."""
+    """The zero-argument callable to time, cycling through ``sets`` of (inputs, grads)."""
     order = itertools.cycle(range(len(sets)))
     if mode == "forward":
         def run():
-            mu, lv, _ = sets[next(order)]
-            return f(mu, lv)
+            inputs, _ = sets[next(order)]
+            return f(*inputs)
     elif mode == "backward":
-        graphs = [(f(mu, lv), (mu, lv), g) for mu, lv, g in sets]  # built once, reused
+        graphs = [(f(*inputs), inputs, g) for inputs, g in sets]  # built once, reused
 
         def run():
             outs, inputs, grads = graphs[next(order)]
             return torch.autograd.grad(outs, inputs, grads, retain_graph=True)
     else:
         def run():
-            mu, lv, grads = sets[next(order)]
-            return torch.autograd.grad(f(mu, lv), (mu, lv), grads)
+            inputs, grads = sets[next(order)]
+            return torch.autograd.grad(f(*inputs), inputs, grads)
     return run
 
 
@@ -246,14 +266,15 @@ def peak_extra_bytes(fn, device: str) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
-def sanity(op: str, mode: str, f, mu, lv, grads) -> str | None:
+def sanity(op: str, mode: str, f, inputs, grads, direction: str | None = None) -> str | None:
     if mode == "forward":  # (not under no_grad: compile would guard on it and compile twice)
-        return check_outputs(op, f(mu, lv), mu, lv)
-    outs = f(mu, lv)
-    err = check_outputs(op, outs, mu, lv)
+        return check_outputs(op, f(*inputs), inputs, direction=direction)
+    outs = f(*inputs)
+    err = check_outputs(op, outs, inputs, direction=direction)
     if err:
         return err
-    return check_grads(op, mu, lv, grads, torch.autograd.grad(outs, (mu, lv), grads))
+    err = check_grads(op, inputs, grads, torch.autograd.grad(outs, inputs, grads), direction=direction)
+    return f"backward: {err}" if err else None
 
 
 # ---- metadata ----------------------------------------------------------------------------
@@ -352,76 +373,87 @@ def main(argv=None) -> int:
     print(f"timer: {timer_desc}")
     print(f"copy bandwidth: {copy_bw['gbps']:.1f} GB/s ({copy_bw['tensor_bytes'] >> 20} MiB dst.copy_(src), read+write)")
     print(f"providers: {providers}")
+    if "rq_spline" in args.ops:
+        print(f"rq_spline: K in {args.bins} where numel * K <= {args.spline_max_params}")
 
     configs = [(n, dt) for n in args.sizes for dt in args.dtypes]
     configs += [(n, torch.bfloat16) for n in args.bf16_sizes if (n, torch.bfloat16) not in configs]
     # Largest first, so that --max-seconds drops the small, latency-bound sizes first.
     configs.sort(key=lambda c: (-c[0], c[1] != torch.float32))
-    results, errors, skipped = [], [], []
+    results, errors, warnings, skipped = [], [], [], []
     for numel_nominal, dtype in configs:
         shape = shape_for(numel_nominal, args.dim)
         numel = shape[0] * shape[1]
-        for op in args.ops:
-            for mode in args.modes:
-                label = f"{op}/{mode}/{size_label(numel_nominal)}/{str(dtype).replace('torch.', '')}"
-                if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
-                    skipped.append(label)
-                    continue
-                nbytes = bytes_moved(op, mode, shape[0], numel, dtype.itemsize)
-                grad = mode != "forward"
-                set_bytes = 2 * numel * dtype.itemsize + (nbytes if grad else 0)
-                n_sets = n_input_sets(set_bytes, l2)
-                sets = []
-                for s in range(n_sets):
-                    mu, lv = make_inputs(shape, dtype, device, requires_grad=grad, seed=2 * s)
-                    sets.append((mu, lv, make_grads(op, mu, seed=2 * s + 1) if grad else None))
-                rows = []
-                for provider in providers:
-                    rec = {"op": op, "mode": mode, "provider": provider, "numel": numel, "numel_nominal": numel_nominal,
-                           "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes,
-                           "input_sets": n_sets}
-                    try:
-                        f = provider_fn(provider, op, compile_dynamic=None if args.compile_dynamic else False)
-                        if not args.no_check:
-                            mu, lv, g = sets[0]
-                            if err := sanity(op, mode, f, mu, lv, g):
-                                rec["check"] = err
+        for op, var, mode in planned(args, numel_nominal):
+            label = f"{variant_label(op, **var)}/{mode}/{size_label(numel_nominal)}/{str(dtype).replace('torch.', '')}"
+            if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
+                skipped.append(label)
+                continue
+            direction, bins = var.get("direction"), var.get("bins")
+            nbytes = bytes_moved(op, mode, shape[0], numel, dtype.itemsize, **var)
+            grad = mode != "forward"
+
+            def input_set(s: int) -> tuple:
+                inputs = make_inputs(shape, dtype, device, requires_grad=grad, seed=2 * s, op=op, bins=bins)
+                return inputs, (make_grads(op, inputs[0], seed=2 * s + 1) if grad else None)
+
+            sets = [input_set(0)]
+            set_bytes = sum(t.numel() for t in sets[0][0]) * dtype.itemsize + (nbytes if grad else 0)
+            n_sets = n_input_sets(set_bytes, l2)
+            sets += [input_set(s) for s in range(1, n_sets)]
+            rows = []
+            for provider in providers:
+                rec = {"op": op, **var, "mode": mode, "provider": provider, "numel": numel,
+                       "numel_nominal": numel_nominal, "shape": list(shape),
+                       "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes, "input_sets": n_sets}
+                try:
+                    f = provider_fn(provider, op, direction=direction,
+                                    compile_dynamic=None if args.compile_dynamic else False)
+                    if not args.no_check:
+                        inputs, g = sets[0]
+                        if err := sanity(op, mode, f, inputs, g, direction):
+                            rec["check"] = err
+                            if provider.startswith("pygen-"):
                                 errors.append(f"{label} {provider}: check failed: {err}")
-                        fn = build_bench_fn(op, mode, f, sets, device)
-                        q = timer(fn)
-                        rec.update(median_ms=q[0], q20_ms=q[1], q80_ms=q[2], gbps=nbytes / (q[0] * 1e-3) / 1e9)
-                        rec["copy_fraction"] = rec["gbps"] / copy_bw["gbps"]
-                        rec["peak_extra_bytes"] = peak_extra_bytes(fn, device)
-                        del fn
-                    except Exception as e:  # record and go on: one broken provider must not hide the rest
-                        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        errors.append(f"{label} {provider}: {rec['error']}")
-                        traceback.print_exc(limit=3)
-                    rows.append(rec)
-                del sets
-                base = {r["provider"]: r.get("median_ms") for r in rows}
-                for r in rows:
-                    for b in BASELINES:
-                        ok = r.get("median_ms") and base.get(b)
-                        r[f"speedup_vs_{b}"] = base[b] / r["median_ms"] if ok else None
-                results.extend(rows)
-                print(f"\n== {label}: shape {shape}, {nbytes / 1e6:.1f} MB minimum traffic, {n_sets} input set(s)")
-                print(f"{'provider':<13}{'median ms':>11}{'q20':>9}{'q80':>9}{'GB/s':>9}{'copy':>7}"
-                      f"{'peak MB':>9}{'vs eager':>10}{'vs compile':>11}")
-                for r in rows:
-                    if "error" in r:
-                        print(f"{r['provider']:<13} ERROR {r['error']}")
-                        continue
-                    peak = r["peak_extra_bytes"]
-                    sp = [f"{r[f'speedup_vs_{b}']:.2f}x" if r[f"speedup_vs_{b}"] else "-" for b in BASELINES]
-                    print(f"{r['provider']:<13}{r['median_ms']:>11.4f}{r['q20_ms']:>9.4f}{r['q80_ms']:>9.4f}"
-                          f"{r['gbps']:>9.1f}{r['copy_fraction']:>7.1%}"
-                          f"{(peak / 1e6 if peak is not None else float('nan')):>9.1f}{sp[0]:>10}{sp[1]:>11}"
-                          + (f"  CHECK: {r['check']}" if "check" in r else ""))
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                            else:  # a broken baseline is torch's problem: flagged, not our error
+                                warnings.append(f"{label} {provider}: check failed (time kept, flagged): {err}")
+                    fn = build_bench_fn(op, mode, f, sets, device)
+                    q = timer(fn)
+                    rec.update(median_ms=q[0], q20_ms=q[1], q80_ms=q[2], gbps=nbytes / (q[0] * 1e-3) / 1e9)
+                    rec["copy_fraction"] = rec["gbps"] / copy_bw["gbps"]
+                    rec["peak_extra_bytes"] = peak_extra_bytes(fn, device)
+                    del fn
+                except Exception as e:  # record and go on: one broken provider must not hide the rest
+                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    errors.append(f"{label} {provider}: {rec['error']}")
+                    traceback.print_exc(limit=3)
+                rows.append(rec)
+            del sets
+            base = {r["provider"]: r.get("median_ms") for r in rows}
+            for r in rows:
+                for b in BASELINES:
+                    ok = r.get("median_ms") and base.get(b)
+                    r[f"speedup_vs_{b}"] = base[b] / r["median_ms"] if ok else None
+            results.extend(rows)
+            print(f"\n== {label}: shape {shape}, {nbytes / 1e6:.1f} MB minimum traffic, {n_sets} input set(s)")
+            print(f"{'provider':<13}{'median ms':>11}{'q20':>9}{'q80':>9}{'GB/s':>9}{'copy':>7}"
+                  f"{'peak MB':>9}{'vs eager':>10}{'vs compile':>11}")
+            for r in rows:
+                if "error" in r:
+                    print(f"{r['provider']:<13} ERROR {r['error']}")
+                    continue
+                peak = r["peak_extra_bytes"]
+                sp = [f"{r[f'speedup_vs_{b}']:.2f}x" if r[f"speedup_vs_{b}"] else "-" for b in BASELINES]
+                print(f"{r['provider']:<13}{r['median_ms']:>11.4f}{r['q20_ms']:>9.4f}{r['q80_ms']:>9.4f}"
+                      f"{r['gbps']:>9.1f}{r['copy_fraction']:>7.1%}"
+                      f"{(peak / 1e6 if peak is not None else float('nan')):>9.1f}{sp[0]:>10}{sp[1]:>11}"
+                      + (f"  CHECK: {r['check']}" if "check" in r else ""))
+            if device == "cuda":
+                torch.cuda.empty_cache()
 
     summary(results, providers)
+    if warnings:
+        print(f"\n{len(warnings)} warning(s):\n  " + "\n  ".join(warnings))
     if skipped:
         print(f"\nskipped after --max-seconds={args.max_seconds}: {len(skipped)} configuration(s): {', '.join(skipped)}")
     if errors:
@@ -430,22 +462,41 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump({"metadata": meta, "results": results, "errors": errors, "skipped": skipped}, fh, indent=1)
+            json.dump({"metadata": meta, "results": results, "errors": errors, "warnings": warnings, "skipped": skipped},
+                      fh, indent=1)
         print(f"\nwrote {args.out} ({len(results)} records, {meta['elapsed_s']:.0f} s)")
     return 1 if errors else 0
 
 
+def planned(args, numel_nominal: int) -> list[tuple[str, dict, str]]:
+    """(op, variant, mode) to run at this size, in order: --ops order, then variants, then modes."""
+    out = []
+    for op in args.ops:
+        for var in variants(op, args.bins):
+            if op == "rq_spline" and numel_nominal * var["bins"] > args.spline_max_params:
+                continue
+            out.extend((op, var, mode) for mode in args.modes)
+    return out
+
+
 def summary(results: list[dict], providers: list[str]) -> None:
     """One line per configuration: each provider's median ms, the best pygen's copy fraction and speedups."""
-    print("\n== summary: median ms per provider; best pygen provider's fraction of copy bandwidth and speedups")
-    head = f"{'op/mode/size/dtype':<50}" + "".join(f"{p:>13}" for p in providers) + f"{'copy':>7}{'vs eager':>10}{'vs comp':>10}"
-    print(head)
+    print("\n== summary: median ms per provider (! = failed its sanity check); best pygen provider's "
+          "fraction of copy bandwidth and speedups")
     by_cfg: dict[str, dict[str, dict]] = {}
     for r in results:
-        key = f"{r['op']}/{r['mode']}/{size_label(r['numel_nominal'])}/{r['dtype']}"
+        var = {k: r[k] for k in ("direction", "bins") if r.get(k) is not None}
+        key = f"{variant_label(r['op'], **var)}/{r['mode']}/{size_label(r['numel_nominal'])}/{r['dtype']}"
         by_cfg.setdefault(key, {})[r["provider"]] = r
+    width = max([50] + [len(k) + 1 for k in by_cfg])
+    head = f"{'op/mode/size/dtype':<{width}}" + "".join(f"{p:>13}" for p in providers) + f"{'copy':>7}{'vs eager':>10}{'vs comp':>10}"
+    print(head)
+
+    def cell(r: dict) -> str:
+        return fmt_ms(r.get("median_ms")) + ("!" if r.get("check") else "")
+
     for key, rows in by_cfg.items():
-        line = f"{key:<50}" + "".join(f"{fmt_ms(rows.get(p, {}).get('median_ms')):>13}" for p in providers)
+        line = f"{key:<{width}}" + "".join(f"{cell(rows.get(p, {})):>13}" for p in providers)
         mine = [r for p, r in rows.items() if p.startswith("pygen-") and r.get("median_ms")]
         if mine:
             best = min(mine, key=lambda r: r["median_ms"])

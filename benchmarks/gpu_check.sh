@@ -16,6 +16,8 @@
 # run; the exit status is non-zero if any stage failed. The whole run is held under
 # PYGEN_CHECK_BUDGET seconds (default 420): each stage's time limit is cut to what is left,
 # and the benchmark stops starting new configurations in time.
+# PYGEN_BENCH_ARGS adds arguments to gpu_bench.py, e.g. the coupling ops first and alone:
+#   PYGEN_BENCH_ARGS="--ops rq_spline,affine_coupling --bf16-sizes=" bash benchmarks/gpu_check.sh
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -95,8 +97,9 @@ fi
 
 JSON="$OUT_DIR/gpu-$STAMP.json"
 BENCH_LEFT=$(($(left) - 10))
+# shellcheck disable=SC2086  # PYGEN_BENCH_ARGS is split into words on purpose
 SHOW_FROM="^== summary" TAIL_LINES=30 stage bench "$BENCH_LEFT" "$PY" benchmarks/gpu_bench.py --out "$JSON" \
-  --max-seconds $((BENCH_LEFT - 45)) || true
+  --max-seconds $((BENCH_LEFT - 45)) ${PYGEN_BENCH_ARGS:-} || true
 if [ -f "$JSON" ]; then
   SLUG="$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['metadata']['device_slug'])" "$JSON")"
   cp "$JSON" "$OUT_DIR/results/$SLUG-$STAMP.json"

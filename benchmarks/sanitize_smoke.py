@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every Gaussian op, forward and backward, once per CUDA backend, on odd shapes.
+"""Every op, forward and backward, once per CUDA backend, on odd shapes.
 
 Meant to run under compute-sanitizer (benchmarks/gpu_check.sh does):
 
@@ -9,7 +9,13 @@ Meant to run under compute-sanitizer (benchmarks/gpu_check.sh does):
 (without the caching allocator every tensor is its own allocation, so an out-of-bounds
 access is reported instead of landing in a neighbour inside a cached block). The shapes are
 small and ragged (3 x 37, 2 x 5000, ...) so that tails, single-element rows and rows longer
-than one block are all exercised. Exits 0 and prints "ok" when everything ran.
+than one block are all exercised. The Gaussian ops, then the coupling ops in both
+directions: affine_coupling plain and with a soft clamp and a broadcast mask (the
+grad_shift-writing path), rq_spline with K = 5 and x spread over the tails (``--ops``
+picks gaussian and/or coupling). Exits 0 and prints "ok" when everything ran.
+
+``--device cpu --backends cpp --dtypes float32`` runs the same calls on the CPU: a check of
+the script itself, not of the CUDA kernels.
 """
 
 from __future__ import annotations
@@ -22,14 +28,30 @@ import torch
 import pygen
 
 SHAPES = [(3, 37), (2, 5000), (1, 1), (5, 3, 7), (7, 1)]
+SPLINE_BINS = 5  # odd, and not a power of two
+GROUPS = ("gaussian", "coupling")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def run_once(backend: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    g = torch.Generator(device="cuda").manual_seed(0)
+def run_once(backend: str, dtype: torch.dtype, shape: tuple[int, ...], groups=GROUPS, device: str = "cuda") -> None:
+    g = torch.Generator(device=device).manual_seed(0)
 
     def leaf(*s, scale=0.5, shift=0.0):
-        return (scale * torch.randn(s, generator=g, device="cuda") + shift).to(dtype).requires_grad_(True)
+        return (scale * torch.randn(s, generator=g, device=device) + shift).to(dtype).requires_grad_(True)
+
+    if "gaussian" in groups:
+        run_gaussian(backend, dtype, shape, leaf, g, device)
+    if "coupling" in groups:
+        run_coupling(backend, dtype, shape, leaf, g, device)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_gaussian(backend: str, dtype: torch.dtype, shape: tuple[int, ...], leaf, g, device: str) -> None:
+    """reparameterize, gaussian_kl (with and without a prior), reparameterize_kl; forward + backward."""
 
     mu, lv = leaf(*shape), leaf(*shape, shift=-0.5)
     pm, pl = leaf(*shape[1:]), leaf(shape[0], *shape[1:])  # a learned (D...) prior mean, a per-sample prior
@@ -39,26 +61,54 @@ def run_once(backend: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     klp = ops.gaussian_kl(mu, lv, pm, pl, backend=backend)
     z2, kl2 = ops.reparameterize_kl(mu, lv, backend=backend, seed=2)
     outs = [z, kl, klp, z2, kl2]
-    grads = [torch.randn(o.shape, generator=g, device="cuda").to(dtype) for o in outs]
+    grads = [torch.randn(o.shape, generator=g, device=device).to(dtype) for o in outs]
     torch.autograd.backward(outs, grads)
     # reparameterize_kl with only one of its outputs used (the other gradient is None)
     z3, kl3 = ops.reparameterize_kl(mu, lv, backend=backend, seed=3)
     torch.autograd.backward([z3], [grads[0]])
     z4, kl4 = ops.reparameterize_kl(mu, lv, backend=backend, seed=4)
     torch.autograd.backward([kl4], [grads[1]])
-    torch.cuda.synchronize()
+    sync(device)
     for name, t in (("mu.grad", mu.grad), ("logvar.grad", lv.grad), ("prior_mu.grad", pm.grad),
                     ("prior_logvar.grad", pl.grad)):
         if t is None or not torch.isfinite(t.float()).all():
             raise AssertionError(f"{backend} {dtype} {shape}: {name} is missing or not finite")
 
 
+def run_coupling(backend: str, dtype: torch.dtype, shape: tuple[int, ...], leaf, g, device: str) -> None:
+    """affine_coupling and rq_spline, forward + backward, both directions."""
+    ops = pygen.ops
+    k = SPLINE_BINS
+    for inverse in (False, True):
+        x, t, s = leaf(*shape, scale=1.0), leaf(*shape), leaf(*shape)
+        outs = list(ops.affine_coupling(x, t, s, inverse=inverse, backend=backend))
+        # soft clamp and a mask broadcast over the batch: the path that writes grad_shift
+        mask = (torch.arange(shape[-1], device=device) % 2).to(dtype).expand(shape[1:])
+        outs += ops.affine_coupling(x, t, s, inverse=inverse, soft_clamp=2.0, mask=mask, backend=backend)
+        xs = leaf(*shape, scale=2.0)  # about 13% of it beyond the tail bound 3
+        w, h, d = leaf(*shape, k, scale=1.0), leaf(*shape, k, scale=1.0), leaf(*shape, k - 1, scale=1.0)
+        outs += ops.rq_spline(xs, w, h, d, inverse=inverse, backend=backend)
+        grads = [torch.randn(o.shape, generator=g, device=device).to(dtype) for o in outs]
+        torch.autograd.backward(outs, grads)
+        sync(device)
+        for name, leaf_t in (("x", x), ("shift", t), ("log_scale", s), ("spline x", xs), ("widths", w),
+                             ("heights", h), ("derivatives", d)):
+            if leaf_t.grad is None or not torch.isfinite(leaf_t.grad.float()).all():
+                raise AssertionError(f"{backend} {dtype} {shape} inverse={inverse}: {name}.grad is missing or not finite")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="cuda,triton", help="comma list; unavailable ones are skipped")
     p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma list from {','.join(DTYPES)}")
+    p.add_argument("--ops", default=",".join(GROUPS), help=f"comma list from {','.join(GROUPS)} (default both)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu (with --backends cpp) checks the script itself")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    groups = [x for x in args.ops.split(",") if x]
+    if bad := [x for x in groups if x not in GROUPS]:
+        p.error(f"--ops: unknown {bad}; choose from {GROUPS}")
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     avail = pygen.available_backends()
@@ -70,9 +120,9 @@ def main(argv=None) -> int:
     for backend in backends:
         for dname in args.dtypes.split(","):
             for shape in SHAPES:
-                run_once(backend, DTYPES[dname], shape)
+                run_once(backend, DTYPES[dname], shape, groups, args.device)
                 n += 1
-    print(f"ok: {n} runs, backends {backends}, dtypes {args.dtypes}, shapes {SHAPES}")
+    print(f"ok: {n} runs, ops {groups}, backends {backends}, dtypes {args.dtypes}, shapes {SHAPES}")
     return 0
 
 
