@@ -22,11 +22,11 @@ namespace {
 template <typename T, bool INVERSE, bool CLAMP, bool MASK>
 void forward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
-  const T* x = static_cast<const T*>(a.x);
-  const T* sh = static_cast<const T*>(a.shift);
-  const T* ls = static_cast<const T*>(a.log_scale);
-  const T* mk = static_cast<const T*>(a.mask);
-  T* y = static_cast<T*>(a.y);
+  const T* __restrict x = static_cast<const T*>(a.x);
+  const T* __restrict sh = static_cast<const T*>(a.shift);
+  const T* __restrict ls = static_cast<const T*>(a.log_scale);
+  const T* __restrict mk = static_cast<const T*>(a.mask);
+  T* __restrict y = static_cast<T*>(a.y);
   const T c = static_cast<T>(a.soft_clamp);
 
   for_each_row_chunk<T>(a.rows, cols, parallel_for, static_cast<T*>(a.logdet), INVERSE ? T(-1) : T(1),
@@ -63,43 +63,50 @@ void forward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
 template <typename T, bool INVERSE, bool CLAMP, bool MASK, bool WRITE_GSHIFT>
 void backward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
-  const T* x = static_cast<const T*>(a.x);
-  const T* sh = static_cast<const T*>(a.shift);
-  const T* ls = static_cast<const T*>(a.log_scale);
-  const T* mk = static_cast<const T*>(a.mask);
-  const T* gy = static_cast<const T*>(a.grad_y);
-  const T* gld = static_cast<const T*>(a.grad_logdet);
-  T* gx = static_cast<T*>(a.grad_x);
-  T* gt = static_cast<T*>(a.grad_shift);
-  T* gls = static_cast<T*>(a.grad_log_scale);
+  const T* __restrict x = static_cast<const T*>(a.x);
+  const T* __restrict sh = static_cast<const T*>(a.shift);
+  const T* __restrict ls = static_cast<const T*>(a.log_scale);
+  const T* __restrict mk = static_cast<const T*>(a.mask);
+  const T* __restrict gy = static_cast<const T*>(a.grad_y);
+  const T* __restrict gld = static_cast<const T*>(a.grad_logdet);
+  T* __restrict gx = static_cast<T*>(a.grad_x);
+  T* __restrict gt = static_cast<T*>(a.grad_shift);
+  T* __restrict gls = static_cast<T*>(a.grad_log_scale);
   const T c = static_cast<T>(a.soft_clamp);
 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
     const T g_logdet = gld[r];
     const int64_t i0 = r * cols + c0;
+    // row-local restrict pointers: the vectoriser cannot see through the lambda's captures
+    const T* __restrict xr = x + i0;
+    const T* __restrict tr = sh + i0;
+    const T* __restrict lr = ls + i0;
+    const T* __restrict gyr = gy + i0;
+    T* __restrict gxr = gx + i0;
+    T* __restrict gtr = WRITE_GSHIFT ? gt + i0 : nullptr;
+    T* __restrict glr = gls + i0;
     for (int64_t j = 0; j < c1 - c0; ++j) {
-      const int64_t i = i0 + j;
       T s, ds = T(1);
       if constexpr (CLAMP) {
-        soft_clamp(c, ls[i], s, ds, CExp{});
+        soft_clamp(c, lr[j], s, ds, CExp{});
       } else {
-        s = ls[i];
+        s = lr[j];
       }
       T m = T(1);
       if constexpr (MASK) m = mk[r * a.mask_stride_row + (c0 + j) * a.mask_stride_col];
       s *= m;
-      const T g = gy[i];
+      const T g = gyr[j];
       if constexpr (INVERSE) {
         const T e = cexp(-s);
-        const T yv = (x[i] - sh[i] * m) * e;
-        gx[i] = g * e;
-        if constexpr (WRITE_GSHIFT) gt[i] = -g * e * m;
-        gls[i] = (-g * yv - g_logdet) * m * ds;
+        const T yv = (xr[j] - tr[j] * m) * e;
+        gxr[j] = g * e;
+        if constexpr (WRITE_GSHIFT) gtr[j] = -g * e * m;
+        glr[j] = (-g * yv - g_logdet) * m * ds;
       } else {
         const T e = cexp(s);
-        gx[i] = g * e;
-        if constexpr (WRITE_GSHIFT) gt[i] = g * m;
-        gls[i] = (g * x[i] * e + g_logdet) * m * ds;
+        gxr[j] = g * e;
+        if constexpr (WRITE_GSHIFT) gtr[j] = g * m;
+        glr[j] = (g * xr[j] * e + g_logdet) * m * ds;
       }
     }
     return T(0);

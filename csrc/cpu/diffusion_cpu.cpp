@@ -16,11 +16,11 @@ namespace {
 template <typename T>
 void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
-  const T* mo = static_cast<const T*>(a.model_output);
-  const T* x = static_cast<const T*>(a.sample);
-  const T* given = static_cast<const T*>(a.noise);
-  T* prev = static_cast<T*>(a.prev_sample);
-  T* x0_out = static_cast<T*>(a.pred_original);
+  const T* __restrict mo = static_cast<const T*>(a.model_output);
+  const T* __restrict x = static_cast<const T*>(a.sample);
+  const T* __restrict given = static_cast<const T*>(a.noise);
+  T* __restrict prev = static_cast<T*>(a.prev_sample);
+  T* __restrict x0_out = static_cast<T*>(a.pred_original);
   const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
@@ -46,8 +46,8 @@ void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
 template <typename T>
 void q_sample_kernel(const LossArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
-  const T* x0 = static_cast<const T*>(a.x0);
-  T* xt = static_cast<T*>(a.x_t);
+  const T* __restrict x0 = static_cast<const T*>(a.x0);
+  T* __restrict xt = static_cast<T*>(a.x_t);
   const uint64_t seed = static_cast<uint64_t>(*a.seed);
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
     alignas(64) float eps[kBlock];
@@ -67,13 +67,13 @@ void q_sample_kernel(const LossArgs& a, const ParallelFor& parallel_for) {
 template <typename T>
 void mse_kernel(const LossArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
-  const T* x0 = static_cast<const T*>(a.x0);
-  const T* mo = static_cast<const T*>(a.model_output);
-  const T* gl = static_cast<const T*>(a.grad_loss);
-  T* gmo = static_cast<T*>(a.grad_model_output);
-  T* gx0 = static_cast<T*>(a.grad_x0);
+  const T* __restrict x0 = static_cast<const T*>(a.x0);
+  const T* __restrict mo = static_cast<const T*>(a.model_output);
+  const T* __restrict gl = static_cast<const T*>(a.grad_loss);
+  T* __restrict gmo = static_cast<T*>(a.grad_model_output);
+  T* __restrict gx0 = static_cast<T*>(a.grad_x0);
   const uint64_t seed = static_cast<uint64_t>(*a.seed);
-  T* loss = static_cast<T*>(a.loss);
+  T* __restrict loss = static_cast<T*>(a.loss);
   // the row's scale (w / N) is applied per row inside the task, so the reduction scale is 1
   for_each_row_chunk<T>(a.rows, cols, parallel_for, loss, T(1), [&](int64_t r, int64_t c0, int64_t c1) {
     alignas(64) float eps[kBlock];

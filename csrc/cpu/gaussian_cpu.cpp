@@ -23,11 +23,11 @@ namespace {
 template <typename T, bool SAMPLE, bool KL, bool PRIOR>
 void forward_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
-  const T* mu = static_cast<const T*>(a.mu);
-  const T* lv = static_cast<const T*>(a.logvar);
-  const T* pmu = static_cast<const T*>(a.prior_mu);
-  const T* plv = static_cast<const T*>(a.prior_logvar);
-  T* z = static_cast<T*>(a.z);
+  const T* __restrict mu = static_cast<const T*>(a.mu);
+  const T* __restrict lv = static_cast<const T*>(a.logvar);
+  const T* __restrict pmu = static_cast<const T*>(a.prior_mu);
+  const T* __restrict plv = static_cast<const T*>(a.prior_logvar);
+  T* __restrict z = static_cast<T*>(a.z);
   const uint64_t seed = SAMPLE ? static_cast<uint64_t>(*a.seed) : 0;
 
   for_each_row_chunk<T>(a.rows, cols, parallel_for, static_cast<T*>(a.kl), T(0.5), [&](int64_t r, int64_t c0, int64_t c1) {
@@ -60,16 +60,16 @@ void forward_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
 template <typename T, bool GZ, bool GKL, bool PRIOR, bool WRITE_GMU>
 void backward_kernel(const GaussianBwdArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
-  const T* mu = static_cast<const T*>(a.mu);
-  const T* lv = static_cast<const T*>(a.logvar);
-  const T* pmu = static_cast<const T*>(a.prior_mu);
-  const T* plv = static_cast<const T*>(a.prior_logvar);
-  const T* gz = static_cast<const T*>(a.grad_z);
-  const T* gkl = static_cast<const T*>(a.grad_kl);
-  T* gmu = static_cast<T*>(a.grad_mu);
-  T* glv = static_cast<T*>(a.grad_logvar);
-  T* gpmu = static_cast<T*>(a.grad_prior_mu);
-  T* gplv = static_cast<T*>(a.grad_prior_logvar);
+  const T* __restrict mu = static_cast<const T*>(a.mu);
+  const T* __restrict lv = static_cast<const T*>(a.logvar);
+  const T* __restrict pmu = static_cast<const T*>(a.prior_mu);
+  const T* __restrict plv = static_cast<const T*>(a.prior_logvar);
+  const T* __restrict gz = static_cast<const T*>(a.grad_z);
+  const T* __restrict gkl = static_cast<const T*>(a.grad_kl);
+  T* __restrict gmu = static_cast<T*>(a.grad_mu);
+  T* __restrict glv = static_cast<T*>(a.grad_logvar);
+  T* __restrict gpmu = static_cast<T*>(a.grad_prior_mu);
+  T* __restrict gplv = static_cast<T*>(a.grad_prior_logvar);
   const uint64_t seed = GZ ? static_cast<uint64_t>(*a.seed) : 0;
 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
