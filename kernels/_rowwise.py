@@ -26,6 +26,18 @@ def load_acc(ptr, idx, mask, ACC_F64: tl.constexpr):
         return x.to(tl.float32)
 
 
+@triton.jit
+def tile(rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of the (rows, cols) view: (chunk index, row ids [R], rows [R, 1],
+    columns [1, C], in-bounds mask [R, C], flat element indices [R, C]), int64 throughout."""
+    pid_c = tl.program_id(1).to(tl.int64)
+    r1 = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r = r1[:, None]
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+    inb = (r < rows) & (c < cols)
+    return pid_c, r1, r, c, inb, r * cols + c
+
+
 def tiles(rows: int, cols: int) -> tuple[int, int, int, tuple[int, int]]:
     block_c = min(triton.next_power_of_2(max(cols, 1)), _TILE)
     block_c = max(block_c, triton.next_power_of_2(triton.cdiv(cols, _MAX_GRID_1)))

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rowwise import empty, load_acc, prior_2d, rows_cols, tiles
+from ._rowwise import empty, load_acc, prior_2d, rows_cols, tile, tiles
 
 
 @triton.jit
@@ -31,13 +31,7 @@ def _affine_fwd_kernel(
     INVERSE: tl.constexpr, CLAMP: tl.constexpr, MASK: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r = r1[:, None]
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    inb = (r < rows) & (c < cols)
-    idx = r * cols + c
+    pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     x = load_acc(x_ptr, idx, inb, ACC_F64)
     t = load_acc(t_ptr, idx, inb, ACC_F64)
     s, _ = _clamped(load_acc(ls_ptr, idx, inb, ACC_F64), clamp, CLAMP)
@@ -66,12 +60,7 @@ def _affine_bwd_kernel(
     INVERSE: tl.constexpr, CLAMP: tl.constexpr, MASK: tl.constexpr, WRITE_GSHIFT: tl.constexpr,
     ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64))[:, None]
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    inb = (r < rows) & (c < cols)
-    idx = r * cols + c
+    _, _, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     s, ds = _clamped(load_acc(ls_ptr, idx, inb, ACC_F64), clamp, CLAMP)
     m = s * 0.0 + 1.0
     if MASK:

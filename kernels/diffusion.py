@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rowwise import empty, load_acc, rows_cols, tiles
+from ._rowwise import empty, load_acc, rows_cols, tile, tiles
 from .philox import randn_at
 
 
@@ -25,9 +25,7 @@ def _alpha_step_kernel(
     GIVEN: tl.constexpr, DRAW: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
     t = tl.load(t_ptr + r1, mask=rmask, other=0)
     tp = tl.load(tp_ptr + r1, mask=rmask, other=0)
@@ -52,10 +50,6 @@ def _alpha_step_kernel(
         else:
             var = beta
         c_noise = tl.where(t > 0, _sqrt0(var), 0.0)
-    r = r1[:, None]
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    inb = (r < rows) & (c < cols)
-    idx = r * cols + c
     mo = load_acc(mo_ptr, idx, inb, ACC_F64)
     x = load_acc(x_ptr, idx, inb, ACC_F64)
     sa2, sb2 = sa[:, None], sb[:, None]
@@ -124,14 +118,8 @@ def _loss_row(table_ptr, t_ptr, r1, rmask, PRED: tl.constexpr, SNR: tl.constexpr
 @triton.jit
 def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, offset,
                      ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     sa, sb, _ = _loss_row(table_ptr, t_ptr, r1, r1 < rows, 0, False, 0.0, ACC_F64)
-    r = r1[:, None]
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    inb = (r < rows) & (c < cols)
-    idx = r * cols + c
     x0 = load_acc(x0_ptr, idx, inb, ACC_F64)
     eps = randn_at(tl.load(seed_ptr), offset + idx).to(x0.dtype)
     tl.store(xt_ptr + idx, (sa[:, None] * x0 + sb[:, None] * eps).to(xt_ptr.dtype.element_ty), mask=inb)
@@ -142,16 +130,10 @@ def _mse_kernel(mo_ptr, x0_ptr, table_ptr, t_ptr, seed_ptr, gl_ptr, loss_ptr, pa
                 rows, cols, offset, gamma, chunks,
                 PRED: tl.constexpr, SNR: tl.constexpr, BACKWARD: tl.constexpr, ACC_F64: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
     sa, sb, w = _loss_row(table_ptr, t_ptr, r1, rmask, PRED, SNR, gamma, ACC_F64)
     scale = (w / cols)[:, None]
-    r = r1[:, None]
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    inb = (r < rows) & (c < cols)
-    idx = r * cols + c
     x0 = load_acc(x0_ptr, idx, inb, ACC_F64)
     mo = load_acc(mo_ptr, idx, inb, ACC_F64)
     eps = randn_at(tl.load(seed_ptr), offset + idx).to(x0.dtype)

@@ -18,6 +18,7 @@ from ._rowwise import empty as _empty
 from ._rowwise import load_acc as _load
 from ._rowwise import prior_2d as _prior_2d
 from ._rowwise import rows_cols as _rows_cols
+from ._rowwise import tile
 from ._rowwise import tiles as _tiles
 
 
@@ -28,13 +29,7 @@ def _gaussian_fwd_kernel(
     SAMPLE: tl.constexpr, KL: tl.constexpr, PRIOR: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r = r1[:, None]
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    mask = (r < rows) & (c < cols)
-    idx = r * cols + c
+    pid_c, r1, r, c, mask, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     m = _load(mu_ptr, idx, mask, ACC_F64)
     lv = _load(lv_ptr, idx, mask, ACC_F64)
     if SAMPLE:
@@ -65,13 +60,7 @@ def _gaussian_bwd_kernel(
     GZ: tl.constexpr, GKL: tl.constexpr, PRIOR: tl.constexpr, WRITE_GMU: tl.constexpr,
     ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r = r1[:, None]
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
-    mask = (r < rows) & (c < cols)
-    idx = r * cols + c
+    pid_c, r1, r, c, mask, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     lv = _load(lv_ptr, idx, mask, ACC_F64)
     g_mu = lv * 0.0
     g_lv = lv * 0.0
