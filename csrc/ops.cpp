@@ -133,6 +133,7 @@ const char* spline_forward(const SplineArgs&, void*) { return "no CUDA"; }
 const char* spline_backward(const SplineArgs&, void*) { return "no CUDA"; }
 size_t spline_forward_workspace_bytes(const SplineArgs&) { return 0; }
 const char* alpha_step(const StepArgs&, void*) { return "no CUDA"; }
+const char* sigma_step(const SigmaStepArgs&, void*) { return "no CUDA"; }
 const char* q_sample(const LossArgs&, void*) { return "no CUDA"; }
 const char* diffusion_mse(const LossArgs&, void*) { return "no CUDA"; }
 size_t diffusion_mse_workspace_bytes(const LossArgs&) { return 0; }
@@ -513,6 +514,56 @@ std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& 
   return {prev, x0};
 }
 
+std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& sample, const Tensor& sigmas,
+                                      const Tensor& index, const std::optional<Tensor>& prev_x0, int64_t kind,
+                                      int64_t prediction, double gamma, double s_tmin, double s_tmax, double s_noise,
+                                      const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
+                                      int64_t offset) {
+  check_float(sample, "sample");
+  check_like(model_output, sample, "model_output");
+  const Rows rc = rows_of(sample);
+  TORCH_CHECK(kind >= 0 && kind <= 3 && prediction >= 0 && prediction <= 2, "pygen: bad step kind or prediction");
+  TORCH_CHECK(sigmas.dim() == 1 && sigmas.size(0) >= 2 && sigmas.device() == sample.device() &&
+                  (sigmas.scalar_type() == at::kFloat || sigmas.scalar_type() == at::kDouble),
+              "pygen: sigmas must be a 1-D float32/float64 tensor of at least 2 entries on ", sample.device());
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == rc.rows &&
+                  index.device() == sample.device(),
+              "pygen: index must be an int64 tensor of shape (", rc.rows, ",) on ", sample.device());
+  if (prev_x0.has_value()) check_like(*prev_x0, sample, "prev_x0");
+  if (noise.has_value()) check_like(*noise, sample, "noise");
+  if (seed.has_value()) check_seed(*seed, sample);
+  const Tensor mo = model_output.contiguous(), x = sample.contiguous(), table = sigmas.contiguous();
+  const Tensor ic = index.contiguous();
+  const Tensor px = prev_x0.has_value() ? prev_x0->contiguous() : Tensor();
+  const Tensor nz = noise.has_value() ? noise->contiguous() : Tensor();
+  const Tensor sd = seed.has_value() ? seed->contiguous() : Tensor();
+  Tensor prev = new_output(x.sizes(), x), x0 = new_output(x.sizes(), x);
+  SigmaStepArgs a;
+  a.rows = rc.rows;
+  a.cols = rc.cols;
+  a.dtype = dtype_of(x);
+  a.kind = static_cast<SigmaKind>(kind);
+  a.prediction = static_cast<Prediction>(prediction);
+  a.gamma = gamma;
+  a.s_tmin = s_tmin;
+  a.s_tmax = s_tmax;
+  a.s_noise = s_noise;
+  a.model_output = mo.const_data_ptr();
+  a.sample = x.const_data_ptr();
+  a.prev_x0 = px.defined() ? px.const_data_ptr() : nullptr;
+  a.sigmas = table.const_data_ptr();
+  a.table_f64 = table.scalar_type() == at::kDouble;
+  a.num_sigmas = table.size(0);
+  a.index = ic.const_data_ptr<int64_t>();
+  a.noise = nz.defined() ? nz.const_data_ptr() : nullptr;
+  a.seed = sd.defined() ? sd.const_data_ptr<int64_t>() : nullptr;
+  a.offset = static_cast<uint64_t>(offset);
+  a.prev_sample = prev.data_ptr();
+  a.pred_original = x0.data_ptr();
+  if (rc.rows * rc.cols > 0) launch(x, a, &cpu::sigma_step, &cuda::sigma_step);
+  return {prev, x0};
+}
+
 // ---- diffusion training: q_sample and the per-sample weighted MSE ----------------------
 
 Rows loss_args(const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t, const Tensor& seed, int64_t offset,
@@ -630,6 +681,10 @@ TORCH_LIBRARY(pygen, m) {
       "alpha_step(Tensor model_output, Tensor sample, Tensor alphas_cumprod, Tensor t, Tensor prev_t, "
       "float final_alpha_cumprod, int kind, int prediction, float eta, float clip_range, bool clipped_eps, "
       "Tensor? noise, Tensor? seed, int offset) -> (Tensor, Tensor)");
+  m.def(
+      "sigma_step(Tensor model_output, Tensor sample, Tensor sigmas, Tensor index, Tensor? prev_x0, int kind, "
+      "int prediction, float gamma, float s_tmin, float s_tmax, float s_noise, Tensor? noise, Tensor? seed, "
+      "int offset) -> (Tensor, Tensor)");
   m.def("q_sample(Tensor x0, Tensor alphas_cumprod, Tensor t, Tensor seed, int offset) -> Tensor");
   m.def(
       "diffusion_mse(Tensor model_output, Tensor x0, Tensor alphas_cumprod, Tensor t, Tensor seed, int offset, "
@@ -651,6 +706,7 @@ TORCH_LIBRARY(pygen, m) {
   m.impl("rq_spline", &rq_spline);                                   \
   m.impl("rq_spline_backward", &rq_spline_backward);                 \
   m.impl("alpha_step", &alpha_step);                                 \
+  m.impl("sigma_step", &sigma_step);                                 \
   m.impl("q_sample", &q_sample);                                     \
   m.impl("diffusion_mse", &diffusion_mse);                           \
   m.impl("diffusion_mse_backward", &diffusion_mse_backward);

@@ -1,6 +1,7 @@
-"""Triton kernel for the alpha-space sampler steps (DDPM, DDIM): the formulas of
-csrc/include/pygen/diffusion.h, per-sample coefficients gathered from the schedule table
-inside the kernel, Philox noise drawn in-kernel (or read when given)."""
+"""Triton kernels for the sampler steps (DDPM, DDIM; Euler, Euler-ancestral, DPM-Solver++ 2M)
+and the training ops: the formulas of csrc/include/pygen/diffusion.h, per-sample coefficients
+gathered from the schedule table inside the kernel, Philox noise drawn in-kernel (or read
+when given)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,111 @@ def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cump
         seed if seed is not None else t, prev, x0, rows, cols, offset, float(final_alpha_cumprod), float(eta),
         float(clip_range), KIND=kind, PRED=prediction, CLIP=clip_range > 0, CLIPPED_EPS=clipped_eps,
         GIVEN=noise is not None, DRAW=noise is None and seed is not None, ACC_F64=acc64,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return prev, x0
+
+
+@triton.jit
+def _sigma_step_kernel(
+    mo_ptr, x_ptr, px0_ptr, sig_ptr, idx_ptr, noise_ptr, seed_ptr, prev_ptr, x0_ptr,
+    rows, cols, offset, gamma, s_tmin, s_tmax, s_noise,
+    KIND: tl.constexpr, PRED: tl.constexpr, HAS_PREV: tl.constexpr, GIVEN: tl.constexpr, DRAW: tl.constexpr,
+    ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """csrc/include/pygen/diffusion.h's sigma_coeffs / sigma_element on a tile."""
+    pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
+    rmask = r1 < rows
+    i = tl.load(idx_ptr + r1, mask=rmask, other=0)
+    s = load_acc(sig_ptr, i, rmask, ACC_F64)
+    sn = load_acc(sig_ptr, i + 1, rmask, ACC_F64)
+    s = tl.where(rmask, s, 1.0)  # keep masked-out rows finite
+    zero = s * 0.0
+    churn = zero
+    c_noise = zero
+    mo = load_acc(mo_ptr, idx, inb, ACC_F64)
+    x = load_acc(x_ptr, idx, inb, ACC_F64)
+    z = mo * 0.0
+    if GIVEN:
+        z = load_acc(noise_ptr, idx, inb, ACC_F64)
+    if DRAW:
+        z = randn_at(tl.load(seed_ptr), offset + idx).to(x.dtype)
+    if KIND <= 1:  # Euler, Euler-ancestral: sample in sigma space
+        s_hat = s
+        if KIND == 0:
+            g = tl.where((s >= s_tmin) & (s <= s_tmax), gamma, 0.0)
+            s_hat = s * (g + 1.0)
+            churn = tl.where(g > 0.0, _sqrt0(s_hat * s_hat - s * s) * s_noise, 0.0)
+            c_dx = (sn - s_hat) / s_hat
+        else:
+            up = _sqrt0(sn * sn * (s * s - sn * sn) / (s * s))
+            down = _sqrt0(sn * sn - up * up)
+            c_dx = (down - s) / s
+            c_noise = up
+        if PRED == 0:
+            px = zero + 1.0
+            pm = -s_hat
+        elif PRED == 1:
+            px = zero
+            pm = zero + 1.0
+        else:
+            s2 = s * s + 1.0
+            px = 1.0 / s2
+            pm = -s / tl.sqrt(s2)
+        xh = x + churn[:, None] * z
+        x0 = px[:, None] * xh + pm[:, None] * mo
+        prev = xh + c_dx[:, None] * (xh - x0) + c_noise[:, None] * z
+    else:  # DPM-Solver++ 2M on the VP sample
+        al = 1.0 / tl.sqrt(s * s + 1.0)
+        aln = 1.0 / tl.sqrt(sn * sn + 1.0)
+        em1 = sn / s - 1.0
+        c_x = sn * aln / (s * al)
+        c_x0 = -aln * em1
+        if PRED == 0:
+            px = 1.0 / al
+            pm = -s
+        elif PRED == 1:
+            px = zero
+            pm = zero + 1.0
+        else:
+            px = al
+            pm = -s * al
+        x0 = px[:, None] * x + pm[:, None] * mo
+        prev = c_x[:, None] * x + c_x0[:, None] * x0
+        if HAS_PREV:
+            second = (i >= 1) & (sn > 0.0) & rmask
+            sp = load_acc(sig_ptr, tl.maximum(i - 1, 0), rmask, ACC_F64)
+            h = tl.log(s / tl.where(second, sn, 0.5 * s))
+            r = tl.log(tl.where(second, sp, 2.0 * s) / s) / h
+            if KIND == 2:
+                c_d = -aln * em1 / (2.0 * r)
+            else:
+                c_d = aln * (em1 / h + 1.0) / r
+            c_d = tl.where(second, c_d, 0.0)
+            p = load_acc(px0_ptr, idx, inb & second[:, None], ACC_F64)
+            prev += c_d[:, None] * (x0 - p)
+    tl.store(prev_ptr + idx, prev.to(prev_ptr.dtype.element_ty), mask=inb)
+    tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=inb)
+
+
+def sigma_step(model_output, sample, sigmas, index, prev_x0, kind, prediction, gamma, s_tmin, s_tmax, s_noise,
+               noise, seed, offset) -> tuple[torch.Tensor, torch.Tensor]:
+    mo, x = model_output.contiguous(), sample.contiguous()
+    rows, cols = rows_cols(x)
+    prev, x0 = empty(x.shape, x), empty(x.shape, x)
+    if rows * cols == 0:
+        return prev, x0
+    block_r, block_c, _, grid = tiles(rows, cols)
+    acc64 = x.dtype == torch.float64
+    table = sigmas.to(torch.float64 if acc64 else torch.float32).contiguous()
+    # noise matters only where a row is noisy; the kernel draws or reads it for whole tiles
+    noisy = kind == 1 or (kind == 0 and gamma > 0)
+    _sigma_step_kernel[grid](
+        mo, x, prev_x0.contiguous() if prev_x0 is not None else x, table, index.contiguous(),
+        noise.contiguous() if noise is not None else x, seed if seed is not None else index, prev, x0,
+        rows, cols, offset, float(gamma), float(s_tmin), float(s_tmax), float(s_noise),
+        KIND=kind, PRED=prediction, HAS_PREV=prev_x0 is not None and kind >= 2,
+        GIVEN=noisy and noise is not None, DRAW=noisy and noise is None and seed is not None, ACC_F64=acc64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return prev, x0

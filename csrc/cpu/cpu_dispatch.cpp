@@ -67,6 +67,7 @@ void affine_backward(const AffineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DIS
 void spline_forward(const SplineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(spline_forward, a, pf) }
 void spline_backward(const SplineArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(spline_backward, a, pf) }
 void alpha_step(const StepArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(alpha_step, a, pf) }
+void sigma_step(const SigmaStepArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(sigma_step, a, pf) }
 void q_sample(const LossArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(q_sample, a, pf) }
 void diffusion_mse(const LossArgs& a, const ParallelFor& pf) { PYGEN_CPU_DISPATCH(diffusion_mse, a, pf) }
 

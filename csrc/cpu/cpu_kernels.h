@@ -26,6 +26,7 @@ using ParallelFor =
   void spline_forward(const SplineArgs& a, const ParallelFor& pf);         \
   void spline_backward(const SplineArgs& a, const ParallelFor& pf);        \
   void alpha_step(const StepArgs& a, const ParallelFor& pf);               \
+  void sigma_step(const SigmaStepArgs& a, const ParallelFor& pf);          \
   void q_sample(const LossArgs& a, const ParallelFor& pf);                 \
   void diffusion_mse(const LossArgs& a, const ParallelFor& pf);            \
   }
@@ -42,6 +43,7 @@ void affine_backward(const AffineArgs& a, const ParallelFor& pf);
 void spline_forward(const SplineArgs& a, const ParallelFor& pf);
 void spline_backward(const SplineArgs& a, const ParallelFor& pf);
 void alpha_step(const StepArgs& a, const ParallelFor& pf);
+void sigma_step(const SigmaStepArgs& a, const ParallelFor& pf);
 void q_sample(const LossArgs& a, const ParallelFor& pf);
 void diffusion_mse(const LossArgs& a, const ParallelFor& pf);
 

@@ -1,6 +1,8 @@
-// CPU kernel for the alpha-space sampler steps (DDPM, DDIM): pygen/diffusion.h's math,
+// CPU kernels for the sampler steps (DDPM, DDIM; Euler, Euler-ancestral, DPM-Solver++ 2M): pygen/diffusion.h's math,
 // coefficients per sample from the schedule table, noise drawn in-kernel (or given).
 // Compiled once per ISA like the other CPU kernels.
+#include <type_traits>
+
 #include "cpu_kernels.h"
 #include "noise.h"
 #include "pygen/diffusion.h"
@@ -13,30 +15,62 @@
 namespace pygen::cpu::PYGEN_CPU_ISA {
 namespace {
 
+// One block's noise as a pointer that the element loop reads unconditionally (a conditional
+// load inside the loop would keep it from vectorising): the given noise, in-kernel normals
+// (counters ctr .. ctr + n - 1) or zeros.
+template <typename T>
+struct BlockNoise {
+  alignas(64) float eps[kBlock];
+  alignas(64) T buf[kBlock];
+  bool zeroed = false;
+
+  const T* get(const T* given, bool draw, uint64_t seed, uint64_t ctr, int64_t i0, int64_t n) {
+    if (given != nullptr) return given + i0;
+    if (draw) {
+      fill_normals(seed, ctr, n, eps);
+      zeroed = false;
+      if constexpr (std::is_same_v<T, float>) {
+        return eps;
+      } else {
+        for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<T>(eps[j]);
+        return buf;
+      }
+    }
+    return zeros();
+  }
+
+  const T* zeros() {
+    if (!zeroed) {
+      for (int64_t j = 0; j < kBlock; ++j) buf[j] = T(0);
+      zeroed = true;
+    }
+    return buf;
+  }
+};
+
 template <typename T>
 void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
   const T* __restrict mo = static_cast<const T*>(a.model_output);
   const T* __restrict x = static_cast<const T*>(a.sample);
-  const T* __restrict given = static_cast<const T*>(a.noise);
+  const T* given = static_cast<const T*>(a.noise);
   T* __restrict prev = static_cast<T*>(a.prev_sample);
-  T* __restrict x0_out = static_cast<T*>(a.pred_original);
+  T* __restrict x0_out = static_cast<T*>(a.pred_original);  // always given by the binding
   const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
-    alignas(64) float eps[kBlock];
+    BlockNoise<T> noise;
     const StepCoeffs<T> c = step_coeffs<T>(a, r);
     const bool draw = given == nullptr && a.seed != nullptr && c.c_noise != T(0);
     for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
       const int64_t n = b0 + kBlock < c1 ? kBlock : c1 - b0;
       const int64_t i0 = r * cols + b0;
-      if (draw) fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
+      const T* __restrict z = noise.get(given, draw, seed, a.offset + static_cast<uint64_t>(i0), i0, n);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = i0 + j;
-        const T z = given != nullptr ? given[i] : (draw ? static_cast<T>(eps[j]) : T(0));
         T x0;
-        prev[i] = step_element<T>(a, c, mo[i], x[i], z, x0);
-        if (x0_out != nullptr) x0_out[i] = x0;
+        prev[i] = step_element<T>(a, c, mo[i], x[i], z[j], x0);
+        x0_out[i] = x0;
       }
     }
     return T(0);
@@ -100,6 +134,40 @@ void mse_kernel(const LossArgs& a, const ParallelFor& parallel_for) {
   });
 }
 
+template <typename T>
+void sigma_step_kernel(const SigmaStepArgs& a, const ParallelFor& parallel_for) {
+  const int64_t cols = a.cols;
+  const T* __restrict mo = static_cast<const T*>(a.model_output);
+  const T* __restrict x = static_cast<const T*>(a.sample);
+  const T* px0 = static_cast<const T*>(a.prev_x0);
+  const T* given = static_cast<const T*>(a.noise);
+  T* __restrict prev = static_cast<T*>(a.prev_sample);
+  T* __restrict x0_out = static_cast<T*>(a.pred_original);
+  const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
+  const bool dpm = a.kind == SigmaKind::kDpmpp2mMidpoint || a.kind == SigmaKind::kDpmpp2mHeun;
+
+  for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
+    BlockNoise<T> noise;
+    alignas(64) T zeros[kBlock] = {};
+    const SigmaCoeffs<T> c = sigma_coeffs<T>(a, r);
+    const bool noisy = c.churn != T(0) || c.c_noise != T(0);
+    const bool draw = noisy && given == nullptr && a.seed != nullptr;
+    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const int64_t n = b0 + kBlock < c1 ? kBlock : c1 - b0;
+      const int64_t i0 = r * cols + b0;
+      const T* __restrict z = noise.get(noisy ? given : nullptr, draw, seed, a.offset + static_cast<uint64_t>(i0), i0, n);
+      const T* __restrict p = c.second ? px0 + i0 : zeros;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = i0 + j;
+        T x0;
+        prev[i] = sigma_element<T>(c, dpm, mo[i], x[i], z[j], p[j], x0);
+        x0_out[i] = x0;
+      }
+    }
+    return T(0);
+  });
+}
+
 }  // namespace
 
 void q_sample(const LossArgs& a, const ParallelFor& pf) {
@@ -112,6 +180,10 @@ void diffusion_mse(const LossArgs& a, const ParallelFor& pf) {
 
 void alpha_step(const StepArgs& a, const ParallelFor& pf) {
   a.dtype == DType::kFloat64 ? step_kernel<double>(a, pf) : step_kernel<float>(a, pf);
+}
+
+void sigma_step(const SigmaStepArgs& a, const ParallelFor& pf) {
+  a.dtype == DType::kFloat64 ? sigma_step_kernel<double>(a, pf) : sigma_step_kernel<float>(a, pf);
 }
 
 }  // namespace pygen::cpu::PYGEN_CPU_ISA

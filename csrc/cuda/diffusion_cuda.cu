@@ -1,4 +1,4 @@
-// CUDA kernel for the alpha-space sampler steps (DDPM, DDIM): pygen/diffusion.h's math,
+// CUDA kernels for the sampler steps (DDPM, DDIM; Euler, Euler-ancestral, DPM-Solver++ 2M): pygen/diffusion.h's math,
 // coefficients gathered from the schedule table on the device, in-kernel Philox noise.
 // Nothing is read back to the host, so a sampling loop can be captured in a CUDA graph.
 #include "diffusion_cuda.h"
@@ -32,6 +32,39 @@ __global__ void __launch_bounds__(kThreads) alpha_step_kernel(StepArgs a, int gr
     A x0;
     prev[i] = from_acc<T>(step_element<A>(a, c, to_acc(mo[i]), to_acc(x[i]), z, x0));
     if (x0_out != nullptr) x0_out[i] = from_acc<T>(x0);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sigma_step_kernel(SigmaStepArgs a, int group, int64_t chunk, int64_t chunks) {
+  using A = typename AccOf<T>::type;
+  const RowTask tk(group, chunk, chunks, a.rows, a.cols);
+  if (!tk.active) return;  // no barrier in this kernel
+  const T* __restrict mo = static_cast<const T*>(a.model_output);
+  const T* __restrict x = static_cast<const T*>(a.sample);
+  const T* __restrict px0 = static_cast<const T*>(a.prev_x0);
+  const T* __restrict given = static_cast<const T*>(a.noise);
+  T* __restrict prev = static_cast<T*>(a.prev_sample);
+  T* __restrict x0_out = static_cast<T*>(a.pred_original);
+  const SigmaCoeffs<A> c = sigma_coeffs<A>(a, tk.r);
+  const bool dpm = a.kind == SigmaKind::kDpmpp2mMidpoint || a.kind == SigmaKind::kDpmpp2mHeun;
+  const bool noisy = c.churn != A(0) || c.c_noise != A(0);
+  const bool draw = noisy && given == nullptr && a.seed != nullptr;
+  const bool read = noisy && given != nullptr;
+  const uint64_t seed = draw ? static_cast<uint64_t>(*a.seed) : 0;
+#pragma unroll 4
+  for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
+    const int64_t i = tk.r * a.cols + col;
+    A z = A(0);
+    if (read) {
+      z = to_acc(given[i]);
+    } else if (draw) {
+      z = static_cast<A>(philox_normal(seed, a.offset + static_cast<uint64_t>(i)));
+    }
+    A x0;
+    const A p = c.second ? to_acc(px0[i]) : A(0);
+    prev[i] = from_acc<T>(sigma_element<A>(c, dpm, to_acc(mo[i]), to_acc(x[i]), z, p, x0));
+    x0_out[i] = from_acc<T>(x0);
   }
 }
 
@@ -119,6 +152,16 @@ const char* alpha_step(const StepArgs& a, void* stream) {
   return with_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
     alpha_step_kernel<T><<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
+  });
+}
+
+const char* sigma_step(const SigmaStepArgs& a, void* stream) {
+  const Geometry g = geometry(a.rows, a.cols);
+  if (g.blocks == 0 || a.cols == 0) return nullptr;
+  auto s = static_cast<cudaStream_t>(stream);
+  return with_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    sigma_step_kernel<T><<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
   });
 }
 

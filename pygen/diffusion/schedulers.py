@@ -562,13 +562,21 @@ class EulerDiscreteScheduler(_SigmaBase):
         _check_io(model_output, sample)
         self._init_step_index(timestep)
         i = self._step_index
-        sigma_host = self._sigmas_host[i]
-        gamma = min(s_churn / (len(self._sigmas_host) - 1), 2**0.5 - 1) if s_tmin <= sigma_host <= s_tmax else 0.0
-        eps = _noise(model_output.shape, model_output, generator, noise) if gamma > 0 else None
-        prev, x0 = R.euler_step_ref(
-            model_output, sample, self._sigma(i, sample.device), self._sigma(i + 1, sample.device), eps,
-            gamma=gamma, s_noise=s_noise, prediction_type=self.config.prediction_type,
-        )
+        churn = min(s_churn / (len(self._sigmas_host) - 1), 2**0.5 - 1)
+        if _fusable(model_output, sample, noise):
+            # the fused kernel gates the churn on s_tmin <= sigma <= s_tmax itself and draws its noise in-kernel
+            prev, x0 = ops.euler_step(
+                model_output, sample, self._on("sigmas", sample.device), i, gamma=churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                s_noise=s_noise, prediction_type=self.config.prediction_type,
+                noise=noise.to(sample.device) if noise is not None else None, generator=generator,
+            )
+        else:
+            gamma = churn if s_tmin <= self._sigmas_host[i] <= s_tmax else 0.0
+            eps = _noise(model_output.shape, model_output, generator, noise) if gamma > 0 else None
+            prev, x0 = R.euler_step_ref(
+                model_output, sample, self._sigma(i, sample.device), self._sigma(i + 1, sample.device), eps,
+                gamma=gamma, s_noise=s_noise, prediction_type=self.config.prediction_type,
+            )
         self._step_index += 1
         return _out(prev, x0, return_dict)
 
@@ -617,11 +625,17 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         _check_io(model_output, sample)
         self._init_step_index(timestep)
         i = self._step_index
-        eps = _noise(model_output.shape, model_output, generator, noise)
-        prev, x0 = R.euler_ancestral_step_ref(
-            model_output, sample, self._sigma(i, sample.device), self._sigma(i + 1, sample.device), eps,
-            prediction_type=self.config.prediction_type,
-        )
+        if _fusable(model_output, sample, noise):
+            prev, x0 = ops.euler_ancestral_step(
+                model_output, sample, self._on("sigmas", sample.device), i, prediction_type=self.config.prediction_type,
+                noise=noise.to(sample.device) if noise is not None else None, generator=generator,
+            )
+        else:
+            eps = _noise(model_output.shape, model_output, generator, noise)
+            prev, x0 = R.euler_ancestral_step_ref(
+                model_output, sample, self._sigma(i, sample.device), self._sigma(i + 1, sample.device), eps,
+                prediction_type=self.config.prediction_type,
+            )
         self._step_index += 1
         return _out(prev, x0, return_dict)
 
@@ -736,11 +750,18 @@ class DPMSolverMultistepScheduler(_SigmaBase):
         first = c.solver_order == 1 or self.lower_order_nums < 1 or lower_final
         dev = sample.device
         prev_x0 = None if first else self.model_outputs[-1]
-        sigma_prev = None if first else self._sigma(i - 1, dev)
-        prev, x0 = R.dpmpp_2m_step_ref(
-            model_output, sample, self._sigma(i, dev), self._sigma(i + 1, dev), prev_x0, sigma_prev,
-            prediction_type=c.prediction_type, solver_type=c.solver_type,
-        )
+        if _fusable(model_output, sample, prev_x0):
+            # second order in the kernel where prev_x0 is given (i >= 1 here) and sigma_next > 0
+            prev, x0 = ops.dpmpp_2m_step(
+                model_output, sample, self._on("sigmas", dev), i, prev_x0, solver_type=c.solver_type,
+                prediction_type=c.prediction_type,
+            )
+        else:
+            sigma_prev = None if first else self._sigma(i - 1, dev)
+            prev, x0 = R.dpmpp_2m_step_ref(
+                model_output, sample, self._sigma(i, dev), self._sigma(i + 1, dev), prev_x0, sigma_prev,
+                prediction_type=c.prediction_type, solver_type=c.solver_type,
+            )
         self.model_outputs = self.model_outputs[1:] + [x0]
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1

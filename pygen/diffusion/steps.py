@@ -256,7 +256,8 @@ def dpmpp_2m_step_ref(
     x_next = sigma_t,next / sigma_t x - alpha_next (e^-h - 1) D. Given the previous step's
     x0 ``prev_x0`` at level ``sigma_prev`` (r = h_prev / h, D1 = (D - prev_x0) / r) the
     second-order update subtracts 0.5 alpha_next (e^-h - 1) D1 (``"midpoint"``) or adds
-    alpha_next ((e^-h - 1)/h + 1) D1 (``"heun"``). ``sigma_next = 0`` lands on x0.
+    alpha_next ((e^-h - 1)/h + 1) D1 (``"heun"``). ``sigma_next = 0`` lands on x0 (first
+    order there, also when ``prev_x0`` is given).
 
     Returns (prev_sample, x0); the caller keeps x0 as the next step's ``prev_x0``.
     """
@@ -284,7 +285,8 @@ def dpmpp_2m_step_ref(
         r = (lam_s - lam_p) / h
         d1 = (x0 - prev_x0.to(ct)) / r
         if solver_type == "midpoint":
-            prev = prev - (0.5 * a_n * em1) * d1
+            second = prev - (0.5 * a_n * em1) * d1
         else:
-            prev = prev + (a_n * (em1 / h + 1)) * d1
+            second = prev + (a_n * (em1 / h + 1)) * d1
+        prev = torch.where(sn > 0, second, prev)  # landing on sigma = 0 is first order (x0)
     return prev.to(model_output.dtype), x0.to(model_output.dtype)

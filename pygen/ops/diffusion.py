@@ -1,13 +1,18 @@
-"""Fused diffusion sampler steps in alpha space: DDIM and DDPM (ancestral).
+"""Fused diffusion sampler steps and training ops.
 
-One kernel pass per step over a whole batch in which every sample may sit at its own
-timestep: the coefficients are gathered from the schedule table on the device, the
-noise is drawn in-kernel from pygen's Philox stream (or passed in), and the step writes
-``prev_sample`` and ``pred_original_sample`` only. References: ``ddim_step_ref`` /
-``ddpm_step_ref`` in :mod:`pygen.diffusion.steps` (the tests compare against them).
+Steps: DDIM and DDPM (ancestral) in alpha space; Euler, Euler-ancestral and
+DPM-Solver++ 2M in sigma space. One kernel pass per step over a whole batch in which
+every sample may sit at its own timestep: the coefficients are gathered from the schedule
+table on the device (no host sync, so a sampling loop can be captured in a CUDA graph),
+the noise is drawn in-kernel from pygen's Philox stream (or passed in), and the step
+writes ``prev_sample`` and ``pred_original_sample`` only. References: the ``*_step_ref``
+functions of :mod:`pygen.diffusion.steps` (the tests compare against them).
 
 Shapes: model_output and sample (B, ...); t and prev_t ints or (B,) int64 tensors;
-alphas_cumprod (T,) float32/float64 on the sample's device.
+alphas_cumprod (T,) float32/float64 on the sample's device; sigma-space steps take the
+sampler's sigma table (n + 1,) and a step ``index`` (int or (B,) int64).
+
+Training: q_sample and diffusion_mse (eps drawn in-kernel, never stored), diffusion_loss.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import Tensor
 from pygen import _backend, _ext, _rng
 from pygen.ops._checks import check_like, check_tensor
 
-__all__ = ["ddim_step", "ddpm_step", "q_sample", "diffusion_mse", "diffusion_loss", "q_sample_ref", "diffusion_mse_ref"]
+__all__ = ["ddim_step", "ddpm_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "q_sample", "diffusion_mse", "diffusion_loss", "q_sample_ref", "diffusion_mse_ref"]
 
 _PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _KIND = {"ddim": 0, "fixed_small": 1, "fixed_large": 2}
@@ -173,6 +178,171 @@ def ddpm_step(
         raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large', got {variance_type!r}")
     return _step(variance_type, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, 0.0,
                  prediction_type, clip_sample, clip_sample_range, False, noise, generator, seed, offset, backend)
+
+
+# ---- sigma-space steps: Euler, Euler-ancestral, DPM-Solver++ 2M ----------------------------
+
+_SIGMA_KIND = {"euler": 0, "euler_ancestral": 1, "midpoint": 2, "heun": 3}
+_SIGMA_OPS: dict = {}
+if _ext.HAS_CPP:
+
+    @torch.library.register_fake("pygen::sigma_step")
+    def _(model_output, sample, *args):
+        return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
+
+    _SIGMA_OPS["cpp"] = _SIGMA_OPS["cuda"] = torch.ops.pygen.sigma_step
+
+if "triton" in _backend.available_backends():
+
+    @torch.library.custom_op("pygen::triton_sigma_step", mutates_args=())
+    def _triton_sigma_step(
+        model_output: Tensor, sample: Tensor, sigmas: Tensor, index: Tensor, prev_x0: Tensor | None, kind: int,
+        prediction: int, gamma: float, s_tmin: float, s_tmax: float, s_noise: float, noise: Tensor | None,
+        seed: Tensor | None, offset: int,
+    ) -> tuple[Tensor, Tensor]:
+        return _tkd.sigma_step(model_output, sample, sigmas, index, prev_x0, kind, prediction, gamma, s_tmin, s_tmax,
+                               s_noise, noise, seed, offset)
+
+    @torch.library.register_fake("pygen::triton_sigma_step")
+    def _(model_output, sample, *args):
+        return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
+
+    _SIGMA_OPS["triton"] = torch.ops.pygen.triton_sigma_step
+
+
+def _sigma_step(kind: str, model_output, sample, sigmas, index, prev_x0, prediction_type, gamma, s_tmin, s_tmax,
+                s_noise, noise, generator, seed, offset, backend):
+    check_tensor(sample, "sample")
+    check_like(model_output, sample, "model_output", "sample")
+    if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or not sigmas.is_floating_point() or sigmas.shape[0] < 2:
+        raise TypeError("sigmas must be a 1-D floating tensor of at least 2 entries (the sampler's sigma table)")
+    if sigmas.device != sample.device:
+        raise ValueError(f"sigmas is on {sigmas.device} but sample is on {sample.device}")
+    if prediction_type not in _PREDICTION:
+        raise ValueError(f"prediction_type must be one of {list(_PREDICTION)}, got {prediction_type!r}")
+    idx = _timesteps(index, "index", sample, sigmas.shape[0] - 1, allow_final=False)
+    if prev_x0 is not None:
+        check_like(prev_x0, sample, "prev_x0", "sample")
+    noisy = kind == "euler_ancestral" or (kind == "euler" and gamma > 0)
+    seed_t = None
+    if noise is not None:
+        check_like(noise, sample, "noise", "sample")
+    elif noisy:
+        seed_t = _rng.as_seed(seed, sample.device, generator)
+    offset = _rng.check_offset(offset)
+    name = _backend.resolve(backend, sample.device, sample.dtype)
+    op = _SIGMA_OPS.get(name)
+    if op is None and name != "torch" and _backend.requested(backend) != "auto":
+        raise RuntimeError(f"{kind} steps have no {name!r} kernel; use backend='torch' or 'auto'")
+    if op is not None:
+        table = sigmas if sigmas.dtype in (torch.float32, torch.float64) else sigmas.float()
+        return op(model_output, sample, table, idx, prev_x0, _SIGMA_KIND[kind], _PREDICTION[prediction_type],
+                  float(gamma), float(s_tmin), float(s_tmax), float(s_noise), noise if noisy else None, seed_t, offset)
+    return _sigma_step_torch(kind, model_output, sample, sigmas, idx, prev_x0, prediction_type, gamma, s_tmin, s_tmax,
+                             s_noise, noise, seed_t, offset)
+
+
+def _sigma_step_torch(kind, model_output, sample, sigmas, idx, prev_x0, prediction_type, gamma, s_tmin, s_tmax,
+                      s_noise, noise, seed_t, offset):
+    """The reference path: per-sample sigmas gathered, then pygen.diffusion.steps' formulas."""
+    from pygen.diffusion import steps as R
+
+    nd = sample.dim()
+    s, sn = R.gather(sigmas, idx, nd), R.gather(sigmas, idx + 1, nd)
+    z = noise
+    if z is None and seed_t is not None:
+        z = _rng.philox_normal(seed_t, offset, sample.shape).to(sample.dtype)
+    if kind == "euler":
+        g = torch.where((s >= s_tmin) & (s <= s_tmax), torch.full_like(s, gamma), torch.zeros_like(s))
+        return R.euler_step_ref(model_output, sample, s, sn, z if gamma > 0 else None, gamma=g, s_noise=s_noise,
+                                prediction_type=prediction_type)
+    if kind == "euler_ancestral":
+        return R.euler_ancestral_step_ref(model_output, sample, s, sn, z, prediction_type=prediction_type)
+    first = R.dpmpp_2m_step_ref(model_output, sample, s, sn, prediction_type=prediction_type, solver_type=kind)
+    if prev_x0 is None:
+        return first
+    sp = R.gather(sigmas, (idx - 1).clamp(min=0), nd)
+    second = R.dpmpp_2m_step_ref(model_output, sample, s, sn, prev_x0, sp, prediction_type=prediction_type,
+                                 solver_type=kind)
+    use = (idx >= 1).reshape(-1, *([1] * (nd - 1)))  # index 0 has no previous step
+    return torch.where(use, second[0], first[0]), first[1]
+
+
+def euler_step(
+    model_output: Tensor,
+    sample: Tensor,
+    sigmas: Tensor,
+    index: int | Tensor,
+    *,
+    gamma: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    prediction_type: str = "epsilon",
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | Tensor | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One Euler step (Karras et al. 2022, alg. 2) from sigmas[index] to sigmas[index + 1].
+
+    ``sample`` is in sigma space (x = x0 + sigma eps). Churn: where s_tmin <= sigma <= s_tmax
+    the sample is first raised to sigma (1 + gamma) with fresh noise (diffusers'
+    ``gamma = min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)``); gamma = 0 is deterministic
+    and draws nothing. See :func:`pygen.diffusion.steps.euler_step_ref`.
+    Returns (prev_sample, pred_original_sample).
+    """
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    return _sigma_step("euler", model_output, sample, sigmas, index, None, prediction_type, gamma, s_tmin, s_tmax,
+                       s_noise, noise, generator, seed, offset, backend)
+
+
+def euler_ancestral_step(
+    model_output: Tensor,
+    sample: Tensor,
+    sigmas: Tensor,
+    index: int | Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | Tensor | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One Euler-ancestral step (k-diffusion's ``sample_euler_ancestral``, eta = 1) from
+    sigmas[index] to sigmas[index + 1], sample in sigma space, noise drawn in-kernel.
+    See :func:`pygen.diffusion.steps.euler_ancestral_step_ref`. Returns (prev_sample, pred_original_sample).
+    """
+    return _sigma_step("euler_ancestral", model_output, sample, sigmas, index, None, prediction_type, 0.0, 0.0, 0.0,
+                       1.0, noise, generator, seed, offset, backend)
+
+
+def dpmpp_2m_step(
+    model_output: Tensor,
+    sample: Tensor,
+    sigmas: Tensor,
+    index: int | Tensor,
+    prev_x0: Tensor | None = None,
+    *,
+    solver_type: str = "midpoint",
+    prediction_type: str = "epsilon",
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2M) step (Lu et al. 2022) from sigmas[index] to sigmas[index + 1] on
+    the VP sample x = alpha x0 + sigma_t eps (alpha = 1/sqrt(sigma^2 + 1)).
+
+    Second order where ``prev_x0`` (the x0 this function returned on the previous step) is
+    given, index >= 1 and sigmas[index + 1] > 0; first order (DDIM) elsewhere.
+    ``solver_type`` "midpoint" or "heun". See :func:`pygen.diffusion.steps.dpmpp_2m_step_ref`.
+    Returns (prev_sample, pred_original_sample); keep the second for the next step.
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    return _sigma_step(solver_type, model_output, sample, sigmas, index, prev_x0, prediction_type, 0.0, 0.0, 0.0,
+                       1.0, None, None, None, 0, backend)
 
 
 # ---- training: noising and the weighted MSE, eps drawn in-kernel and never stored ----------

@@ -113,6 +113,124 @@ PYGEN_HD A step_element(const StepArgs& a, const StepCoeffs<A>& c, A mo, A x, A 
   return c.c_x0 * x0 + c.c_eps * eps + c.c_x * x + c.c_noise * noise;
 }
 
+// ---- sigma-space steps (Euler, Euler-ancestral, DPM-Solver++ 2M) -----------------------
+// sigmas is the sampler's VE noise table (descending, usually ending in 0); row r steps from
+// s = sigmas[index[r]] to sn = sigmas[index[r] + 1]. Formulas of pygen/diffusion/steps.py:
+//   Euler (Karras et al. 2022, alg. 2): g = gamma where s_tmin <= s <= s_tmax (else 0),
+//     s_hat = s (1 + g), x_hat = x + sqrt(s_hat^2 - s^2) s_noise noise,
+//     prev = x_hat + (x_hat - x0) (sn - s_hat) / s_hat.
+//   Euler-ancestral: s_up = sqrt(sn^2 (s^2 - sn^2) / s^2), s_down = sqrt(sn^2 - s_up^2),
+//     prev = x + (x - x0) (s_down - s) / s + s_up noise.
+//   DPM-Solver++ 2M on the VP sample (alpha = 1/sqrt(s^2+1), sigma_t = s alpha, lambda = -log s):
+//     prev = (sigma_t,n / sigma_t) x - alpha_n (e^-h - 1) x0 [+ c_d (x0 - prev_x0)],
+//     e^-h = sn / s exactly (no expm1 cancellation); the second-order term where prev_x0 is
+//     given, index >= 1 and sn > 0, with r = log(s_prev / s) / log(s / sn):
+//     midpoint c_d = -alpha_n (e^-h - 1) / (2 r), heun c_d = alpha_n ((e^-h - 1) / h + 1) / r.
+// x0 by prediction type: Euler/ancestral (sample in sigma space, x = x0 + s eps) epsilon
+// x_hat - s_hat mo, v -s / sqrt(s^2+1) mo + x / (s^2+1); DPM (VP sample) epsilon
+// (x - sigma_t mo) / alpha, v alpha x - sigma_t mo; sample: mo.
+enum class SigmaKind : int { kEuler = 0, kEulerAncestral = 1, kDpmpp2mMidpoint = 2, kDpmpp2mHeun = 3 };
+
+struct SigmaStepArgs {
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::kFloat32;
+  SigmaKind kind = SigmaKind::kEuler;
+  Prediction prediction = Prediction::kEpsilon;
+  double gamma = 0, s_tmin = 0, s_tmax = 0, s_noise = 1;  // Euler churn
+  const void* model_output = nullptr;  // (rows, cols), in dtype
+  const void* sample = nullptr;
+  const void* prev_x0 = nullptr;      // DPM-Solver++ 2M: the previous step's x0, or null
+  const void* sigmas = nullptr;       // (num_sigmas,), float32 or float64 (table_f64)
+  bool table_f64 = false;
+  int64_t num_sigmas = 0;
+  const int64_t* index = nullptr;     // (rows,) in [0, num_sigmas - 2]
+  const void* noise = nullptr;        // explicit noise in dtype, or null
+  const int64_t* seed = nullptr;      // in-kernel Philox noise when noise is null and seed is set
+  uint64_t offset = 0;
+  void* prev_sample = nullptr;
+  void* pred_original = nullptr;
+  void* workspace = nullptr;  // unused
+};
+
+template <typename A>
+struct SigmaCoeffs {
+  A churn;       // x_hat = x + churn noise (Euler)
+  A px, pm;      // x0 = px x_hat + pm mo
+  A c_x, c_dx;   // prev = c_x x_hat + c_dx (x_hat - x0)   (Euler, ancestral)
+  A c_x0, c_d;   // prev = c_x x + c_x0 x0 + c_d (x0 - prev_x0) (DPM)
+  A c_noise;     // + c_noise noise
+  bool second;   // DPM: the second-order term applies
+};
+
+template <typename A>
+PYGEN_HD A sigma_at(const SigmaStepArgs& a, int64_t i) {
+  return a.table_f64 ? A(static_cast<const double*>(a.sigmas)[i]) : A(static_cast<const float*>(a.sigmas)[i]);
+}
+
+template <typename A>
+PYGEN_HD SigmaCoeffs<A> sigma_coeffs(const SigmaStepArgs& a, int64_t row) {
+  const int64_t i = a.index[row];
+  const A s = sigma_at<A>(a, i), sn = sigma_at<A>(a, i + 1);
+  SigmaCoeffs<A> c{};
+  const bool dpm = a.kind == SigmaKind::kDpmpp2mMidpoint || a.kind == SigmaKind::kDpmpp2mHeun;
+  if (!dpm) {
+    A s_hat = s;
+    if (a.kind == SigmaKind::kEuler) {
+      // the gate compares the table's value, as the host-side schedulers do
+      const double sd = a.table_f64 ? static_cast<const double*>(a.sigmas)[i]
+                                    : double(static_cast<const float*>(a.sigmas)[i]);
+      const A g = (a.s_tmin <= sd && sd <= a.s_tmax) ? A(a.gamma) : A(0);
+      s_hat = s * (g + A(1));
+      c.churn = g > A(0) ? step_sqrt(s_hat * s_hat - s * s) * A(a.s_noise) : A(0);
+      c.c_dx = (sn - s_hat) / s_hat;
+    } else {
+      const A up = step_sqrt(sn * sn * (s * s - sn * sn) / (s * s));
+      const A down = step_sqrt(sn * sn - up * up);
+      c.c_dx = (down - s) / s;
+      c.c_noise = up;
+    }
+    c.c_x = A(1);
+    if (a.prediction == Prediction::kEpsilon) {
+      c.px = A(1), c.pm = -s_hat;
+    } else if (a.prediction == Prediction::kSample) {
+      c.px = A(0), c.pm = A(1);
+    } else {
+      const A s2 = s * s + A(1);
+      c.px = A(1) / s2, c.pm = -s / fsqrt(s2);
+    }
+    return c;
+  }
+  const A al = A(1) / fsqrt(s * s + A(1)), aln = A(1) / fsqrt(sn * sn + A(1));
+  const A sig = s * al, sign = sn * aln;
+  const A em1 = sn / s - A(1);  // e^-h - 1
+  c.c_x = sign / sig;
+  c.c_x0 = -aln * em1;
+  if (a.prediction == Prediction::kEpsilon) {
+    c.px = A(1) / al, c.pm = -s;  // (x - sigma_t mo) / alpha; sigma_t / alpha = s
+  } else if (a.prediction == Prediction::kSample) {
+    c.px = A(0), c.pm = A(1);
+  } else {
+    c.px = al, c.pm = -sig;
+  }
+  c.second = a.prev_x0 != nullptr && i >= 1 && sn > A(0);
+  if (c.second) {
+    const A sp = sigma_at<A>(a, i - 1);
+    const A h = flog(s / sn), r = flog(sp / s) / h;
+    c.c_d = a.kind == SigmaKind::kDpmpp2mMidpoint ? -aln * em1 / (A(2) * r) : aln * (em1 / h + A(1)) / r;
+  }
+  return c;
+}
+
+// One element: returns prev, writes x0. px0 is the previous x0 (DPM second order).
+template <typename A>
+PYGEN_HD A sigma_element(const SigmaCoeffs<A>& c, bool dpm, A mo, A x, A noise, A px0, A& x0_out) {
+  const A xh = x + c.churn * noise;
+  const A x0 = c.px * xh + c.pm * mo;
+  x0_out = x0;
+  if (!dpm) return c.c_x * xh + c.c_dx * (xh - x0) + c.c_noise * noise;
+  return c.c_x * x + c.c_x0 * x0 + (c.second ? c.c_d * (x0 - px0) : A(0));
+}
+
 // ---- training: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps and the per-sample weighted MSE ----
 // eps is drawn in-kernel from (seed, offset + i) by both ops, so nothing noise-sized is
 // stored between the forward and the backward. Targets: eps (epsilon), x0 (sample),
