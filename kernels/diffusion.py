@@ -19,9 +19,18 @@ def _sqrt0(x):
 
 
 @triton.jit
+def _acc(v, like):
+    """Scalar argument v as a tensor shaped and typed like ``like`` (a per-row tensor in the
+    accumulation dtype). Scalars are declared tl.float64 (a plain Python float arrives as fp32,
+    which would round eta, gamma, ... in float64 kernels); adding them to a zero tensor
+    first keeps the float64 value, and the cast keeps float32 kernels in float32."""
+    return (tl.zeros_like(like) + v).to(like.dtype)
+
+
+@triton.jit
 def _alpha_step_kernel(
     mo_ptr, x_ptr, table_ptr, t_ptr, tp_ptr, noise_ptr, seed_ptr, prev_ptr, x0_ptr,
-    rows, cols, offset, final_ab, eta, clip,
+    rows, cols, offset, final_ab: tl.float64, eta: tl.float64, clip: tl.float64,
     KIND: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr,
     GIVEN: tl.constexpr, DRAW: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -31,6 +40,7 @@ def _alpha_step_kernel(
     t = tl.load(t_ptr + r1, mask=rmask, other=0)
     tp = tl.load(tp_ptr + r1, mask=rmask, other=0)
     ab = load_acc(table_ptr, t, rmask, ACC_F64)
+    final_ab, eta, clip = _acc(final_ab, ab), _acc(eta, ab), _acc(clip, ab)
     ab_prev = tl.where(tp < 0, final_ab, load_acc(table_ptr, tl.maximum(tp, 0), rmask, ACC_F64))
     sa = _sqrt0(ab)
     sb = _sqrt0(1.0 - ab)
@@ -64,7 +74,7 @@ def _alpha_step_kernel(
         x0 = sa2 * x - sb2 * mo
         eps = sa2 * mo + sb2 * x
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        x0 = tl.minimum(tl.maximum(x0, -clip[:, None]), clip[:, None])
         if CLIPPED_EPS:
             eps = (x - sa2 * x0) / sb2
     prev = c_x0[:, None] * x0 + c_eps[:, None] * eps + c_x[:, None] * x
@@ -100,7 +110,7 @@ def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cump
 @triton.jit
 def _sigma_step_kernel(
     mo_ptr, x_ptr, px0_ptr, sig_ptr, idx_ptr, noise_ptr, seed_ptr, prev_ptr, x0_ptr,
-    rows, cols, offset, gamma, s_tmin, s_tmax, s_noise,
+    rows, cols, offset, gamma: tl.float64, s_tmin: tl.float64, s_tmax: tl.float64, s_noise: tl.float64,
     KIND: tl.constexpr, PRED: tl.constexpr, HAS_PREV: tl.constexpr, GIVEN: tl.constexpr, DRAW: tl.constexpr,
     ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -124,9 +134,11 @@ def _sigma_step_kernel(
     if KIND <= 1:  # Euler, Euler-ancestral: sample in sigma space
         s_hat = s
         if KIND == 0:
-            g = tl.where((s >= s_tmin) & (s <= s_tmax), gamma, 0.0)
+            # the gate compares the table's value in float64, as the C++ kernels and the schedulers do
+            s64 = s.to(tl.float64)
+            g = tl.where((s64 >= s_tmin) & (s64 <= s_tmax), _acc(gamma, s), zero)
             s_hat = s * (g + 1.0)
-            churn = tl.where(g > 0.0, _sqrt0(s_hat * s_hat - s * s) * s_noise, 0.0)
+            churn = tl.where(g > 0.0, _sqrt0(s_hat * s_hat - s * s) * _acc(s_noise, s), zero)
             c_dx = (sn - s_hat) / s_hat
         else:
             up = _sqrt0(sn * sn * (s * s - sn * sn) / (s * s))
@@ -211,7 +223,7 @@ def _loss_row(table_ptr, t_ptr, r1, rmask, PRED: tl.constexpr, SNR: tl.constexpr
     w = ab * 0.0 + 1.0
     if SNR:
         snr = ab / (1.0 - ab)
-        m = tl.minimum(snr, gamma)
+        m = tl.minimum(snr, _acc(gamma, snr))
         if PRED == 0:
             w = m / snr
         elif PRED == 2:
@@ -233,7 +245,7 @@ def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, off
 
 @triton.jit
 def _mse_kernel(mo_ptr, x0_ptr, table_ptr, t_ptr, seed_ptr, gl_ptr, loss_ptr, part_ptr, gmo_ptr, gx0_ptr,
-                rows, cols, offset, gamma, chunks,
+                rows, cols, offset, gamma: tl.float64, chunks,
                 PRED: tl.constexpr, SNR: tl.constexpr, BACKWARD: tl.constexpr, ACC_F64: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)

@@ -169,7 +169,9 @@ class _Base:
         if isinstance(timestep, int):
             if not 0 <= timestep < N:
                 raise ValueError(f"timestep must be in [0, {N}), got {timestep}")
-            return torch.tensor(timestep, dtype=torch.int64, device=sample.device)
+            # torch.full is a fill kernel (fine while a CUDA graph is being captured); torch.tensor on
+            # a CUDA device would be a host-to-device copy, which capture does not allow
+            return torch.full((), timestep, dtype=torch.int64, device=sample.device)
         if timestep.is_floating_point() or timestep.is_complex() or timestep.dtype == torch.bool:
             raise TypeError(
                 f"timestep must be an integer tensor (int64), got {timestep.dtype}; "
@@ -181,6 +183,8 @@ class _Base:
             )
         if timestep.device.type == "cpu" and timestep.numel() and (timestep.min() < 0 or timestep.max() >= N):
             raise ValueError(f"timestep must be in [0, {N}), got values in [{int(timestep.min())}, {int(timestep.max())}]")
+        if timestep.device.type == "cpu" and sample.device.type != "cpu" and timestep.dim() == 0:
+            return torch.full((), int(timestep), dtype=torch.int64, device=sample.device)  # no host-to-device copy
         return timestep.to(device=sample.device, dtype=torch.int64)
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
@@ -286,8 +290,7 @@ class DDPMScheduler(_Base):
         dev, nd = sample.device, sample.dim()
         t = self._t(timestep, sample)
         ac = self._on("alphas_cumprod", dev)
-        prev = self._on("prev_timesteps", dev)[t]
-        ab = R.gather(ac, t, nd)
+        prev = R.gather(self._on("prev_timesteps", dev), t, 1)
         given = noise if noise is not None else variance_noise
         if _fusable(model_output, sample, given) and c.variance_type in ("fixed_small", "fixed_large"):
             # the fused kernel (its noise is off where t == 0, as below)
@@ -297,6 +300,7 @@ class DDPMScheduler(_Base):
                 noise=given.to(sample.device) if given is not None else None, generator=generator,
             )
             return _out(prev_sample, x0, return_dict)
+        ab = R.gather(ac, t, nd)
         ab_prev = _bcast(torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(ac[0])), nd)
         eps = _noise(model_output.shape, model_output, generator, given)
         eps = eps * _bcast((t > 0).to(eps.dtype), nd)  # no noise on the step to t = -1
@@ -378,9 +382,6 @@ class DDIMScheduler(_Base):
         t = self._t(timestep, sample)
         ac = self._on("alphas_cumprod", dev)
         prev = t - self.num_train_timesteps // self.num_inference_steps
-        ab = R.gather(ac, t, nd)
-        final = self._on("final_alpha_cumprod", dev)
-        ab_prev = _bcast(torch.where(prev >= 0, ac[prev.clamp(min=0)], final), nd)
         given = noise if noise is not None else variance_noise
         if _fusable(model_output, sample, given):
             # the fused kernel: coefficients gathered on the device, noise drawn in-kernel
@@ -393,6 +394,9 @@ class DDIMScheduler(_Base):
                 generator=generator if (given is None and eta > 0) else None,
             )
             return _out(prev_sample, x0, return_dict)
+        ab = R.gather(ac, t, nd)
+        final = self._on("final_alpha_cumprod", dev)
+        ab_prev = _bcast(torch.where(prev >= 0, ac[prev.clamp(min=0)], final), nd)
         eps = None
         if eta > 0:
             eps = _noise(model_output.shape, model_output, generator, given)

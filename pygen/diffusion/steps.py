@@ -55,7 +55,8 @@ def gather(table: Tensor, t: Tensor, ndim: int) -> Tensor:
     ``t``: 0-dim or (B,) integer tensor on table's device. A 0-dim t gives a 0-dim result;
     (B,) gives (B, 1, ..., 1). An index on the device: no host synchronisation.
     """
-    v = table[t]
+    # index_select, not table[t]: a 0-dim index tensor would be read back to the host as an int
+    v = table.index_select(0, t.reshape(-1)).reshape(t.shape)
     if t.dim() == 1:
         v = v.reshape(t.shape[0], *([1] * (ndim - 1)))
     return v

@@ -253,7 +253,9 @@ def _sigma_step_torch(kind, model_output, sample, sigmas, idx, prev_x0, predicti
     if z is None and seed_t is not None:
         z = _rng.philox_normal(seed_t, offset, sample.shape).to(sample.dtype)
     if kind == "euler":
-        g = torch.where((s >= s_tmin) & (s <= s_tmax), torch.full_like(s, gamma), torch.zeros_like(s))
+        ct = torch.promote_types(sample.dtype, torch.float32)  # gamma is not rounded to a float32 table
+        s64 = s.double()  # the gate compares the table's values in float64, as the kernels do
+        g = torch.where((s64 >= s_tmin) & (s64 <= s_tmax), torch.full_like(s, gamma, dtype=ct), torch.zeros_like(s, dtype=ct))
         return R.euler_step_ref(model_output, sample, s, sn, z if gamma > 0 else None, gamma=g, s_noise=s_noise,
                                 prediction_type=prediction_type)
     if kind == "euler_ancestral":
