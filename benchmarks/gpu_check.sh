@@ -7,7 +7,8 @@
 # 2. builds pygen with its CUDA kernels (PYGEN_CUDA=ON pip install --no-build-isolation -e .)
 # 3. runs the test suite (python -m pytest -x -q tests)
 # 4. runs benchmarks/sanitize_smoke.py under compute-sanitizer memcheck, if it is installed
-# 5. runs benchmarks/gpu_bench.py and keeps its JSON
+# 5. times sampling loops eagerly and replayed from a CUDA graph (benchmarks/cuda_graph_sampling.py)
+# 6. runs benchmarks/gpu_bench.py and keeps its JSON
 #
 # Logs and results go to $OUT (the device tool fetches what is there) or /tmp:
 #   build.log tests.log sanitize.log bench.log gpu-<stamp>.json results/<device>-<stamp>.json
@@ -94,6 +95,10 @@ if [ -n "$SANITIZER" ]; then
 else
   echo "=== sanitize: compute-sanitizer not found, skipped"
 fi
+
+# A whole sampling loop per scheduler, eager vs replayed from one CUDA graph.
+stage graph "$(min 60 $(($(left) - 120)))" "$PY" benchmarks/cuda_graph_sampling.py \
+  --json "$OUT_DIR/results/cuda-graph-$STAMP.json" || true
 
 JSON="$OUT_DIR/gpu-$STAMP.json"
 BENCH_LEFT=$(($(left) - 10))

@@ -156,10 +156,22 @@ class _Base:
         return self.num_train_timesteps
 
     def _on(self, name: str, device: torch.device) -> Tensor:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one cache entry
+            device = torch.device("cuda", torch.cuda.current_device())
         key = (name, device)
         if key not in self._cache:
             self._cache[key] = getattr(self, name).to(device)
         return self._cache[key]
+
+    def _prefetch(self, device) -> None:
+        """Copy the tables a step reads to ``device`` now (set_timesteps(n, device=...)), so that
+        the steps themselves copy nothing from the host (CUDA graph capture forbids such copies)."""
+        if device is None:
+            return
+        for name in ("alphas_cumprod", "prev_timesteps", "sigmas"):
+            if isinstance(getattr(self, name, None), Tensor):
+                self._on(name, device)
 
     def _t(self, timestep, sample: Tensor) -> Tensor:
         """timestep as an int64 0-dim or (B,) tensor on sample's device, checked."""
@@ -267,6 +279,7 @@ class DDPMScheduler(_Base):
         self.num_inference_steps = int(ts.numel())
         self.timesteps = ts.to(device) if device is not None else ts
         self._cache = {k: v for k, v in self._cache.items() if k[0] != "prev_timesteps"}
+        self._prefetch(device)
 
     def previous_timestep(self, timestep):
         """The timestep a step from ``timestep`` goes to (-1 after the last); int or tensor like the input."""
@@ -359,6 +372,7 @@ class DDIMScheduler(_Base):
             raise ValueError(f"steps_offset={self.config.steps_offset} puts timesteps past {N - 1}")
         self.num_inference_steps = num_inference_steps
         self.timesteps = ts.to(device) if device is not None else ts
+        self._prefetch(device)
 
     def step(
         self,
@@ -542,6 +556,7 @@ class EulerDiscreteScheduler(_SigmaBase):
             ts = S.sigma_to_t(sig, self.train_sigmas).to(torch.float32)
         last = 0.0 if c.final_sigmas_type == "zero" else float(self.train_sigmas[0])
         self._set_sigmas(ts, torch.cat([sig, sig.new_tensor([last])]), device)
+        self._prefetch(device)
 
     def scale_model_input(self, sample: Tensor, timestep) -> Tensor:
         self._init_step_index(timestep)
@@ -731,6 +746,7 @@ class DPMSolverMultistepScheduler(_SigmaBase):
             sig = S.interp_sigmas(ts.to(torch.float64), self.train_sigmas)
         last_sigma = 0.0 if c.final_sigmas_type == "zero" else float(self.train_sigmas[0])
         self._set_sigmas(ts, torch.cat([sig, sig.new_tensor([last_sigma])]), device)
+        self._prefetch(device)
         self.model_outputs = [None] * c.solver_order
         self.lower_order_nums = 0
 

@@ -92,10 +92,10 @@ def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cum
     n = alphas_cumprod.shape[0]
     tt = _timesteps(t, "t", sample, n, allow_final=False)
     tp = _timesteps(prev_t, "prev_t", sample, n, allow_final=True)
+    seed_t = None
     if noise is not None:
         check_like(noise, sample, "noise", "sample")
-        seed_t = None
-    else:
+    elif kind != "ddim" or eta > 0:  # deterministic DDIM draws no seed
         seed_t = _rng.as_seed(seed, sample.device, generator)
     offset = _rng.check_offset(offset)
     name = _backend.resolve(backend, sample.device, sample.dtype)
@@ -113,7 +113,9 @@ def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cum
     ab = R.gather(alphas_cumprod, tt, sample.dim())
     table_prev = torch.cat([alphas_cumprod, alphas_cumprod.new_tensor([final_alpha_cumprod])])
     ab_prev = R.gather(table_prev, torch.where(tp < 0, n, tp), sample.dim())
-    z = noise if noise is not None else _rng.philox_normal(seed_t, offset, sample.shape).to(sample.dtype)
+    z = noise
+    if z is None and seed_t is not None:
+        z = _rng.philox_normal(seed_t, offset, sample.shape).to(sample.dtype)
     if kind == "ddim":
         return R.ddim_step_ref(model_output, sample, ab, ab_prev, z, eta=eta, prediction_type=prediction_type,
                                clip_sample=clip_sample, clip_sample_range=clip_sample_range,
