@@ -4,6 +4,7 @@
 // forward:  y = x * e^s + t,        logdet = sum(s);   s = soft_clamp(log_scale)
 // inverse:  y = (x - t) * e^{-s},   logdet = -sum(s)
 // mask m (optional): s and t are multiplied by m, so m = 0 passes x through.
+// The per-element math lives in pygen/coupling.h (shared with the CUDA kernels).
 #include <cmath>
 
 #include "cpu_kernels.h"
@@ -38,28 +39,16 @@ void forward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
                           const T* __restrict lr = ls + i0;
                           T* __restrict yr = y + i0;
                           logdet.add(c1 - c0, [&](int64_t j) {
-                            T s, ds;
-                            if constexpr (CLAMP) {
-                              soft_clamp(c, lr[j], s, ds, CExp{});
-                            } else {
-                              s = lr[j];
-                            }
-                            T t = tr[j];
-                            if constexpr (MASK) {
-                              const T m = mk[r * a.mask_stride_row + (c0 + j) * a.mask_stride_col];
-                              s *= m;
-                              t *= m;
-                            }
-                            yr[j] = INVERSE ? (xr[j] - t) * cexp(-s) : xr[j] * cexp(s) + t;
+                            const T m = MASK ? mk[r * a.mask_stride_row + (c0 + j) * a.mask_stride_col] : T(1);
+                            T s;
+                            yr[j] = affine_element<INVERSE, CLAMP>(c, xr[j], tr[j], lr[j], m, s, CExp{});
                             return s;
                           });
                           return logdet.total();
                         });
 }
 
-// grad_x = gy * e^{+-s}; grad_shift = gy * m (forward) or -gy * e^{-s} * m (inverse);
-// grad_log_scale = (gy * x * e^s + g_logdet) * m * ds (forward) or
-//                  (-gy * y - g_logdet) * m * ds (inverse), with y recomputed.
+// Gradients: affine_element_backward (pygen/coupling.h) per element.
 template <typename T, bool INVERSE, bool CLAMP, bool MASK, bool WRITE_GSHIFT>
 void backward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
@@ -86,28 +75,11 @@ void backward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
     T* __restrict gtr = WRITE_GSHIFT ? gt + i0 : nullptr;
     T* __restrict glr = gls + i0;
     for (int64_t j = 0; j < c1 - c0; ++j) {
-      T s, ds = T(1);
-      if constexpr (CLAMP) {
-        soft_clamp(c, lr[j], s, ds, CExp{});
-      } else {
-        s = lr[j];
-      }
-      T m = T(1);
-      if constexpr (MASK) m = mk[r * a.mask_stride_row + (c0 + j) * a.mask_stride_col];
-      s *= m;
-      const T g = gyr[j];
-      if constexpr (INVERSE) {
-        const T e = cexp(-s);
-        const T yv = (xr[j] - tr[j] * m) * e;
-        gxr[j] = g * e;
-        if constexpr (WRITE_GSHIFT) gtr[j] = -g * e * m;
-        glr[j] = (-g * yv - g_logdet) * m * ds;
-      } else {
-        const T e = cexp(s);
-        gxr[j] = g * e;
-        if constexpr (WRITE_GSHIFT) gtr[j] = g * m;
-        glr[j] = (g * xr[j] * e + g_logdet) * m * ds;
-      }
+      const T m = MASK ? mk[r * a.mask_stride_row + (c0 + j) * a.mask_stride_col] : T(1);
+      T gshift;
+      affine_element_backward<INVERSE, CLAMP>(c, xr[j], tr[j], lr[j], m, gyr[j], g_logdet, gxr[j], gshift, glr[j],
+                                              CExp{});
+      if constexpr (WRITE_GSHIFT) gtr[j] = gshift;
     }
     return T(0);
   });

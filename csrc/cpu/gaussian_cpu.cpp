@@ -41,7 +41,7 @@ void forward_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
       if constexpr (SAMPLE) {
         fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
         T* __restrict zo = z + i0;
-        for (int64_t j = 0; j < n; ++j) zo[j] = m[j] + cexp(T(0.5) * l[j]) * static_cast<T>(eps[j]);
+        for (int64_t j = 0; j < n; ++j) zo[j] = reparam_sample(m[j], l[j], static_cast<T>(eps[j]), CExp{});
       }
       if constexpr (KL && PRIOR) {
         kl.add(n, [&](int64_t j) {
@@ -84,23 +84,20 @@ void backward_kernel(const GaussianBwdArgs& a, const ParallelFor& parallel_for) 
         const T l = lv[i];
         T g_mu = 0, g_lv = 0;
         if constexpr (GZ) {
-          // dz/dlogvar = sigma * eps / 2, with eps regenerated rather than stored
           g_mu = gz[i];
-          g_lv = T(0.5) * gz[i] * cexp(T(0.5) * l) * static_cast<T>(eps[j]);
+          g_lv = reparam_grad_logvar(gz[i], l, static_cast<T>(eps[j]), CExp{});
         }
-        if constexpr (GKL && PRIOR) {
-          const int64_t c = b0 + j;
-          const T pl = plv[r * a.plv_stride_row + c * a.plv_stride_col];
-          const T d = mu[i] - pmu[r * a.pmu_stride_row + c * a.pmu_stride_col];
-          const T inv_pvar = cexp(-pl), ratio = cexp(l - pl);
-          const T dm = gk * d * inv_pvar;
-          g_mu += dm;
-          g_lv += T(0.5) * gk * (ratio - T(1));
-          gpmu[i] = -dm;
-          gplv[i] = T(0.5) * gk * (T(1) - ratio - d * d * inv_pvar);
-        } else if constexpr (GKL) {
-          g_mu += gk * mu[i];
-          g_lv += T(0.5) * gk * (cexp(l) - T(1));
+        if constexpr (GKL) {
+          T k_mu, k_lv;
+          if constexpr (PRIOR) {
+            const int64_t c = b0 + j;
+            kl_grad_prior(gk, mu[i], l, pmu[r * a.pmu_stride_row + c * a.pmu_stride_col],
+                          plv[r * a.plv_stride_row + c * a.plv_stride_col], k_mu, k_lv, gpmu[i], gplv[i], CExp{});
+          } else {
+            kl_grad_standard(gk, mu[i], l, k_mu, k_lv, CExp{});
+          }
+          g_mu += k_mu;
+          g_lv += k_lv;
         }
         if constexpr (WRITE_GMU) gmu[i] = g_mu;
         glv[i] = g_lv;

@@ -1,5 +1,5 @@
 // CUDA kernels for the affine coupling transform, its log-determinant and gradients.
-// The same formulas as csrc/cpu/coupling_cpu.cpp; work split and reductions: rowwise.cuh.
+// Per-element math: pygen/coupling.h (shared with the CPU kernels); work split and reductions: rowwise.cuh.
 #include "coupling_cuda.h"
 #include "pygen/dispatch.h"
 #include "rowwise.cuh"
@@ -25,20 +25,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 4
     for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
       const int64_t i = r * a.cols + col;
-      A s, ds;
-      if constexpr (CLAMP) {
-        soft_clamp(c, to_acc(ls[i]), s, ds, FExp{});
-      } else {
-        s = to_acc(ls[i]);
-      }
-      A t = to_acc(sh[i]);
-      if constexpr (MASK) {
-        const A m = to_acc(mk[r * a.mask_stride_row + col * a.mask_stride_col]);
-        s *= m;
-        t *= m;
-      }
-      const A xv = to_acc(x[i]);
-      y[i] = from_acc<T>(INVERSE ? (xv - t) * fexp(-s) : xv * fexp(s) + t);
+      const A m = MASK ? to_acc(mk[r * a.mask_stride_row + col * a.mask_stride_col]) : A(1);
+      A s;
+      y[i] = from_acc<T>(affine_element<INVERSE, CLAMP>(c, to_acc(x[i]), to_acc(sh[i]), to_acc(ls[i]), m, s, FExp{}));
       acc += s;
     }
   }
@@ -66,28 +55,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 4
   for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
     const int64_t i = r * a.cols + col;
-    A s, ds = A(1);
-    if constexpr (CLAMP) {
-      soft_clamp(c, to_acc(ls[i]), s, ds, FExp{});
-    } else {
-      s = to_acc(ls[i]);
-    }
-    A m = A(1);
-    if constexpr (MASK) m = to_acc(mk[r * a.mask_stride_row + col * a.mask_stride_col]);
-    s *= m;
-    const A g = to_acc(gy[i]);
-    if constexpr (INVERSE) {
-      const A e = fexp(-s);
-      const A yv = (to_acc(x[i]) - to_acc(sh[i]) * m) * e;
-      gx[i] = from_acc<T>(g * e);
-      if constexpr (WRITE_GSHIFT) gt[i] = from_acc<T>(-g * e * m);
-      gls[i] = from_acc<T>((-g * yv - g_logdet) * m * ds);
-    } else {
-      const A e = fexp(s);
-      gx[i] = from_acc<T>(g * e);
-      if constexpr (WRITE_GSHIFT) gt[i] = from_acc<T>(g * m);
-      gls[i] = from_acc<T>((g * to_acc(x[i]) * e + g_logdet) * m * ds);
-    }
+    const A m = MASK ? to_acc(mk[r * a.mask_stride_row + col * a.mask_stride_col]) : A(1);
+    A g_x, g_t, g_ls;
+    affine_element_backward<INVERSE, CLAMP>(c, to_acc(x[i]), to_acc(sh[i]), to_acc(ls[i]), m, to_acc(gy[i]), g_logdet,
+                                            g_x, g_t, g_ls, FExp{});
+    gx[i] = from_acc<T>(g_x);
+    if constexpr (WRITE_GSHIFT) gt[i] = from_acc<T>(g_t);
+    gls[i] = from_acc<T>(g_ls);
   }
 }
 

@@ -1,7 +1,8 @@
 // CUDA kernels for reparameterized sampling, Gaussian KL and their gradients.
 // No torch headers: raw pointers in, a stream and an error string out.
 //
-// Work split and reductions: rowwise.cuh.
+// Per-element math: pygen/gaussian.h (shared with the CPU kernels); work split and
+// reductions: rowwise.cuh.
 #include "gaussian_cuda.h"
 #include "pygen/dispatch.h"
 #include "rowwise.cuh"
@@ -30,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
       const A m = to_acc(mu[i]), l = to_acc(lv[i]);
       if constexpr (SAMPLE) {
         const A eps = static_cast<A>(philox_normal(seed, a.offset + static_cast<uint64_t>(i)));
-        z[i] = from_acc<T>(m + fexp(A(0.5) * l) * eps);
+        z[i] = from_acc<T>(reparam_sample(m, l, eps, FExp{}));
       }
       if constexpr (KL) {
         if constexpr (PRIOR) {
@@ -73,23 +74,22 @@ __global__ void __launch_bounds__(kThreads)
       const A g = to_acc(gz[i]);
       const A eps = static_cast<A>(philox_normal(seed, a.offset + static_cast<uint64_t>(i)));
       g_mu = g;
-      g_lv = A(0.5) * g * fexp(A(0.5) * l) * eps;
+      g_lv = reparam_grad_logvar(g, l, eps, FExp{});
     }
     if constexpr (GKL) {
       const A m = to_acc(mu[i]);
+      A k_mu, k_lv;
       if constexpr (PRIOR) {
-        const A pl = to_acc(plv[r * a.plv_stride_row + c * a.plv_stride_col]);
-        const A d = m - to_acc(pmu[r * a.pmu_stride_row + c * a.pmu_stride_col]);
-        const A inv_pvar = fexp(-pl), ratio = fexp(l - pl);
-        const A dm = gk * d * inv_pvar;
-        g_mu += dm;
-        g_lv += A(0.5) * gk * (ratio - A(1));
-        gpmu[i] = from_acc<T>(-dm);
-        gplv[i] = from_acc<T>(A(0.5) * gk * (A(1) - ratio - d * d * inv_pvar));
+        A k_pmu, k_plv;
+        kl_grad_prior(gk, m, l, to_acc(pmu[r * a.pmu_stride_row + c * a.pmu_stride_col]),
+                      to_acc(plv[r * a.plv_stride_row + c * a.plv_stride_col]), k_mu, k_lv, k_pmu, k_plv, FExp{});
+        gpmu[i] = from_acc<T>(k_pmu);
+        gplv[i] = from_acc<T>(k_plv);
       } else {
-        g_mu += gk * m;
-        g_lv += A(0.5) * gk * (fexp(l) - A(1));
+        kl_grad_standard(gk, m, l, k_mu, k_lv, FExp{});
       }
+      g_mu += k_mu;
+      g_lv += k_lv;
     }
     if constexpr (WRITE_GMU) gmu[i] = from_acc<T>(g_mu);
     glv[i] = from_acc<T>(g_lv);

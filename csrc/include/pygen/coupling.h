@@ -46,4 +46,48 @@ PYGEN_HD void soft_clamp(T c, T log_scale, T& s, T& ds, Exp exp_fn) {
   }
 }
 
+// One element of the affine transform: returns y, writes the (clamped, masked) s that the
+// log-determinant sums. m is the mask value (1 without a mask).
+//   forward: y = x e^s + t m,   inverse: y = (x - t m) e^{-s},   s = m soft_clamp(log_scale)
+template <bool INVERSE, bool CLAMP, typename T, typename Exp>
+PYGEN_HD T affine_element(T c, T x, T shift, T log_scale, T m, T& s_out, Exp exp_fn) {
+  T s, ds;
+  if constexpr (CLAMP) {
+    soft_clamp(c, log_scale, s, ds, exp_fn);
+  } else {
+    s = log_scale;
+  }
+  s *= m;
+  const T t = shift * m;
+  s_out = s;
+  return INVERSE ? (x - t) * exp_fn(-s) : x * exp_fn(s) + t;
+}
+
+// Its gradients given grad_y g and the row's grad_logdet gl:
+//   grad_x = g e^{+-s}; grad_shift = g m (forward) or -g e^{-s} m (inverse);
+//   grad_log_scale = (g x e^s + gl) m ds (forward) or (-g y - gl) m ds (inverse), y recomputed.
+template <bool INVERSE, bool CLAMP, typename T, typename Exp>
+PYGEN_HD void affine_element_backward(T c, T x, T shift, T log_scale, T m, T g, T gl, T& gx, T& gt, T& gls,
+                                      Exp exp_fn) {
+  T s, ds = T(1);
+  if constexpr (CLAMP) {
+    soft_clamp(c, log_scale, s, ds, exp_fn);
+  } else {
+    s = log_scale;
+  }
+  s *= m;
+  if constexpr (INVERSE) {
+    const T e = exp_fn(-s);
+    const T y = (x - shift * m) * e;
+    gx = g * e;
+    gt = -g * e * m;
+    gls = (-g * y - gl) * m * ds;
+  } else {
+    const T e = exp_fn(s);
+    gx = g * e;
+    gt = g * m;
+    gls = (g * x * e + gl) * m * ds;
+  }
+}
+
 }  // namespace pygen

@@ -65,4 +65,32 @@ PYGEN_HD T kl2_prior(T mu, T lv, T pmu, T plv, Exp exp_fn) {
   return exp_fn(lv - plv) + d * d * exp_fn(-plv) - T(1) - lv + plv;
 }
 
+// Reparameterized sample z = mu + e^{lv / 2} eps, and dL/dlogvar of its term,
+// 0.5 grad_z e^{lv / 2} eps (eps regenerated from the counter, never stored).
+template <typename T, typename Exp>
+PYGEN_HD T reparam_sample(T mu, T lv, T eps, Exp exp_fn) {
+  return mu + exp_fn(T(0.5) * lv) * eps;
+}
+template <typename T, typename Exp>
+PYGEN_HD T reparam_grad_logvar(T grad_z, T lv, T eps, Exp exp_fn) {
+  return T(0.5) * grad_z * exp_fn(T(0.5) * lv) * eps;
+}
+
+// Gradients of gk * KL (gk: the row's grad_kl) w.r.t. mu and logvar (standard prior)...
+template <typename T, typename Exp>
+PYGEN_HD void kl_grad_standard(T gk, T mu, T lv, T& g_mu, T& g_lv, Exp exp_fn) {
+  g_mu = gk * mu;
+  g_lv = T(0.5) * gk * (exp_fn(lv) - T(1));
+}
+// ... and w.r.t. mu, logvar, prior mu and prior logvar (Gaussian prior).
+template <typename T, typename Exp>
+PYGEN_HD void kl_grad_prior(T gk, T mu, T lv, T pmu, T plv, T& g_mu, T& g_lv, T& g_pmu, T& g_plv, Exp exp_fn) {
+  const T d = mu - pmu;
+  const T inv_pvar = exp_fn(-plv), ratio = exp_fn(lv - plv);
+  g_mu = gk * d * inv_pvar;
+  g_lv = T(0.5) * gk * (ratio - T(1));
+  g_pmu = -g_mu;
+  g_plv = T(0.5) * gk * (T(1) - ratio - d * d * inv_pvar);
+}
+
 }  // namespace pygen
