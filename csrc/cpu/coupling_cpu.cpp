@@ -48,38 +48,55 @@ void forward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
                         });
 }
 
-// Gradients: affine_element_backward (pygen/coupling.h) per element.
+// Gradients of one row segment: affine_element_backward (pygen/coupling.h) per element.
+// The arrays never overlap, but with up to seven streams GCC needs more than its 10
+// run-time alias checks (it drops __restrict once this is inlined): ivdep says there is
+// no loop-carried dependence. mstride: the mask's column stride (1: contiguous, 0: one
+// value for the segment).
+template <typename T, bool INVERSE, bool CLAMP, bool MASK, bool WRITE_GSHIFT>
+void backward_segment(int64_t n, T c, T g_logdet, const T* __restrict x, const T* __restrict t,
+                      const T* __restrict l, const T* __restrict gy, const T* __restrict mk, int64_t mstride,
+                      T* __restrict gx, T* __restrict gt, T* __restrict gl) {
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC ivdep
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    const T m = MASK ? mk[j * mstride] : T(1);
+    T gshift;
+    affine_element_backward<INVERSE, CLAMP>(c, x[j], t[j], l[j], m, gy[j], g_logdet, gx[j], gshift, gl[j], CExp{});
+    if constexpr (WRITE_GSHIFT) gt[j] = gshift;
+  }
+}
+
 template <typename T, bool INVERSE, bool CLAMP, bool MASK, bool WRITE_GSHIFT>
 void backward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
-  const T* __restrict x = static_cast<const T*>(a.x);
-  const T* __restrict sh = static_cast<const T*>(a.shift);
-  const T* __restrict ls = static_cast<const T*>(a.log_scale);
-  const T* __restrict mk = static_cast<const T*>(a.mask);
-  const T* __restrict gy = static_cast<const T*>(a.grad_y);
-  const T* __restrict gld = static_cast<const T*>(a.grad_logdet);
-  T* __restrict gx = static_cast<T*>(a.grad_x);
-  T* __restrict gt = static_cast<T*>(a.grad_shift);
-  T* __restrict gls = static_cast<T*>(a.grad_log_scale);
+  const T* x = static_cast<const T*>(a.x);
+  const T* sh = static_cast<const T*>(a.shift);
+  const T* ls = static_cast<const T*>(a.log_scale);
+  const T* mk = static_cast<const T*>(a.mask);
+  const T* gy = static_cast<const T*>(a.grad_y);
+  const T* gld = static_cast<const T*>(a.grad_logdet);
+  T* gx = static_cast<T*>(a.grad_x);
+  T* gt = static_cast<T*>(a.grad_shift);
+  T* gls = static_cast<T*>(a.grad_log_scale);
   const T c = static_cast<T>(a.soft_clamp);
 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
-    const T g_logdet = gld[r];
-    const int64_t i0 = r * cols + c0;
-    // row-local restrict pointers: the vectoriser cannot see through the lambda's captures
-    const T* __restrict xr = x + i0;
-    const T* __restrict tr = sh + i0;
-    const T* __restrict lr = ls + i0;
-    const T* __restrict gyr = gy + i0;
-    T* __restrict gxr = gx + i0;
-    T* __restrict gtr = WRITE_GSHIFT ? gt + i0 : nullptr;
-    T* __restrict glr = gls + i0;
-    for (int64_t j = 0; j < c1 - c0; ++j) {
-      const T m = MASK ? mk[r * a.mask_stride_row + (c0 + j) * a.mask_stride_col] : T(1);
-      T gshift;
-      affine_element_backward<INVERSE, CLAMP>(c, xr[j], tr[j], lr[j], m, gyr[j], g_logdet, gxr[j], gshift, glr[j],
-                                              CExp{});
-      if constexpr (WRITE_GSHIFT) gtr[j] = gshift;
+    const int64_t i0 = r * cols + c0, n = c1 - c0;
+    const T* mrow = MASK ? mk + r * a.mask_stride_row + c0 * a.mask_stride_col : nullptr;
+    T* gtr = WRITE_GSHIFT ? gt + i0 : nullptr;
+    const auto segment = [&](int64_t mstride) {
+      backward_segment<T, INVERSE, CLAMP, MASK, WRITE_GSHIFT>(n, c, gld[r], x + i0, sh + i0, ls + i0, gy + i0, mrow,
+                                                              mstride, gx + i0, gtr, gls + i0);
+    };
+    // a literal stride lets the common mask layouts (contiguous, broadcast) vectorise
+    if (!MASK || a.mask_stride_col == 1) {
+      segment(1);
+    } else if (a.mask_stride_col == 0) {
+      segment(0);
+    } else {
+      segment(a.mask_stride_col);
     }
     return T(0);
   });

@@ -31,19 +31,15 @@ struct AffineArgs {
   void* grad_log_scale = nullptr;
 };
 
-// s and ds/dlog_scale for the soft clamp s = c * tanh(v / c) (c == 0: no clamp).
-// tanh(u) = 1 - 2 / (e^{2u} + 1) gives exact limits at +-inf; exp_fn lets the CPU pass its
-// vectorisable exp.
+// s and ds/dlog_scale for the soft clamp s = c * tanh(v / c), c != 0 (the kernels choose the
+// unclamped path at compile time: a run-time c == 0 branch here keeps GCC from vectorising
+// the inverse backward). tanh(u) = 1 - 2 / (e^{2u} + 1) gives exact limits at +-inf;
+// exp_fn lets the CPU pass its vectorisable exp.
 template <typename T, typename Exp>
 PYGEN_HD void soft_clamp(T c, T log_scale, T& s, T& ds, Exp exp_fn) {
-  if (c == T(0)) {
-    s = log_scale;
-    ds = T(1);
-  } else {
-    const T th = T(1) - T(2) / (exp_fn(T(2) * log_scale / c) + T(1));
-    s = c * th;
-    ds = T(1) - th * th;
-  }
+  const T th = T(1) - T(2) / (exp_fn(T(2) * log_scale / c) + T(1));
+  s = c * th;
+  ds = T(1) - th * th;
 }
 
 // One element of the affine transform: returns y, writes the (clamped, masked) s that the
