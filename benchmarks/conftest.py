@@ -2,8 +2,11 @@
 copy-bandwidth measurement and a bandwidth summary.
 
 Options (each also an environment variable, handy in CI):
-  --bench-quick      PYGEN_BENCH_QUICK=1        sizes 1e4 and 1e5 only (a smoke test)
-  --bench-sizes      PYGEN_BENCH_SIZES=1e4,1e6   the sizes (numel) to run
+  --bench-quick      PYGEN_BENCH_QUICK=1        sizes 1e4 and 1e5 only (a smoke test;
+                                                the diffusion suite: 16x3x64x64 only)
+  --bench-sizes      PYGEN_BENCH_SIZES=1e4,1e6   the sizes (numel) to run, or the diffusion
+                                                suite's shapes (256x3x64x64); each module
+                                                runs those of its own sizes that are named
   --bench-providers  PYGEN_BENCH_PROVIDERS=...   subset of pygen-cpp,eager,compile
   --bench-heavy      PYGEN_BENCH_HEAVY=1        also run what a module skips as too heavy
                                                 for a small machine (its skip_reason)
@@ -12,7 +15,10 @@ Rounds per benchmark follow pytest-benchmark's --benchmark-max-time (default 1 s
 
 A bench_*.py module sets BENCH_OPS (default: the Gaussian ops), defines one test taking
 the fixtures op, mode, size, provider (plus direction and bins for the ops that have them,
-see _common.variants) and run_benchmark, and calls run_benchmark with them.
+see _common.variants) and run_benchmark, and calls run_benchmark with them. Optionally
+BENCH_SIZES (labels: default the numel labels of _common.CPU_SIZES; the diffusion suite's
+are shapes, '256x3x64x64') and BENCH_QUICK_SIZES (default 1e4, 1e5). Each op runs in the
+modes of CPU_MODES it has (_common.op_modes: sampler steps are forward only).
 """
 
 from __future__ import annotations
@@ -28,20 +34,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _baselines, _c
 
 from _common import CPU_SIZES as ALL_SIZES  # noqa: E402
 from _common import (  # noqa: E402
+    DIFFUSION_CPU_SHAPES,
+    DIFFUSION_QUICK_SHAPES,
     GAUSSIAN_OPS,
+    bench_shape,
     bytes_moved,
+    bytes_note,
     check_grads,
     check_outputs,
+    diff_outputs,
+    grad_inputs,
     make_grads,
     make_inputs,
     measure_cpu_copy_bandwidth,
+    op_modes,
     provider_fn,
-    shape_for,
     variant_label,
     variants,
 )
 
 QUICK_SIZES = ("1e4", "1e5")
+KNOWN_SIZES = (*ALL_SIZES, *DIFFUSION_CPU_SHAPES)  # what --bench-sizes accepts (any module's)
 ALL_PROVIDERS = ("pygen-cpp", "eager", "compile")
 CPU_MODES = ("forward", "forward_backward")
 
@@ -54,7 +67,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-quick", action="store_true", default=None,
                     help="only sizes 1e4 and 1e5 (env PYGEN_BENCH_QUICK=1)")
     group.addoption("--bench-sizes", default=None,
-                    help=f"comma list from {','.join(ALL_SIZES)} (env PYGEN_BENCH_SIZES)")
+                    help=f"comma list from {','.join(KNOWN_SIZES)}; each module runs those of its own sizes "
+                         "(env PYGEN_BENCH_SIZES)")
     group.addoption("--bench-providers", default=None,
                     help=f"comma list from {','.join(ALL_PROVIDERS)} (env PYGEN_BENCH_PROVIDERS)")
     group.addoption("--bench-heavy", action="store_true", default=None,
@@ -69,12 +83,18 @@ def _csv(value: str, allowed, what: str) -> tuple[str, ...]:
     return items
 
 
-def bench_sizes(config) -> tuple[str, ...]:
-    sizes = config.getoption("--bench-sizes") or os.environ.get("PYGEN_BENCH_SIZES")
-    if sizes:
-        return _csv(sizes, ALL_SIZES, "--bench-sizes")
+def bench_sizes(config, sizes=None, quick_sizes=QUICK_SIZES) -> tuple[str, ...]:
+    """The size labels to run among ``sizes`` (default the numel labels, ALL_SIZES)."""
+    sizes = tuple(sizes if sizes is not None else ALL_SIZES)
+    chosen = config.getoption("--bench-sizes") or os.environ.get("PYGEN_BENCH_SIZES")
+    if chosen:
+        return tuple(s for s in _csv(chosen, KNOWN_SIZES, "--bench-sizes") if s in sizes)
     quick = config.getoption("--bench-quick") or os.environ.get("PYGEN_BENCH_QUICK", "") not in ("", "0")
-    return QUICK_SIZES if quick else tuple(ALL_SIZES)
+    return tuple(quick_sizes) if quick else sizes
+
+
+def size_numel(size: str) -> int:
+    return math.prod(bench_shape(size))
 
 
 def bench_providers(config) -> tuple[str, ...]:
@@ -100,7 +120,8 @@ def pytest_collect_file(file_path, parent):
 def pytest_generate_tests(metafunc):
     """Parametrize test functions taking (op, mode, size, provider); 1e7 is marked slow.
 
-    Ops: the module's BENCH_OPS. A test that also takes ``direction`` (and ``bins``) gets
+    Ops: the module's BENCH_OPS; sizes: its BENCH_SIZES / BENCH_QUICK_SIZES (bench_sizes);
+    modes: those of CPU_MODES the op has (op_modes). A test that also takes ``direction`` (and ``bins``) gets
     each of an op's variants (_common.variants; ``bins`` is None for ops without it). The
     module's optional ``skip_reason(op, mode, size, provider, direction=, bins=)`` says why
     a combination is skipped (None: run it); --bench-heavy runs them all.
@@ -109,15 +130,17 @@ def pytest_generate_tests(metafunc):
     if "provider" not in metafunc.fixturenames:
         return
     ops = getattr(metafunc.module, "BENCH_OPS", GAUSSIAN_OPS)
+    sizes = bench_sizes(metafunc.config, getattr(metafunc.module, "BENCH_SIZES", None),
+                        getattr(metafunc.module, "BENCH_QUICK_SIZES", QUICK_SIZES))
     skip_reason = None if bench_heavy(metafunc.config) else getattr(metafunc.module, "skip_reason", None)
     keys = [k for k in ("direction", "bins") if k in metafunc.fixturenames]
     params, ids = [], []
     for op in ops:
         for var in variants(op) if keys else [{}]:
-            for mode in CPU_MODES:
-                for size in bench_sizes(metafunc.config):
+            for mode in (m for m in CPU_MODES if m in op_modes(op)):
+                for size in sizes:
                     for provider in bench_providers(metafunc.config):
-                        marks = [pytest.mark.slow] if ALL_SIZES[size] >= 10**7 else []
+                        marks = [pytest.mark.slow] if size_numel(size) >= 10**7 else []
                         if skip_reason and (why := skip_reason(op, mode, size, provider, **var)):
                             marks.append(pytest.mark.skip(reason=why))
                         values = [op, *(var.get(k) for k in keys), mode, size, provider]
@@ -138,7 +161,8 @@ def pytest_report_header(config):
     import pygen
 
     return (f"pygen {pygen.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"backends {pygen.available_backends()}, sizes {','.join(bench_sizes(config))}, "
+            f"backends {pygen.available_backends()}, sizes {','.join(bench_sizes(config))} "
+            f"(diffusion: {','.join(bench_sizes(config, DIFFUSION_CPU_SHAPES, DIFFUSION_QUICK_SHAPES)) or '-'}), "
             f"providers {','.join(bench_providers(config))}")
 
 
@@ -194,14 +218,17 @@ def _rounds(target, setup, max_time: float, min_rounds: int) -> int:
 def run_benchmark(benchmark, pytestconfig, copy_bandwidth, bench_record):
     """``run_benchmark(op, mode, size, provider, direction=None, bins=None)``: one benchmark.
 
-    float32 inputs of shape (numel // 256, 256) (_common.make_inputs). One
+    float32 inputs of shape (numel // 256, 256), or the size's shape ('256x3x64x64') for the
+    diffusion ops (_common.bench_shape, _common.make_inputs). One
     ``benchmark.pedantic`` call: a warm-up call (where torch.compile compiles) and the
     sanity checks first, outside the timing, then as many rounds as fit
     ``--benchmark-max-time`` (at least ``--benchmark-min-rounds``). A failed check fails the
     test, except for the ``compile`` baseline, where it is an xfail (torch.compile's bug, not
     ours; not timed). forward_backward times
     forward + ``torch.autograd.backward(outputs, grads)``, every input's ``.grad`` set to
-    None between rounds outside the timing (``zero_grad(set_to_none=True)``). Group:
+    None between rounds outside the timing (``zero_grad(set_to_none=True)``); the outputs
+    and inputs are _common.diff_outputs / grad_inputs (the diffusion loss: the loss alone,
+    w.r.t. model_output alone). Group:
     ``<op>[-<direction>][-K<bins>]-<mode>-<size>``; extra_info has the minimum bytes, GB/s
     and the fraction of the session's copy bandwidth, which the summary prints too.
     """
@@ -216,8 +243,8 @@ def run_benchmark(benchmark, pytestconfig, copy_bandwidth, bench_record):
         if provider.startswith("pygen-") and provider[len("pygen-"):] not in pygen.available_backends():
             pytest.skip(f"backend {provider[len('pygen-'):]} is not available here: {pygen.available_backends()}")
         var = {k: v for k, v in (("direction", direction), ("bins", bins)) if v is not None}
-        shape = shape_for(ALL_SIZES[size])
-        numel = shape[0] * shape[1]
+        shape = bench_shape(size)
+        numel = math.prod(shape)
         backward = mode == "forward_backward"
         fn = provider_fn(provider, op, direction=direction)
         inputs = make_inputs(shape, dtype, "cpu", requires_grad=backward, op=op, bins=bins)
@@ -234,17 +261,18 @@ def run_benchmark(benchmark, pytestconfig, copy_bandwidth, bench_record):
             fail(err)
         if backward:
             grads = make_grads(op, inputs[0])
+            wrt = grad_inputs(inputs)
 
             def target():
-                torch.autograd.backward(fn(*inputs), grads)
+                torch.autograd.backward(diff_outputs(op, fn(*inputs)), grads)
 
             def setup():  # what optimizer.zero_grad(set_to_none=True) does between steps
-                for t in inputs:
+                for t in wrt:
                     t.grad = None
 
             setup()
-            torch.autograd.backward(outs, grads)
-            if err := check_grads(op, inputs, grads, [t.grad for t in inputs], direction=direction):
+            torch.autograd.backward(diff_outputs(op, outs), grads)
+            if err := check_grads(op, inputs, grads, [t.grad for t in wrt], direction=direction, outs=outs):
                 fail(f"backward: {err}")
             setup()
         else:
@@ -262,6 +290,8 @@ def run_benchmark(benchmark, pytestconfig, copy_bandwidth, bench_record):
             mode=mode, provider=provider, numel=numel, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
             bytes=nbytes, threads=torch.get_num_threads(), copy_gbps=copy_bandwidth["gbps"],
         )
+        if note := bytes_note(op):  # the diffusion ops: what ``bytes`` counts
+            benchmark.extra_info["bytes_counted"] = note
         if benchmark.disabled:
             benchmark.pedantic(target, setup=setup, rounds=1, iterations=1)
             return

@@ -4,6 +4,7 @@
     python benchmarks/gpu_bench.py --out /tmp/gpu.json                # on a CUDA machine
     python benchmarks/gpu_bench.py --dry-run --out /tmp/x.json        # CPU smoke test
     python benchmarks/gpu_bench.py --ops rq_spline,affine_coupling    # the coupling ops only
+    python benchmarks/gpu_bench.py --ops ddim_step,ddim_step_eta1,ddpm_step,diffusion_loss,euler_ancestral_step,dpmpp_2m_step
 
 For each size (default 2**20, 2**24, 2**26 float32, plus 2**26 bfloat16), op
 (reparameterize, gaussian_kl, reparameterize_kl, affine_coupling, rq_spline) and its
@@ -27,6 +28,17 @@ over eager and compile. Inputs have shape (numel // 256, 256) (the spline's para
   that the script works, its numbers mean little.
 - A failed sanity check of a pygen provider is an error (exit status 1); of a baseline
   (eager, compile) a warning: the time is kept, flagged with the check's message.
+
+Diffusion ops (ddim_step (eta 0), ddim_step_eta1, ddpm_step, diffusion_loss,
+euler_ancestral_step, dpmpp_2m_step; see _common.make_inputs and _baselines.py) run on
+image shapes instead (--diffusion-shapes, default 256x3x64x64 (the issue's), 1024x3x64x64,
+32x4x128x128, float32, plus bfloat16 at the largest; run in that order, after the other
+ops' sizes unless a diffusion op comes first in --ops): the steps forward only, the loss
+(q_sample + diffusion_mse) in every mode, its backward w.r.t. model_output alone. eager is
+the unfused chain (coefficients gathered per sample on the device, torch.randn_like
+noise, pygen.diffusion.steps' reference step), compile is torch.compile of it. An op that
+this build of pygen.ops lacks is listed as unavailable, not run. The summary ends with the
+issue's goal for the DDIM step (85% of copy bandwidth, 5x the eager chain).
 
 Writes a JSON with metadata (device, versions, date; no hostname) and one record per
 (op, variant, mode, size, dtype, provider), and prints a table per configuration and a summary.
@@ -55,6 +67,7 @@ import torch  # noqa: E402
 
 import pygen  # noqa: E402
 from _common import (  # noqa: E402
+    DIFFUSION_OPS,
     MB,
     OPS,
     SPLINE_BINS,
@@ -62,11 +75,17 @@ from _common import (  # noqa: E402
     check_grads,
     check_outputs,
     cpu_bench,
+    diff_outputs,
+    fused_missing,
+    grad_inputs,
     make_grads,
     make_inputs,
+    op_modes,
+    parse_shape,
     provider_fn,
     quantile_list,
     shape_for,
+    shape_label,
     variant_label,
     variants,
 )
@@ -77,6 +96,9 @@ QUANTILES = (0.5, 0.2, 0.8)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIFFUSION_SHAPES = "256x3x64x64,1024x3x64x64,32x4x128x128"
+DIFFUSION_DRY_SHAPES = "4x3x16x16,8x4x8x8"
+GOALS = {"copy_fraction": 0.85, "speedup_vs_eager": 5.0}  # the issue's, for a DDIM step on an H100
 
 
 # ---- arguments ---------------------------------------------------------------------------
@@ -95,6 +117,13 @@ def parse_size(text: str) -> int:
 
 def parse_list(text: str, item=str) -> list:
     return [item(x) for x in text.split(",") if x.strip()]
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    try:
+        return parse_list(text, parse_shape)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def size_label(n: int) -> str:
@@ -117,7 +146,13 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spline-max-params", type=parse_size, default=2**27,
                    help="run rq_spline only where numel * K <= this (default 2**27: 512 MB per float32 "
                         "parameter tensor; K 8 and 16 at 2**20, K 8 at 2**24)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma list (default all)")
+    p.add_argument("--diffusion-shapes", default=None,
+                   help=f"shapes of the diffusion ops' tensors, e.g. 256x3x64x64 (default {DIFFUSION_SHAPES}; "
+                        f"dry run {DIFFUSION_DRY_SHAPES})")
+    p.add_argument("--diffusion-bf16-shapes", default=None,
+                   help="extra bfloat16 runs of the diffusion ops at these shapes (default the largest; '' for none)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma list (default all; the diffusion steps run forward only)")
     p.add_argument("--providers", default=None,
                    help="comma list from pygen-cuda,pygen-triton,pygen-cpp,eager,compile (default: what runs here)")
     p.add_argument("--dim", type=int, default=256, help="elements per sample; B = numel // dim (default 256)")
@@ -131,6 +166,16 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="CPU smoke test: tiny sizes, backend cpp, perf_counter timer")
     args = p.parse_args(argv)
     args.sizes = parse_list(args.sizes or ("2**12,2**14" if args.dry_run else "2**20,2**24,2**26"), parse_size)
+    try:
+        args.diffusion_shapes = parse_shapes(args.diffusion_shapes or (DIFFUSION_DRY_SHAPES if args.dry_run
+                                                                       else DIFFUSION_SHAPES))
+        if args.diffusion_bf16_shapes is None:
+            args.diffusion_bf16_shapes = ([] if args.dry_run or not args.diffusion_shapes
+                                          else [max(args.diffusion_shapes, key=math.prod)])
+        else:
+            args.diffusion_bf16_shapes = parse_shapes(args.diffusion_bf16_shapes)
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--diffusion-shapes / --diffusion-bf16-shapes: {e}")
     if args.bf16_sizes is None:
         args.bf16_sizes = [] if args.dry_run else [max(args.sizes)]
     else:
@@ -234,22 +279,27 @@ def n_input_sets(set_bytes: int, l2: int, cap: int = 16) -> int:
 
 
 def build_bench_fn(op: str, mode: str, f, sets: list, device: str):
-    """The zero-argument callable to time, cycling through ``sets`` of (inputs, grads)."""
+    """The zero-argument callable to time, cycling through ``sets`` of (inputs, grads).
+
+    Backward: from ``diff_outputs`` w.r.t. ``grad_inputs`` (every output and input, except
+    for the diffusion loss: the loss w.r.t. model_output).
+    """
     order = itertools.cycle(range(len(sets)))
     if mode == "forward":
         def run():
             inputs, _ = sets[next(order)]
             return f(*inputs)
     elif mode == "backward":
-        graphs = [(f(*inputs), inputs, g) for inputs, g in sets]  # built once, reused
+        # built once, reused
+        graphs = [(diff_outputs(op, f(*inputs)), grad_inputs(inputs), g) for inputs, g in sets]
 
         def run():
-            outs, inputs, grads = graphs[next(order)]
-            return torch.autograd.grad(outs, inputs, grads, retain_graph=True)
+            outs, wrt, grads = graphs[next(order)]
+            return torch.autograd.grad(outs, wrt, grads, retain_graph=True)
     else:
         def run():
             inputs, grads = sets[next(order)]
-            return torch.autograd.grad(f(*inputs), inputs, grads)
+            return torch.autograd.grad(diff_outputs(op, f(*inputs)), grad_inputs(inputs), grads)
     return run
 
 
@@ -273,7 +323,8 @@ def sanity(op: str, mode: str, f, inputs, grads, direction: str | None = None) -
     err = check_outputs(op, outs, inputs, direction=direction)
     if err:
         return err
-    err = check_grads(op, inputs, grads, torch.autograd.grad(outs, inputs, grads), direction=direction)
+    got = torch.autograd.grad(diff_outputs(op, outs), grad_inputs(inputs), grads)
+    err = check_grads(op, inputs, grads, got, direction=direction, outs=outs)
     return f"backward: {err}" if err else None
 
 
@@ -323,7 +374,7 @@ def metadata(device: str, args, timer_desc: str, copy_bw: dict) -> dict:
                     "donated_buffer": getattr(importlib.import_module("torch._functorch.config"),
                                               "donated_buffer", None)},
         "copy_bandwidth": copy_bw,
-        "shape": f"(numel // {args.dim}, {args.dim})",
+        "shape": f"(numel // {args.dim}, {args.dim}); diffusion ops: the given (B, C, H, W)",
         "bytes_model": "minimum traffic: each input read once, each output written once (see _common.bytes_moved)",
         "args": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()
                  if k not in ("dtypes",)} | {"dtypes": [str(d).replace("torch.", "") for d in args.dtypes]},
@@ -376,16 +427,38 @@ def main(argv=None) -> int:
     if "rq_spline" in args.ops:
         print(f"rq_spline: K in {args.bins} where numel * K <= {args.spline_max_params}")
 
-    configs = [(n, dt) for n in args.sizes for dt in args.dtypes]
-    configs += [(n, torch.bfloat16) for n in args.bf16_sizes if (n, torch.bfloat16) not in configs]
-    # Largest first, so that --max-seconds drops the small, latency-bound sizes first.
-    configs.sort(key=lambda c: (-c[0], c[1] != torch.float32))
+    # Diffusion ops this build lacks (the sigma-space steps land later): listed, not run.
+    unavailable = {op: why for op in args.ops if op in DIFFUSION_OPS and (why := fused_missing(op))
+                   and any(p.startswith("pygen-") for p in providers)}
+    for op, why in unavailable.items():
+        print(f"{op}: unavailable, not run: {why}")
+    flat_ops = [op for op in args.ops if op not in DIFFUSION_OPS]
+    diffusion_ops = [op for op in args.ops if op in DIFFUSION_OPS and op not in unavailable]
+    if diffusion_ops:
+        print(f"diffusion ops {diffusion_ops} at shapes {[shape_label(s) for s in args.diffusion_shapes]}"
+              + (f" (+ bfloat16 at {[shape_label(s) for s in args.diffusion_bf16_shapes]})"
+                 if args.diffusion_bf16_shapes else ""))
+
+    # (numel_nominal, dtype, shape, size label, ops)
+    configs, diffusion_configs = [], []
+    if flat_ops:
+        flat = [(n, dt) for n in args.sizes for dt in args.dtypes]
+        flat += [(n, torch.bfloat16) for n in args.bf16_sizes if (n, torch.bfloat16) not in flat]
+        configs = [(n, dt, shape_for(n, args.dim), size_label(n), flat_ops) for n, dt in flat]
+        # Largest first, so that --max-seconds drops the small, latency-bound sizes first.
+        configs.sort(key=lambda c: (-c[0], c[1] != torch.float32))
+    if diffusion_ops:
+        # In --diffusion-shapes order (the issue's shape first), then the bfloat16 extras;
+        # before the flat sizes when a diffusion op comes first in --ops.
+        img = [(s, dt) for s in args.diffusion_shapes for dt in args.dtypes]
+        img += [(s, torch.bfloat16) for s in args.diffusion_bf16_shapes if (s, torch.bfloat16) not in img]
+        diffusion_configs = [(math.prod(s), dt, s, shape_label(s), diffusion_ops) for s, dt in img]
+    configs = diffusion_configs + configs if args.ops[0] in DIFFUSION_OPS else configs + diffusion_configs
     results, errors, warnings, skipped = [], [], [], []
-    for numel_nominal, dtype in configs:
-        shape = shape_for(numel_nominal, args.dim)
-        numel = shape[0] * shape[1]
-        for op, var, mode in planned(args, numel_nominal):
-            label = f"{variant_label(op, **var)}/{mode}/{size_label(numel_nominal)}/{str(dtype).replace('torch.', '')}"
+    for numel_nominal, dtype, shape, size_lbl, ops in configs:
+        numel = math.prod(shape)
+        for op, var, mode in planned(args, numel_nominal, ops):
+            label = f"{variant_label(op, **var)}/{mode}/{size_lbl}/{str(dtype).replace('torch.', '')}"
             if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
                 skipped.append(label)
                 continue
@@ -404,7 +477,7 @@ def main(argv=None) -> int:
             rows = []
             for provider in providers:
                 rec = {"op": op, **var, "mode": mode, "provider": provider, "numel": numel,
-                       "numel_nominal": numel_nominal, "shape": list(shape),
+                       "numel_nominal": numel_nominal, "size": size_lbl, "shape": list(shape),
                        "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes, "input_sets": n_sets}
                 try:
                     f = provider_fn(provider, op, direction=direction,
@@ -452,6 +525,9 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
 
     summary(results, providers)
+    goals(results)
+    if unavailable:
+        print(f"\nunavailable in this build, not run: {', '.join(f'{op} ({why})' for op, why in unavailable.items())}")
     if warnings:
         print(f"\n{len(warnings)} warning(s):\n  " + "\n  ".join(warnings))
     if skipped:
@@ -462,20 +538,21 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump({"metadata": meta, "results": results, "errors": errors, "warnings": warnings, "skipped": skipped},
-                      fh, indent=1)
+            json.dump({"metadata": meta, "results": results, "errors": errors, "warnings": warnings, "skipped": skipped,
+                       "unavailable": unavailable}, fh, indent=1)
         print(f"\nwrote {args.out} ({len(results)} records, {meta['elapsed_s']:.0f} s)")
     return 1 if errors else 0
 
 
-def planned(args, numel_nominal: int) -> list[tuple[str, dict, str]]:
-    """(op, variant, mode) to run at this size, in order: --ops order, then variants, then modes."""
+def planned(args, numel_nominal: int, ops: list[str] | None = None) -> list[tuple[str, dict, str]]:
+    """(op, variant, mode) to run at this size, in order: --ops order, then variants, then
+    the modes of --modes the op has (a diffusion step: forward only)."""
     out = []
-    for op in args.ops:
+    for op in args.ops if ops is None else ops:
         for var in variants(op, args.bins):
             if op == "rq_spline" and numel_nominal * var["bins"] > args.spline_max_params:
                 continue
-            out.extend((op, var, mode) for mode in args.modes)
+            out.extend((op, var, mode) for mode in args.modes if mode in op_modes(op))
     return out
 
 
@@ -486,7 +563,7 @@ def summary(results: list[dict], providers: list[str]) -> None:
     by_cfg: dict[str, dict[str, dict]] = {}
     for r in results:
         var = {k: r[k] for k in ("direction", "bins") if r.get(k) is not None}
-        key = f"{variant_label(r['op'], **var)}/{r['mode']}/{size_label(r['numel_nominal'])}/{r['dtype']}"
+        key = f"{variant_label(r['op'], **var)}/{r['mode']}/{r.get('size') or size_label(r['numel_nominal'])}/{r['dtype']}"
         by_cfg.setdefault(key, {})[r["provider"]] = r
     width = max([50] + [len(k) + 1 for k in by_cfg])
     head = f"{'op/mode/size/dtype':<{width}}" + "".join(f"{p:>13}" for p in providers) + f"{'copy':>7}{'vs eager':>10}{'vs comp':>10}"
@@ -503,6 +580,26 @@ def summary(results: list[dict], providers: list[str]) -> None:
             se, sc = best.get("speedup_vs_eager"), best.get("speedup_vs_compile")
             line += f"{best['copy_fraction']:>7.1%}{(f'{se:.2f}x' if se else '-'):>10}{(f'{sc:.2f}x' if sc else '-'):>10}"
         print(line)
+
+
+def goals(results: list[dict]) -> None:
+    """The issue's goal for one DDIM step: the best pygen provider at >= 85% of copy bandwidth
+    and >= 5x the eager chain (measured on an H100; printed for every device)."""
+    best: dict[str, dict] = {}
+    for r in results:
+        if r["op"] in ("ddim_step", "ddim_step_eta1") and r["provider"].startswith("pygen-") and r.get("median_ms"):
+            key = f"{r['op']}/{r['size']}/{r['dtype']}"
+            if key not in best or r["median_ms"] < best[key]["median_ms"]:
+                best[key] = r
+    if not best:
+        return
+    print(f"\n== goal (the issue, on an H100): a DDIM step at >= {GOALS['copy_fraction']:.0%} of copy bandwidth "
+          f"and >= {GOALS['speedup_vs_eager']:.0f}x the eager chain")
+    for key, r in best.items():
+        cf, se, sc = r["copy_fraction"], r.get("speedup_vs_eager"), r.get("speedup_vs_compile")
+        ok = cf >= GOALS["copy_fraction"] and se is not None and se >= GOALS["speedup_vs_eager"]
+        print(f"{key:<40} {r['provider']:<13} copy {cf:6.1%}  vs eager {(f'{se:.2f}x' if se else '-'):>8}  "
+              f"vs compile {(f'{sc:.2f}x' if sc else '-'):>8}  {'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":
