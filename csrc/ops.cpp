@@ -140,8 +140,18 @@ size_t diffusion_mse_workspace_bytes(const LossArgs&) { return 0; }
 }  // namespace cuda
 #endif
 
+// Without a per-row KL nothing depends on the row split: view the tensor as one long row,
+// so that a (N,) or (B, 2) tensor is not run as N or B tiny rows (the counter of element
+// (r, c), offset + r * cols + c, is the flat index either way).
+template <typename Args>
+void as_one_row(Args& a) {
+  a.cols *= a.rows;
+  a.rows = a.cols > 0 ? 1 : 0;
+}
+
 void run_forward(GaussianFwdArgs& a, const Tensor& mu) {
   if (a.rows * a.cols == 0 && a.kl == nullptr) return;
+  if (a.kl == nullptr) as_one_row(a);
   const bool cuda = !mu.device().is_cpu();
   launch(mu, a, &cpu::gaussian_forward, &cuda::gaussian_forward,
          cuda ? cuda::gaussian_forward_workspace_bytes(a) : 0);
@@ -149,6 +159,7 @@ void run_forward(GaussianFwdArgs& a, const Tensor& mu) {
 
 void run_backward(GaussianBwdArgs& a, const Tensor& like) {
   if (a.rows * a.cols == 0) return;
+  if (a.grad_kl == nullptr) as_one_row(a);
   launch(like, a, &cpu::gaussian_backward, &cuda::gaussian_backward);
 }
 
