@@ -11,7 +11,8 @@
 # 6. runs benchmarks/gpu_bench.py and keeps its JSON
 #
 # Logs and results go to $OUT (the device tool fetches what is there) or /tmp:
-#   build.log tests.log sanitize.log bench.log gpu-<stamp>.json results/<device>-<stamp>.json
+#   build.log tests.log sanitize.log graph.log bench.log gpu-<stamp>.json results/<device>-<stamp>.json
+#   results/cuda-graph-<stamp>.json
 # The results file is also copied to benchmarks/results/ in this tree.
 # A failed build stops the script; a failed later stage is reported and the others still
 # run; the exit status is non-zero if any stage failed. The whole run is held under

@@ -476,11 +476,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rq_spline_backward(
 
 // ---- diffusion sampler steps ------------------------------------------------------------
 
+// Table indices must lie in [lo, hi]. Checked where they live in host memory (CPU tensors);
+// on CUDA a check would be a sync, and the kernels clamp instead (pygen/diffusion.h).
+void check_indices(const Tensor& v, int64_t lo, int64_t hi, const char* name) {
+  if (!v.device().is_cpu() || v.numel() == 0) return;
+  const Tensor c = v.contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    TORCH_CHECK(p[i] >= lo && p[i] <= hi, "pygen: ", name, " must be in [", lo, ", ", hi, "]; got ", p[i],
+                " at position ", i);
+  }
+}
+
 std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& sample, const Tensor& alphas_cumprod,
                                       const Tensor& t, const Tensor& prev_t, double final_alpha_cumprod, int64_t kind,
                                       int64_t prediction, double eta, double clip_range, bool clipped_eps,
                                       const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
-                                      int64_t offset) {
+                                      int64_t offset, bool write_x0) {
   check_float(sample, "sample");
   check_like(model_output, sample, "model_output");
   const Rows rc = rows_of(sample);
@@ -492,13 +504,16 @@ std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& 
     TORCH_CHECK(v->scalar_type() == at::kLong && v->dim() == 1 && v->size(0) == rc.rows && v->device() == sample.device(),
                 "pygen: t and prev_t must be int64 tensors of shape (", rc.rows, ",) on ", sample.device());
   }
+  check_indices(t, 0, alphas_cumprod.size(0) - 1, "t");
+  check_indices(prev_t, -1, alphas_cumprod.size(0) - 1, "prev_t");
   if (noise.has_value()) check_like(*noise, sample, "noise");
   if (seed.has_value()) check_seed(*seed, sample);
   const Tensor mo = model_output.contiguous(), x = sample.contiguous(), table = alphas_cumprod.contiguous();
   const Tensor tc = t.contiguous(), tpc = prev_t.contiguous();
   const Tensor nz = noise.has_value() ? noise->contiguous() : Tensor();
   const Tensor sd = seed.has_value() ? seed->contiguous() : Tensor();
-  Tensor prev = new_output(x.sizes(), x), x0 = new_output(x.sizes(), x);
+  // x0 not asked for: an empty tensor (the schema returns two tensors), nothing written
+  Tensor prev = new_output(x.sizes(), x), x0 = write_x0 ? new_output(x.sizes(), x) : x.new_empty({0});
   StepArgs a;
   a.rows = rc.rows;
   a.cols = rc.cols;
@@ -520,7 +535,7 @@ std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& 
   a.seed = sd.defined() ? sd.const_data_ptr<int64_t>() : nullptr;
   a.offset = static_cast<uint64_t>(offset);
   a.prev_sample = prev.data_ptr();
-  a.pred_original = x0.data_ptr();
+  a.pred_original = write_x0 ? x0.data_ptr() : nullptr;
   if (rc.rows * rc.cols > 0) launch(x, a, &cpu::alpha_step, &cuda::alpha_step);
   return {prev, x0};
 }
@@ -529,7 +544,7 @@ std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& 
                                       const Tensor& index, const std::optional<Tensor>& prev_x0, int64_t kind,
                                       int64_t prediction, double gamma, double s_tmin, double s_tmax, double s_noise,
                                       const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
-                                      int64_t offset) {
+                                      int64_t offset, bool write_x0) {
   check_float(sample, "sample");
   check_like(model_output, sample, "model_output");
   const Rows rc = rows_of(sample);
@@ -540,6 +555,7 @@ std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& 
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == rc.rows &&
                   index.device() == sample.device(),
               "pygen: index must be an int64 tensor of shape (", rc.rows, ",) on ", sample.device());
+  check_indices(index, 0, sigmas.size(0) - 2, "index");
   if (prev_x0.has_value()) check_like(*prev_x0, sample, "prev_x0");
   if (noise.has_value()) check_like(*noise, sample, "noise");
   if (seed.has_value()) check_seed(*seed, sample);
@@ -548,7 +564,8 @@ std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& 
   const Tensor px = prev_x0.has_value() ? prev_x0->contiguous() : Tensor();
   const Tensor nz = noise.has_value() ? noise->contiguous() : Tensor();
   const Tensor sd = seed.has_value() ? seed->contiguous() : Tensor();
-  Tensor prev = new_output(x.sizes(), x), x0 = new_output(x.sizes(), x);
+  // x0 not asked for: an empty tensor (the schema returns two tensors), nothing written
+  Tensor prev = new_output(x.sizes(), x), x0 = write_x0 ? new_output(x.sizes(), x) : x.new_empty({0});
   SigmaStepArgs a;
   a.rows = rc.rows;
   a.cols = rc.cols;
@@ -570,7 +587,7 @@ std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& 
   a.seed = sd.defined() ? sd.const_data_ptr<int64_t>() : nullptr;
   a.offset = static_cast<uint64_t>(offset);
   a.prev_sample = prev.data_ptr();
-  a.pred_original = x0.data_ptr();
+  a.pred_original = write_x0 ? x0.data_ptr() : nullptr;
   if (rc.rows * rc.cols > 0) launch(x, a, &cpu::sigma_step, &cuda::sigma_step);
   return {prev, x0};
 }
@@ -587,11 +604,13 @@ Rows loss_args(const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t, 
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == rc.rows && t.device() == x0.device(),
               "pygen: t must be an int64 tensor of shape (", rc.rows, ",) on ", x0.device());
   check_seed(seed, x0);
+  check_indices(t, 0, alphas_cumprod.size(0) - 1, "t");
   TORCH_CHECK(offset >= 0, "pygen: offset must be >= 0");
   a.rows = rc.rows;
   a.cols = rc.cols;
   a.dtype = dtype_of(x0);
   a.table_f64 = alphas_cumprod.scalar_type() == at::kDouble;
+  a.num_timesteps = alphas_cumprod.size(0);
   a.offset = static_cast<uint64_t>(offset);
   return rc;
 }
@@ -691,11 +710,11 @@ TORCH_LIBRARY(pygen, m) {
   m.def(
       "alpha_step(Tensor model_output, Tensor sample, Tensor alphas_cumprod, Tensor t, Tensor prev_t, "
       "float final_alpha_cumprod, int kind, int prediction, float eta, float clip_range, bool clipped_eps, "
-      "Tensor? noise, Tensor? seed, int offset) -> (Tensor, Tensor)");
+      "Tensor? noise, Tensor? seed, int offset, bool write_x0=True) -> (Tensor, Tensor)");
   m.def(
       "sigma_step(Tensor model_output, Tensor sample, Tensor sigmas, Tensor index, Tensor? prev_x0, int kind, "
       "int prediction, float gamma, float s_tmin, float s_tmax, float s_noise, Tensor? noise, Tensor? seed, "
-      "int offset) -> (Tensor, Tensor)");
+      "int offset, bool write_x0=True) -> (Tensor, Tensor)");
   m.def("q_sample(Tensor x0, Tensor alphas_cumprod, Tensor t, Tensor seed, int offset) -> Tensor");
   m.def(
       "diffusion_mse(Tensor model_output, Tensor x0, Tensor alphas_cumprod, Tensor t, Tensor seed, int offset, "

@@ -30,15 +30,16 @@ def _acc(v, like):
 @triton.jit
 def _alpha_step_kernel(
     mo_ptr, x_ptr, table_ptr, t_ptr, tp_ptr, noise_ptr, seed_ptr, prev_ptr, x0_ptr,
-    rows, cols, offset, final_ab: tl.float64, eta: tl.float64, clip: tl.float64,
+    rows, cols, offset, n_table, final_ab: tl.float64, eta: tl.float64, clip: tl.float64,
     KIND: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr,
-    GIVEN: tl.constexpr, DRAW: tl.constexpr, ACC_F64: tl.constexpr,
+    GIVEN: tl.constexpr, DRAW: tl.constexpr, WRITE_X0: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
-    t = tl.load(t_ptr + r1, mask=rmask, other=0)
-    tp = tl.load(tp_ptr + r1, mask=rmask, other=0)
+    # indices clamped into the table: unchecked on the GPU (a check would sync), never out of bounds
+    t = tl.minimum(tl.maximum(tl.load(t_ptr + r1, mask=rmask, other=0), 0), n_table - 1)
+    tp = tl.minimum(tl.load(tp_ptr + r1, mask=rmask, other=0), n_table - 1)
     ab = load_acc(table_ptr, t, rmask, ACC_F64)
     final_ab, eta, clip = _acc(final_ab, ab), _acc(eta, ab), _acc(clip, ab)
     ab_prev = tl.where(tp < 0, final_ab, load_acc(table_ptr, tl.maximum(tp, 0), rmask, ACC_F64))
@@ -84,14 +85,15 @@ def _alpha_step_kernel(
         z = randn_at(tl.load(seed_ptr), offset + idx).to(prev.dtype)
         prev += c_noise[:, None] * z
     tl.store(prev_ptr + idx, prev.to(prev_ptr.dtype.element_ty), mask=inb)
-    tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=inb)
+    if WRITE_X0:
+        tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=inb)
 
 
 def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cumprod, kind, prediction, eta,
-               clip_range, clipped_eps, noise, seed, offset) -> tuple[torch.Tensor, torch.Tensor]:
+               clip_range, clipped_eps, noise, seed, offset, write_x0=True) -> tuple[torch.Tensor, torch.Tensor]:
     mo, x = model_output.contiguous(), sample.contiguous()
     rows, cols = rows_cols(x)
-    prev, x0 = empty(x.shape, x), empty(x.shape, x)
+    prev, x0 = empty(x.shape, x), (empty(x.shape, x) if write_x0 else x.new_empty(0))
     if rows * cols == 0:
         return prev, x0
     block_r, block_c, _, grid = tiles(rows, cols)
@@ -99,9 +101,10 @@ def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cump
     table = alphas_cumprod.to(torch.float64 if acc64 else torch.float32).contiguous()
     _alpha_step_kernel[grid](
         mo, x, table, t.contiguous(), prev_t.contiguous(), noise if noise is not None else x,
-        seed if seed is not None else t, prev, x0, rows, cols, offset, float(final_alpha_cumprod), float(eta),
+        seed if seed is not None else t, prev, x0, rows, cols, offset, table.shape[0], float(final_alpha_cumprod),
+        float(eta),
         float(clip_range), KIND=kind, PRED=prediction, CLIP=clip_range > 0, CLIPPED_EPS=clipped_eps,
-        GIVEN=noise is not None, DRAW=noise is None and seed is not None, ACC_F64=acc64,
+        GIVEN=noise is not None, DRAW=noise is None and seed is not None, WRITE_X0=write_x0, ACC_F64=acc64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return prev, x0
@@ -110,17 +113,18 @@ def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cump
 @triton.jit
 def _sigma_step_kernel(
     mo_ptr, x_ptr, px0_ptr, sig_ptr, idx_ptr, noise_ptr, seed_ptr, prev_ptr, x0_ptr,
-    rows, cols, offset, gamma: tl.float64, s_tmin: tl.float64, s_tmax: tl.float64, s_noise: tl.float64,
+    rows, cols, offset, n_sigmas, gamma: tl.float64, s_tmin: tl.float64, s_tmax: tl.float64, s_noise: tl.float64,
     KIND: tl.constexpr, PRED: tl.constexpr, HAS_PREV: tl.constexpr, GIVEN: tl.constexpr, DRAW: tl.constexpr,
-    ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_X0: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """csrc/include/pygen/diffusion.h's sigma_coeffs / sigma_element on a tile."""
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
-    i = tl.load(idx_ptr + r1, mask=rmask, other=0)
-    s = load_acc(sig_ptr, i, rmask, ACC_F64)
+    # the index clamped into the table: unchecked on the GPU (a check would sync), never out of bounds
+    i = tl.minimum(tl.maximum(tl.load(idx_ptr + r1, mask=rmask, other=0), 0), n_sigmas - 2)
+    s_tab = tl.load(sig_ptr + i, mask=rmask, other=1.0)  # the table's own dtype (the churn gate compares it)
+    s = tl.where(rmask, load_acc(sig_ptr, i, rmask, ACC_F64), 1.0)  # keep masked-out rows finite
     sn = load_acc(sig_ptr, i + 1, rmask, ACC_F64)
-    s = tl.where(rmask, s, 1.0)  # keep masked-out rows finite
     zero = s * 0.0
     churn = zero
     c_noise = zero
@@ -135,7 +139,7 @@ def _sigma_step_kernel(
         s_hat = s
         if KIND == 0:
             # the gate compares the table's value in float64, as the C++ kernels and the schedulers do
-            s64 = s.to(tl.float64)
+            s64 = s_tab.to(tl.float64)
             g = tl.where((s64 >= s_tmin) & (s64 <= s_tmax), _acc(gamma, s), zero)
             s_hat = s * (g + 1.0)
             churn = tl.where(g > 0.0, _sqrt0(s_hat * s_hat - s * s) * _acc(s_noise, s), zero)
@@ -188,36 +192,38 @@ def _sigma_step_kernel(
             p = load_acc(px0_ptr, idx, inb & second[:, None], ACC_F64)
             prev += c_d[:, None] * (x0 - p)
     tl.store(prev_ptr + idx, prev.to(prev_ptr.dtype.element_ty), mask=inb)
-    tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=inb)
+    if WRITE_X0:
+        tl.store(x0_ptr + idx, x0.to(x0_ptr.dtype.element_ty), mask=inb)
 
 
 def sigma_step(model_output, sample, sigmas, index, prev_x0, kind, prediction, gamma, s_tmin, s_tmax, s_noise,
-               noise, seed, offset) -> tuple[torch.Tensor, torch.Tensor]:
+               noise, seed, offset, write_x0=True) -> tuple[torch.Tensor, torch.Tensor]:
     mo, x = model_output.contiguous(), sample.contiguous()
     rows, cols = rows_cols(x)
-    prev, x0 = empty(x.shape, x), empty(x.shape, x)
+    prev, x0 = empty(x.shape, x), (empty(x.shape, x) if write_x0 else x.new_empty(0))
     if rows * cols == 0:
         return prev, x0
     block_r, block_c, _, grid = tiles(rows, cols)
     acc64 = x.dtype == torch.float64
-    table = sigmas.to(torch.float64 if acc64 else torch.float32).contiguous()
+    table = (sigmas if sigmas.dtype in (torch.float32, torch.float64) else sigmas.float()).contiguous()
     # noise matters only where a row is noisy; the kernel draws or reads it for whole tiles
     noisy = kind == 1 or (kind == 0 and gamma > 0)
     _sigma_step_kernel[grid](
         mo, x, prev_x0.contiguous() if prev_x0 is not None else x, table, index.contiguous(),
         noise.contiguous() if noise is not None else x, seed if seed is not None else index, prev, x0,
-        rows, cols, offset, float(gamma), float(s_tmin), float(s_tmax), float(s_noise),
+        rows, cols, offset, table.shape[0], float(gamma), float(s_tmin), float(s_tmax), float(s_noise),
         KIND=kind, PRED=prediction, HAS_PREV=prev_x0 is not None and kind >= 2,
-        GIVEN=noisy and noise is not None, DRAW=noisy and noise is None and seed is not None, ACC_F64=acc64,
-        BLOCK_R=block_r, BLOCK_C=block_c,
+        GIVEN=noisy and noise is not None, DRAW=noisy and noise is None and seed is not None, WRITE_X0=write_x0,
+        ACC_F64=acc64, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return prev, x0
 
 
 @triton.jit
-def _loss_row(table_ptr, t_ptr, r1, rmask, PRED: tl.constexpr, SNR: tl.constexpr, gamma, ACC_F64: tl.constexpr):
-    """Per-row sqrt(ab), sqrt(1 - ab) and the Min-SNR-gamma weight."""
-    t = tl.load(t_ptr + r1, mask=rmask, other=0)
+def _loss_row(table_ptr, t_ptr, n_table, r1, rmask, PRED: tl.constexpr, SNR: tl.constexpr, gamma,
+              ACC_F64: tl.constexpr):
+    """Per-row sqrt(ab), sqrt(1 - ab) and the Min-SNR-gamma weight (t clamped into the table)."""
+    t = tl.minimum(tl.maximum(tl.load(t_ptr + r1, mask=rmask, other=0), 0), n_table - 1)
     ab = load_acc(table_ptr, t, rmask, ACC_F64)
     ab = tl.where(rmask, ab, 0.5)  # keep masked-out rows finite
     w = ab * 0.0 + 1.0
@@ -234,10 +240,10 @@ def _loss_row(table_ptr, t_ptr, r1, rmask, PRED: tl.constexpr, SNR: tl.constexpr
 
 
 @triton.jit
-def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, offset,
+def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, offset, n_table,
                      ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
-    sa, sb, _ = _loss_row(table_ptr, t_ptr, r1, r1 < rows, 0, False, 0.0, ACC_F64)
+    sa, sb, _ = _loss_row(table_ptr, t_ptr, n_table, r1, r1 < rows, 0, False, 0.0, ACC_F64)
     x0 = load_acc(x0_ptr, idx, inb, ACC_F64)
     eps = randn_at(tl.load(seed_ptr), offset + idx).to(x0.dtype)
     tl.store(xt_ptr + idx, (sa[:, None] * x0 + sb[:, None] * eps).to(xt_ptr.dtype.element_ty), mask=inb)
@@ -245,12 +251,12 @@ def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, off
 
 @triton.jit
 def _mse_kernel(mo_ptr, x0_ptr, table_ptr, t_ptr, seed_ptr, gl_ptr, loss_ptr, part_ptr, gmo_ptr, gx0_ptr,
-                rows, cols, offset, gamma: tl.float64, chunks,
+                rows, cols, offset, n_table, gamma: tl.float64, chunks,
                 PRED: tl.constexpr, SNR: tl.constexpr, BACKWARD: tl.constexpr, ACC_F64: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
-    sa, sb, w = _loss_row(table_ptr, t_ptr, r1, rmask, PRED, SNR, gamma, ACC_F64)
+    sa, sb, w = _loss_row(table_ptr, t_ptr, n_table, r1, rmask, PRED, SNR, gamma, ACC_F64)
     scale = (w / cols)[:, None]
     x0 = load_acc(x0_ptr, idx, inb, ACC_F64)
     mo = load_acc(mo_ptr, idx, inb, ACC_F64)
@@ -290,7 +296,8 @@ def q_sample(x0, alphas_cumprod, t, seed, offset) -> torch.Tensor:
         return xt
     block_r, block_c, _, grid = tiles(rows, cols)
     _q_sample_kernel[grid](x0, _table_for(x0, alphas_cumprod), t.contiguous(), seed, xt, rows, cols, offset,
-                           ACC_F64=x0.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c)
+                           alphas_cumprod.shape[0], ACC_F64=x0.dtype == torch.float64, BLOCK_R=block_r,
+                           BLOCK_C=block_c)
     return xt
 
 
@@ -313,7 +320,7 @@ def diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, 
         mo, x0, _table_for(x0, alphas_cumprod), t.contiguous(), seed,
         grad_loss.contiguous() if backward else dummy, dummy if backward else outs[0],
         part if part is not None else dummy, outs[0] if backward else dummy, outs[1] if backward else dummy,
-        rows, cols, offset, float(snr_gamma), chunks,
+        rows, cols, offset, alphas_cumprod.shape[0], float(snr_gamma), chunks,
         PRED=prediction, SNR=snr_gamma > 0, BACKWARD=backward, ACC_F64=acc == torch.float64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )

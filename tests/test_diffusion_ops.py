@@ -126,6 +126,8 @@ def test_step_opcheck_and_compile():
     t, tp = torch.tensor([10, 500, 0]), torch.tensor([0, 400, -1])
     torch.library.opcheck(torch.ops.pygen.alpha_step, (mo, x, table, t, tp, 1.0, 0, 0, 0.5, 0.0, False, None,
                                                        torch.tensor([3]), 0))
+    torch.library.opcheck(torch.ops.pygen.alpha_step, (mo, x, table, t, tp, 1.0, 1, 2, 0.0, 1.0, False, None,
+                                                       torch.tensor([3]), 0), {"write_x0": False})
 
     def loop(x, seed):
         for t_, tp_ in ((900, 600), (600, 300), (300, -1)):
@@ -134,6 +136,39 @@ def test_step_opcheck_and_compile():
 
     seed = torch.tensor([7])
     torch.testing.assert_close(torch.compile(loop, fullgraph=True)(x, seed), loop(x, seed))
+
+
+@pytest.mark.parametrize("backend,device", STEP_BACKENDS, ids=str)
+def test_return_x0_false_skips_x0_and_keeps_prev(backend, device):
+    """return_x0=False: the same prev_sample bit for bit, None for x0, and the x0 buffer is
+    not allocated (the op's second output is empty), on every step op."""
+    from pygen.diffusion import EulerDiscreteScheduler
+    from pygen.ops import dpmpp_2m_step, euler_ancestral_step, euler_step
+
+    table = _table(device).float()
+    sched = EulerDiscreteScheduler()
+    sched.set_timesteps(10)
+    sigmas = sched.sigmas.to(device)
+    mo, x = torch.randn(4, 3, 5, device=device), torch.randn(4, 3, 5, device=device)
+    t, tp = torch.tensor([10, 500, 0, 999], device=device), torch.tensor([0, 400, -1, 950], device=device)
+    idx = torch.tensor([0, 3, 9, 5], device=device)
+    calls = [
+        lambda **kw: ddim_step(mo, x, t, table, tp, eta=0.7, seed=11, backend=backend, **kw),
+        lambda **kw: ddpm_step(mo, x, t, table, tp, seed=11, backend=backend, **kw),
+        lambda **kw: euler_step(mo, x, sigmas, idx, gamma=0.3, seed=11, backend=backend, **kw),
+        lambda **kw: euler_ancestral_step(mo, x, sigmas, idx, seed=11, backend=backend, **kw),
+    ]
+    for call in calls:
+        prev, x0 = call()
+        prev_only, none = call(return_x0=False)
+        assert none is None and x0.shape == x.shape
+        assert torch.isfinite(prev_only).all()
+        torch.testing.assert_close(prev_only, prev, rtol=0, atol=0)
+    # DPM-Solver++ 2M always needs x0 for its next step: its default keeps returning it
+    assert dpmpp_2m_step(mo, x, sigmas, idx, backend=backend)[1] is not None
+    if backend in ("cpp", "cuda"):
+        out = torch.ops.pygen.alpha_step(mo, x, table, t, tp, 1.0, 0, 0, 0.0, 0.0, False, None, None, 0, write_x0=False)
+        assert out[1].numel() == 0
 
 
 # ---- training: q_sample and the weighted MSE -------------------------------------------------

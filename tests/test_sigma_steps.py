@@ -458,3 +458,43 @@ def test_loop_with_exact_model_lands_on_the_data_point(backend, device, kind):
         else:
             x, _ = euler_ancestral_step((x - target) / s, x, sigmas, i, seed=i, backend=backend)
     torch.testing.assert_close(x, target, rtol=1e-8, atol=1e-8)
+
+
+def test_raw_ops_check_or_clamp_table_indices():
+    """The C++ ops reject out-of-range indices of CPU tensors with a clear error; the Triton
+    ops (which cannot check on a GPU without a sync) clamp them into the table instead of
+    reading out of bounds."""
+    sigmas = torch.tensor([3.0, 1.0, 0.0])
+    mo, x = torch.randn(2, 5), torch.randn(2, 5)
+    args = (None, 1, 0, 0.0, 0.0, 0.0, 1.0, None, torch.tensor([3]), 0)
+    if HAS_CPP:
+        with pytest.raises(RuntimeError, match=r"index must be in \[0, 1\]; got 7"):
+            torch.ops.pygen.sigma_step(mo, x, sigmas, torch.tensor([0, 7]), *args)
+        table = torch.linspace(0.99, 0.01, 10)
+        with pytest.raises(RuntimeError, match=r"t must be in \[0, 9\]; got 10"):
+            torch.ops.pygen.alpha_step(mo, x, table, torch.tensor([10, 0]), torch.tensor([0, -1]), 1.0, 0, 0, 0.0, 0.0,
+                                       False, None, None, 0)
+        with pytest.raises(RuntimeError, match=r"prev_t must be in \[-1, 9\]; got -2"):
+            torch.ops.pygen.alpha_step(mo, x, table, torch.tensor([1, 0]), torch.tensor([-2, -1]), 1.0, 0, 0, 0.0, 0.0,
+                                       False, None, None, 0)
+    if "triton" in pygen.available_backends():
+        got = torch.ops.pygen.triton_sigma_step(mo, x, sigmas, torch.tensor([-4, 7]), *args)
+        want = torch.ops.pygen.triton_sigma_step(mo, x, sigmas, torch.tensor([0, 1]), *args)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", STEP_BACKENDS, ids=str)
+def test_churn_gate_reads_a_float64_table_in_float64(backend, device):
+    """A float32 sample with a float64 sigma table: the s_tmin/s_tmax gate compares the
+    table's float64 values on every backend (1.1 is not a float32 number)."""
+    sigmas = torch.tensor([1.1, 0.5, 0.0], dtype=torch.float64, device=device)
+    mo = torch.randn(3, 4, device=device)
+    x = torch.randn(3, 4, device=device)
+    noise = torch.randn(3, 4, device=device)
+    idx = torch.tensor([0, 0, 1], device=device)
+    got, _ = euler_step(mo, x, sigmas, idx, gamma=0.3, s_tmax=1.1, noise=noise, backend=backend)
+    ref, _ = euler_step(mo.double(), x.double(), sigmas, idx, gamma=0.3, s_tmax=1.1, noise=noise.double(),
+                        backend="torch")
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    plain, _ = euler_step(mo.double(), x.double(), sigmas, idx, noise=noise.double(), backend="torch")
+    assert not torch.allclose(ref[:2], plain[:2])  # the churn is on for sigma = 1.1 (the gate is inclusive)

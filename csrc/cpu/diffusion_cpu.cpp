@@ -55,22 +55,22 @@ void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
   const T* __restrict x = static_cast<const T*>(a.sample);
   const T* given = static_cast<const T*>(a.noise);
   T* __restrict prev = static_cast<T*>(a.prev_sample);
-  T* __restrict x0_out = static_cast<T*>(a.pred_original);  // always given by the binding
+  T* x0_out = static_cast<T*>(a.pred_original);  // null: x0 not asked for
   const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
     BlockNoise<T> noise;
+    alignas(64) T x0_scratch[kBlock];  // where x0 goes when it is not asked for
     const StepCoeffs<T> c = step_coeffs<T>(a, r);
     const bool draw = given == nullptr && a.seed != nullptr && c.c_noise != T(0);
     for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
       const int64_t n = b0 + kBlock < c1 ? kBlock : c1 - b0;
       const int64_t i0 = r * cols + b0;
       const T* __restrict z = noise.get(given, draw, seed, a.offset + static_cast<uint64_t>(i0), i0, n);
+      T* __restrict x0b = x0_out != nullptr ? x0_out + i0 : x0_scratch;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = i0 + j;
-        T x0;
-        prev[i] = step_element<T>(a, c, mo[i], x[i], z[j], x0);
-        x0_out[i] = x0;
+        prev[i] = step_element<T>(a, c, mo[i], x[i], z[j], x0b[j]);
       }
     }
     return T(0);
@@ -142,13 +142,14 @@ void sigma_step_kernel(const SigmaStepArgs& a, const ParallelFor& parallel_for) 
   const T* px0 = static_cast<const T*>(a.prev_x0);
   const T* given = static_cast<const T*>(a.noise);
   T* __restrict prev = static_cast<T*>(a.prev_sample);
-  T* __restrict x0_out = static_cast<T*>(a.pred_original);
+  T* x0_out = static_cast<T*>(a.pred_original);  // null: x0 not asked for
   const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
   const bool dpm = a.kind == SigmaKind::kDpmpp2mMidpoint || a.kind == SigmaKind::kDpmpp2mHeun;
 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
     BlockNoise<T> noise;
     alignas(64) T zeros[kBlock] = {};
+    alignas(64) T x0_scratch[kBlock];
     const SigmaCoeffs<T> c = sigma_coeffs<T>(a, r);
     const bool noisy = c.churn != T(0) || c.c_noise != T(0);
     const bool draw = noisy && given == nullptr && a.seed != nullptr;
@@ -157,11 +158,10 @@ void sigma_step_kernel(const SigmaStepArgs& a, const ParallelFor& parallel_for) 
       const int64_t i0 = r * cols + b0;
       const T* __restrict z = noise.get(noisy ? given : nullptr, draw, seed, a.offset + static_cast<uint64_t>(i0), i0, n);
       const T* __restrict p = c.second ? px0 + i0 : zeros;
+      T* __restrict x0b = x0_out != nullptr ? x0_out + i0 : x0_scratch;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = i0 + j;
-        T x0;
-        prev[i] = sigma_element<T>(c, dpm, mo[i], x[i], z[j], p[j], x0);
-        x0_out[i] = x0;
+        prev[i] = sigma_element<T>(c, dpm, mo[i], x[i], z[j], p[j], x0b[j]);
       }
     }
     return T(0);

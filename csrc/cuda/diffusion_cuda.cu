@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) sigma_step_kernel(SigmaStepArgs a, i
     A x0;
     const A p = c.second ? to_acc(px0[i]) : A(0);
     prev[i] = from_acc<T>(sigma_element<A>(c, dpm, to_acc(mo[i]), to_acc(x[i]), z, p, x0));
-    x0_out[i] = from_acc<T>(x0);
+    if (x0_out != nullptr) x0_out[i] = from_acc<T>(x0);
   }
 }
 

@@ -169,7 +169,7 @@ class _Base:
         the steps themselves copy nothing from the host (CUDA graph capture forbids such copies)."""
         if device is None:
             return
-        for name in ("alphas_cumprod", "prev_timesteps", "sigmas"):
+        for name in ("alphas_cumprod", "prev_timesteps", "sigmas", "final_alpha_cumprod"):
             if isinstance(getattr(self, name, None), Tensor):
                 self._on(name, device)
 
@@ -314,7 +314,7 @@ class DDPMScheduler(_Base):
             )
             return _out(prev_sample, x0, return_dict)
         ab = R.gather(ac, t, nd)
-        ab_prev = _bcast(torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(ac[0])), nd)
+        ab_prev = _bcast(torch.where(prev >= 0, R.gather(ac, prev.clamp(min=0), 1), torch.ones_like(ac[0])), nd)
         eps = _noise(model_output.shape, model_output, generator, given)
         eps = eps * _bcast((t > 0).to(eps.dtype), nd)  # no noise on the step to t = -1
         prev_sample, x0 = R.ddpm_step_ref(
@@ -410,7 +410,7 @@ class DDIMScheduler(_Base):
             return _out(prev_sample, x0, return_dict)
         ab = R.gather(ac, t, nd)
         final = self._on("final_alpha_cumprod", dev)
-        ab_prev = _bcast(torch.where(prev >= 0, ac[prev.clamp(min=0)], final), nd)
+        ab_prev = _bcast(torch.where(prev >= 0, R.gather(ac, prev.clamp(min=0), 1), final), nd)
         eps = None
         if eta > 0:
             eps = _noise(model_output.shape, model_output, generator, given)

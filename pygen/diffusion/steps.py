@@ -1,4 +1,4 @@
-"""Pure-torch reference sampler steps: the functions future fused kernels are tested against.
+"""Pure-torch reference sampler steps: the functions pygen.ops' fused steps are tested against.
 
 Each ``*_step_ref`` takes the model output, the current sample (B, ...) and the schedule
 coefficients of the step *already gathered* for each sample (tensors that broadcast to the

@@ -28,12 +28,19 @@ __all__ = ["ddim_step", "ddpm_step", "euler_step", "euler_ancestral_step", "dpmp
 _PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _KIND = {"ddim": 0, "fixed_small": 1, "fixed_large": 2}
 
+
+
+def _fake_step(sample: Tensor, write_x0: bool) -> tuple[Tensor, Tensor]:
+    """Outputs of a step op: prev_sample, and x0 (empty when not asked for)."""
+    return sample.new_empty(sample.shape), sample.new_empty(sample.shape if write_x0 else (0,))
+
+
 _STEP_OPS: dict = {}
 if _ext.HAS_CPP:
 
     @torch.library.register_fake("pygen::alpha_step")
-    def _(model_output, sample, *args):
-        return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
+    def _(model_output, sample, *args, write_x0=True):
+        return _fake_step(sample, args[12] if len(args) > 12 else write_x0)
 
     _STEP_OPS["cpp"] = _STEP_OPS["cuda"] = torch.ops.pygen.alpha_step
 
@@ -44,14 +51,14 @@ if "triton" in _backend.available_backends():
     def _triton_alpha_step(
         model_output: Tensor, sample: Tensor, alphas_cumprod: Tensor, t: Tensor, prev_t: Tensor,
         final_alpha_cumprod: float, kind: int, prediction: int, eta: float, clip_range: float, clipped_eps: bool,
-        noise: Tensor | None, seed: Tensor | None, offset: int,
+        noise: Tensor | None, seed: Tensor | None, offset: int, write_x0: bool = True,
     ) -> tuple[Tensor, Tensor]:
         return _tkd.alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cumprod, kind, prediction,
-                               eta, clip_range, clipped_eps, noise, seed, offset)
+                               eta, clip_range, clipped_eps, noise, seed, offset, write_x0)
 
     @torch.library.register_fake("pygen::triton_alpha_step")
-    def _(model_output, sample, *args):
-        return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
+    def _(model_output, sample, *args, write_x0=True):
+        return _fake_step(sample, args[12] if len(args) > 12 else write_x0)
 
     _STEP_OPS["triton"] = torch.ops.pygen.triton_alpha_step
 
@@ -80,7 +87,7 @@ def _timesteps(t, name: str, sample: Tensor, num_timesteps: int, allow_final: bo
 
 
 def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, eta, prediction_type,
-          clip_sample, clip_sample_range, clipped_eps, noise, generator, seed, offset, backend):
+          clip_sample, clip_sample_range, clipped_eps, noise, generator, seed, offset, backend, return_x0):
     check_tensor(sample, "sample")
     check_like(model_output, sample, "model_output", "sample")
     if not isinstance(alphas_cumprod, Tensor) or alphas_cumprod.dim() != 1 or not alphas_cumprod.is_floating_point():
@@ -105,8 +112,10 @@ def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cum
     clip = float(clip_sample_range) if clip_sample else 0.0
     if op is not None:
         table = alphas_cumprod if alphas_cumprod.dtype in (torch.float32, torch.float64) else alphas_cumprod.float()
-        return op(model_output, sample, table, tt, tp, float(final_alpha_cumprod), _KIND[kind], _PREDICTION[prediction_type],
-                  float(eta), clip, bool(clipped_eps), noise, seed_t, offset)
+        prev, x0 = op(model_output, sample, table, tt, tp, float(final_alpha_cumprod), _KIND[kind],
+                      _PREDICTION[prediction_type], float(eta), clip, bool(clipped_eps), noise, seed_t, offset,
+                      write_x0=bool(return_x0))
+        return prev, (x0 if return_x0 else None)
     # reference path: the same noise stream as the kernels
     from pygen.diffusion import steps as R
 
@@ -117,12 +126,14 @@ def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cum
     if z is None and seed_t is not None:
         z = _rng.philox_normal(seed_t, offset, sample.shape).to(sample.dtype)
     if kind == "ddim":
-        return R.ddim_step_ref(model_output, sample, ab, ab_prev, z, eta=eta, prediction_type=prediction_type,
-                               clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                               use_clipped_model_output=clipped_eps)
-    z = z * (tt > 0).to(z.dtype).reshape(-1, *([1] * (sample.dim() - 1)))  # no noise at t = 0
-    return R.ddpm_step_ref(model_output, sample, ab, ab_prev, z, prediction_type=prediction_type, variance_type=kind,
-                           clip_sample=clip_sample, clip_sample_range=clip_sample_range)
+        prev, x0 = R.ddim_step_ref(model_output, sample, ab, ab_prev, z, eta=eta, prediction_type=prediction_type,
+                                   clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                                   use_clipped_model_output=clipped_eps)
+    else:
+        z = z * (tt > 0).to(z.dtype).reshape(-1, *([1] * (sample.dim() - 1)))  # no noise at t = 0
+        prev, x0 = R.ddpm_step_ref(model_output, sample, ab, ab_prev, z, prediction_type=prediction_type,
+                                   variance_type=kind, clip_sample=clip_sample, clip_sample_range=clip_sample_range)
+    return prev, (x0 if return_x0 else None)
 
 
 def ddim_step(
@@ -143,14 +154,17 @@ def ddim_step(
     seed: int | Tensor | None = None,
     offset: int = 0,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_x0: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """One DDIM step (Song et al. 2021) from t to prev_t for every sample; see the module doc.
 
     prev_t < 0 means the final step (ab_prev = final_alpha_cumprod, diffusers'
-    ``set_alpha_to_one``). ``eta = 0`` is deterministic. Returns (prev_sample, pred_original_sample).
+    ``set_alpha_to_one``). ``eta = 0`` is deterministic. Returns (prev_sample, pred_original_sample);
+    ``return_x0=False`` skips writing x0 (a quarter of the step's memory traffic) and returns None for it.
     """
     return _step("ddim", model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, eta, prediction_type,
-                 clip_sample, clip_sample_range, use_clipped_model_output, noise, generator, seed, offset, backend)
+                 clip_sample, clip_sample_range, use_clipped_model_output, noise, generator, seed, offset, backend,
+                 return_x0)
 
 
 def ddpm_step(
@@ -170,16 +184,18 @@ def ddpm_step(
     seed: int | Tensor | None = None,
     offset: int = 0,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_x0: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """One DDPM ancestral step (Ho et al. 2020) from t to prev_t (strided schedules allowed).
 
     variance_type "fixed_small" (posterior variance) or "fixed_large" (beta); no noise
-    where t == 0. Returns (prev_sample, pred_original_sample).
+    where t == 0. Returns (prev_sample, pred_original_sample); ``return_x0=False``: (prev_sample, None).
     """
     if variance_type not in ("fixed_small", "fixed_large"):
         raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large', got {variance_type!r}")
     return _step(variance_type, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, 0.0,
-                 prediction_type, clip_sample, clip_sample_range, False, noise, generator, seed, offset, backend)
+                 prediction_type, clip_sample, clip_sample_range, False, noise, generator, seed, offset, backend,
+                 return_x0)
 
 
 # ---- sigma-space steps: Euler, Euler-ancestral, DPM-Solver++ 2M ----------------------------
@@ -189,8 +205,8 @@ _SIGMA_OPS: dict = {}
 if _ext.HAS_CPP:
 
     @torch.library.register_fake("pygen::sigma_step")
-    def _(model_output, sample, *args):
-        return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
+    def _(model_output, sample, *args, write_x0=True):
+        return _fake_step(sample, args[12] if len(args) > 12 else write_x0)
 
     _SIGMA_OPS["cpp"] = _SIGMA_OPS["cuda"] = torch.ops.pygen.sigma_step
 
@@ -200,20 +216,20 @@ if "triton" in _backend.available_backends():
     def _triton_sigma_step(
         model_output: Tensor, sample: Tensor, sigmas: Tensor, index: Tensor, prev_x0: Tensor | None, kind: int,
         prediction: int, gamma: float, s_tmin: float, s_tmax: float, s_noise: float, noise: Tensor | None,
-        seed: Tensor | None, offset: int,
+        seed: Tensor | None, offset: int, write_x0: bool = True,
     ) -> tuple[Tensor, Tensor]:
         return _tkd.sigma_step(model_output, sample, sigmas, index, prev_x0, kind, prediction, gamma, s_tmin, s_tmax,
-                               s_noise, noise, seed, offset)
+                               s_noise, noise, seed, offset, write_x0)
 
     @torch.library.register_fake("pygen::triton_sigma_step")
-    def _(model_output, sample, *args):
-        return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
+    def _(model_output, sample, *args, write_x0=True):
+        return _fake_step(sample, args[12] if len(args) > 12 else write_x0)
 
     _SIGMA_OPS["triton"] = torch.ops.pygen.triton_sigma_step
 
 
 def _sigma_step(kind: str, model_output, sample, sigmas, index, prev_x0, prediction_type, gamma, s_tmin, s_tmax,
-                s_noise, noise, generator, seed, offset, backend):
+                s_noise, noise, generator, seed, offset, backend, return_x0=True):
     check_tensor(sample, "sample")
     check_like(model_output, sample, "model_output", "sample")
     if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or not sigmas.is_floating_point() or sigmas.shape[0] < 2:
@@ -238,10 +254,13 @@ def _sigma_step(kind: str, model_output, sample, sigmas, index, prev_x0, predict
         raise RuntimeError(f"{kind} steps have no {name!r} kernel; use backend='torch' or 'auto'")
     if op is not None:
         table = sigmas if sigmas.dtype in (torch.float32, torch.float64) else sigmas.float()
-        return op(model_output, sample, table, idx, prev_x0, _SIGMA_KIND[kind], _PREDICTION[prediction_type],
-                  float(gamma), float(s_tmin), float(s_tmax), float(s_noise), noise if noisy else None, seed_t, offset)
-    return _sigma_step_torch(kind, model_output, sample, sigmas, idx, prev_x0, prediction_type, gamma, s_tmin, s_tmax,
-                             s_noise, noise, seed_t, offset)
+        prev, x0 = op(model_output, sample, table, idx, prev_x0, _SIGMA_KIND[kind], _PREDICTION[prediction_type],
+                      float(gamma), float(s_tmin), float(s_tmax), float(s_noise), noise if noisy else None, seed_t,
+                      offset, write_x0=bool(return_x0))
+    else:
+        prev, x0 = _sigma_step_torch(kind, model_output, sample, sigmas, idx, prev_x0, prediction_type, gamma, s_tmin,
+                                     s_tmax, s_noise, noise, seed_t, offset)
+    return prev, (x0 if return_x0 else None)
 
 
 def _sigma_step_torch(kind, model_output, sample, sigmas, idx, prev_x0, prediction_type, gamma, s_tmin, s_tmax,
@@ -288,19 +307,20 @@ def euler_step(
     seed: int | Tensor | None = None,
     offset: int = 0,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_x0: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """One Euler step (Karras et al. 2022, alg. 2) from sigmas[index] to sigmas[index + 1].
 
     ``sample`` is in sigma space (x = x0 + sigma eps). Churn: where s_tmin <= sigma <= s_tmax
     the sample is first raised to sigma (1 + gamma) with fresh noise (diffusers'
     ``gamma = min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)``); gamma = 0 is deterministic
     and draws nothing. See :func:`pygen.diffusion.steps.euler_step_ref`.
-    Returns (prev_sample, pred_original_sample).
+    Returns (prev_sample, pred_original_sample); ``return_x0=False``: (prev_sample, None), x0 not written.
     """
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     return _sigma_step("euler", model_output, sample, sigmas, index, None, prediction_type, gamma, s_tmin, s_tmax,
-                       s_noise, noise, generator, seed, offset, backend)
+                       s_noise, noise, generator, seed, offset, backend, return_x0)
 
 
 def euler_ancestral_step(
@@ -315,13 +335,15 @@ def euler_ancestral_step(
     seed: int | Tensor | None = None,
     offset: int = 0,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_x0: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """One Euler-ancestral step (k-diffusion's ``sample_euler_ancestral``, eta = 1) from
     sigmas[index] to sigmas[index + 1], sample in sigma space, noise drawn in-kernel.
-    See :func:`pygen.diffusion.steps.euler_ancestral_step_ref`. Returns (prev_sample, pred_original_sample).
+    See :func:`pygen.diffusion.steps.euler_ancestral_step_ref`. Returns (prev_sample, pred_original_sample);
+    ``return_x0=False``: (prev_sample, None), x0 not written.
     """
     return _sigma_step("euler_ancestral", model_output, sample, sigmas, index, None, prediction_type, 0.0, 0.0, 0.0,
-                       1.0, noise, generator, seed, offset, backend)
+                       1.0, noise, generator, seed, offset, backend, return_x0)
 
 
 def dpmpp_2m_step(

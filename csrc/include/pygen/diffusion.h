@@ -1,6 +1,11 @@
-// Diffusion sampler steps in alpha space (DDPM ancestral, DDIM), written once for the CPU
-// and CUDA backends: per-sample coefficients gathered from the schedule table inside the
-// kernel (no host sync), then one pass over the sample.
+// Diffusion sampler steps and training ops, written once for the CPU and CUDA backends:
+// per-sample coefficients gathered from the schedule table inside the kernel (no host
+// sync), then one pass over the sample. Alpha-space steps (DDPM ancestral, DDIM) first,
+// then the sigma-space steps (Euler, Euler-ancestral, DPM-Solver++ 2M), then training.
+//
+// Table indices (t, prev_t, index) are range-checked by the binding for CPU tensors; on
+// CUDA a check would need a sync, so the kernels clamp them into the table instead of
+// reading out of bounds.
 //
 // x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, with ab = alphas_cumprod[t], ab_prev the value at
 // prev_t (prev_t < 0: final_alpha_cumprod). The model output gives (x0, eps) by prediction
@@ -42,7 +47,7 @@ struct StepArgs {
   const int64_t* seed = nullptr;    // in-kernel Philox noise when noise is null and seed is set
   uint64_t offset = 0;
   void* prev_sample = nullptr;
-  void* pred_original = nullptr;    // optional x0 output
+  void* pred_original = nullptr;    // x0 output, or null when not asked for
   void* workspace = nullptr;        // unused
 };
 
@@ -64,9 +69,13 @@ PYGEN_HD A step_sqrt(A x) {
   return x > A(0) ? fsqrt(x) : A(0);
 }
 
+// i clamped into [lo, hi] (see the note at the top).
+PYGEN_HD int64_t clamp_index(int64_t i, int64_t lo, int64_t hi) { return i < lo ? lo : (i > hi ? hi : i); }
+
 template <typename A>
 PYGEN_HD StepCoeffs<A> step_coeffs(const StepArgs& a, int64_t row) {
-  const int64_t t = a.t[row], tp = a.prev_t[row];
+  const int64_t t = clamp_index(a.t[row], 0, a.num_timesteps - 1);
+  const int64_t tp = a.prev_t[row] < 0 ? -1 : clamp_index(a.prev_t[row], 0, a.num_timesteps - 1);
   const A ab = table_at<A>(a, t), ab_prev = table_at<A>(a, tp);
   StepCoeffs<A> c;
   c.sa = step_sqrt(ab);
@@ -148,8 +157,8 @@ struct SigmaStepArgs {
   const int64_t* seed = nullptr;      // in-kernel Philox noise when noise is null and seed is set
   uint64_t offset = 0;
   void* prev_sample = nullptr;
-  void* pred_original = nullptr;
-  void* workspace = nullptr;  // unused
+  void* pred_original = nullptr;  // x0 output, or null when not asked for
+  void* workspace = nullptr;      // unused
 };
 
 template <typename A>
@@ -169,7 +178,7 @@ PYGEN_HD A sigma_at(const SigmaStepArgs& a, int64_t i) {
 
 template <typename A>
 PYGEN_HD SigmaCoeffs<A> sigma_coeffs(const SigmaStepArgs& a, int64_t row) {
-  const int64_t i = a.index[row];
+  const int64_t i = clamp_index(a.index[row], 0, a.num_sigmas - 2);
   const A s = sigma_at<A>(a, i), sn = sigma_at<A>(a, i + 1);
   SigmaCoeffs<A> c{};
   const bool dpm = a.kind == SigmaKind::kDpmpp2mMidpoint || a.kind == SigmaKind::kDpmpp2mHeun;
@@ -245,6 +254,7 @@ struct LossArgs {
   const void* model_output = nullptr;
   const void* alphas_cumprod = nullptr;
   bool table_f64 = false;
+  int64_t num_timesteps = 0;
   const int64_t* t = nullptr;
   const int64_t* seed = nullptr;
   uint64_t offset = 0;
@@ -263,7 +273,7 @@ struct LossCoeffs {
 
 template <typename A>
 PYGEN_HD LossCoeffs<A> loss_coeffs(const LossArgs& a, int64_t row) {
-  const int64_t t = a.t[row];
+  const int64_t t = clamp_index(a.t[row], 0, a.num_timesteps - 1);
   const A ab = a.table_f64 ? A(static_cast<const double*>(a.alphas_cumprod)[t])
                            : A(static_cast<const float*>(a.alphas_cumprod)[t]);
   LossCoeffs<A> c;
