@@ -120,6 +120,7 @@ EAGER: dict[str, Callable] = {
     "rq_spline": pygen.ops.rq_spline_ref,
     # diffusion: (inputs of _common.make_inputs) -> (prev_sample, pred_original_sample) / (x_t, loss)
     "ddim_step": eager_ddim_step,
+    "ddim_step_prev": lambda *inputs: eager_ddim_step(*inputs)[:1],  # the chain computes x0 on the way
     "ddim_step_eta1": functools.partial(eager_ddim_step, eta=1.0),
     "ddpm_step": eager_ddpm_step,
     "diffusion_loss": eager_diffusion_loss,

@@ -34,12 +34,16 @@ GAUSSIAN_OPS = ("reparameterize", "gaussian_kl", "reparameterize_kl")
 COUPLING_OPS = ("affine_coupling", "rq_spline")
 # Diffusion: one sampler step each (forward only: sampling has no backward), and the
 # training loss (q_sample + diffusion_mse, forward and backward w.r.t. model_output).
-# ddim_step is eta = 0 (deterministic), ddim_step_eta1 eta = 1 (noise; DDPM's variance).
-DIFFUSION_STEP_OPS = ("ddim_step", "ddim_step_eta1", "ddpm_step", "euler_ancestral_step", "dpmpp_2m_step")
-DIFFUSION_OPS = ("ddim_step", "ddim_step_eta1", "ddpm_step", "diffusion_loss", "euler_ancestral_step", "dpmpp_2m_step")
+# ddim_step is eta = 0 (deterministic), ddim_step_eta1 eta = 1 (noise; DDPM's variance),
+# ddim_step_prev eta = 0 returning prev_sample only (return_x0=False: x0 is not written).
+DIFFUSION_STEP_OPS = ("ddim_step", "ddim_step_prev", "ddim_step_eta1", "ddpm_step", "euler_ancestral_step",
+                      "dpmpp_2m_step")
+DIFFUSION_OPS = ("ddim_step", "ddim_step_prev", "ddim_step_eta1", "ddpm_step", "diffusion_loss",
+                 "euler_ancestral_step", "dpmpp_2m_step")
+_ALPHA_STEPS = ("ddim_step", "ddim_step_prev", "ddim_step_eta1", "ddpm_step")  # inputs (mo, x, t, prev_t, table)
 OPS = GAUSSIAN_OPS + COUPLING_OPS + DIFFUSION_OPS
 # the pygen.ops functions each diffusion benchmark calls (the sigma-space ones land later)
-DIFFUSION_FUSED = {"ddim_step": ("ddim_step",), "ddim_step_eta1": ("ddim_step",), "ddpm_step": ("ddpm_step",),
+DIFFUSION_FUSED = {"ddim_step": ("ddim_step",), "ddim_step_prev": ("ddim_step",), "ddim_step_eta1": ("ddim_step",), "ddpm_step": ("ddpm_step",),
                    "diffusion_loss": ("q_sample", "diffusion_mse"), "euler_ancestral_step": ("euler_ancestral_step",),
                    "dpmpp_2m_step": ("dpmpp_2m_step",)}
 DIRECTIONS = ("forward", "inverse")  # of the coupling ops (their ``inverse`` flag)
@@ -150,6 +154,10 @@ def fused_diffusion(op: str, backend: str) -> Callable[..., tuple]:
     if op == "ddim_step":
         def f(model_output, sample, t, prev_t, alphas_cumprod):
             return ops.ddim_step(model_output, sample, t, alphas_cumprod, prev_t, eta=0.0, backend=backend)
+    elif op == "ddim_step_prev":
+        def f(model_output, sample, t, prev_t, alphas_cumprod):
+            return ops.ddim_step(model_output, sample, t, alphas_cumprod, prev_t, eta=0.0, backend=backend,
+                                 return_x0=False)[:1]
     elif op == "ddim_step_eta1":
         def f(model_output, sample, t, prev_t, alphas_cumprod):
             return ops.ddim_step(model_output, sample, t, alphas_cumprod, prev_t, eta=1.0, backend=backend)
@@ -230,7 +238,7 @@ def bytes_moved(
     if op in DIFFUSION_OPS:
         if mode not in op_modes(op):
             raise ValueError(f"{op} has no {mode} mode (a sampler step has no backward)")
-        fwd = {"dpmpp_2m_step": 5 * n, "diffusion_loss": 4 * n + b}.get(op, 4 * n)
+        fwd = {"ddim_step_prev": 3 * n, "dpmpp_2m_step": 5 * n, "diffusion_loss": 4 * n + b}.get(op, 4 * n)
         bwd = 2 * n + b if op == "diffusion_loss" else 0
     elif op == "rq_spline":
         if bins is None:
@@ -248,6 +256,7 @@ def bytes_moved(
 
 DIFFUSION_BYTES = {
     "ddim_step": "model_output, sample -> prev, x0: 4N (noise none: eta = 0)",
+    "ddim_step_prev": "model_output, sample -> prev: 3N (x0 not asked for; noise none: eta = 0)",
     "ddim_step_eta1": "model_output, sample -> prev, x0: 4N (noise drawn in-kernel: none)",
     "ddpm_step": "model_output, sample -> prev, x0: 4N (noise drawn in-kernel: none)",
     "euler_ancestral_step": "model_output, sample -> prev, x0: 4N (noise drawn in-kernel: none)",
@@ -362,7 +371,7 @@ def _diffusion_inputs(op, shape, dtype, device, requires_grad, g) -> tuple[Tenso
         return torch.randint(low, high, (b,), generator=g, device=device)
 
     model_output = randn()
-    if op in ("ddim_step", "ddim_step_eta1", "ddpm_step"):
+    if op in _ALPHA_STEPS:
         stride = DIFFUSION_T // DIFFUSION_STEPS
         k = ints(0, DIFFUSION_STEPS)
         t = k * stride
@@ -503,7 +512,7 @@ def _step_reference(op: str, inputs: Sequence[Tensor], rows: int) -> tuple[Tenso
 
     mo, x = (t.detach()[:rows].double() for t in inputs[:2])
     nd = x.dim()
-    if op in ("ddim_step", "ddim_step_eta1", "ddpm_step"):
+    if op in _ALPHA_STEPS:
         t, prev_t, ac = inputs[2][:rows], inputs[3][:rows], inputs[4].double()
         ab = R.gather(ac, t, nd)
         ab_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], 1.0).reshape(ab.shape)
@@ -527,7 +536,7 @@ def _step_reference(op: str, inputs: Sequence[Tensor], rows: int) -> tuple[Tenso
         def step(z):
             return R.euler_ancestral_step_ref(mo, x, s, sn, z)
     prev, x0 = step(None)
-    if op == "ddim_step":
+    if op in ("ddim_step", "ddim_step_prev"):
         return prev, x0, None
     return prev, x0, step(torch.ones_like(x))[0] - prev
 
@@ -550,8 +559,9 @@ def _check_step(op: str, outs: tuple, inputs: Sequence[Tensor]) -> str | None:
     must look like N(0, 1) draws independent of model_output and sample (the noise is
     random: its values cannot be compared)."""
     x = inputs[1]
-    if len(outs) != 2:
-        return f"expected (prev_sample, pred_original_sample), got {len(outs)} outputs"
+    want = 1 if op == "ddim_step_prev" else 2
+    if len(outs) != want:
+        return f"expected {('(prev_sample,)', '(prev_sample, pred_original_sample)')[want - 1]}, got {len(outs)} outputs"
     for name, o in zip(("prev_sample", "pred_original_sample"), outs):
         if o.shape != x.shape or o.dtype != x.dtype:
             return f"{name} has shape {tuple(o.shape)} / {o.dtype}, expected {tuple(x.shape)} / {x.dtype}"
@@ -562,7 +572,7 @@ def _check_step(op: str, outs: tuple, inputs: Sequence[Tensor]) -> str | None:
     with torch.no_grad():
         mean, x0, std = _step_reference(op, inputs, rows)
         prev = outs[0][:rows].double()
-        if err := _mostly_close(outs[1][:rows], x0, low):
+        if len(outs) > 1 and (err := _mostly_close(outs[1][:rows], x0, low)):
             return f"pred_original_sample differs from the reference (float64): {err}"
         noisy = std > 1e-9 if std is not None else torch.zeros_like(mean, dtype=torch.bool)
         if (~noisy).any() and (err := _mostly_close(prev[~noisy], mean[~noisy], low)):

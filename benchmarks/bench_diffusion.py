@@ -10,7 +10,8 @@ timestep (t, prev_t or the sigma index a (B,) int64 tensor; 50-step schedule of 
 linear-beta timesteps). Ops (_common.DIFFUSION_OPS), one sampler step each (forward only)
 and the training loss:
 
-- ddim_step: DDIM, eta = 0 (deterministic); ddim_step_eta1: eta = 1 (with noise);
+- ddim_step: DDIM, eta = 0 (deterministic); ddim_step_prev: the same returning prev_sample only
+  (return_x0=False); ddim_step_eta1: eta = 1 (with noise);
 - ddpm_step: DDPM ancestral, fixed_small variance;
 - diffusion_loss: q_sample + diffusion_mse (epsilon target), forward and forward_backward
   (w.r.t. model_output: the loss's backward in a training step), as

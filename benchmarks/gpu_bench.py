@@ -4,7 +4,7 @@
     python benchmarks/gpu_bench.py --out /tmp/gpu.json                # on a CUDA machine
     python benchmarks/gpu_bench.py --dry-run --out /tmp/x.json        # CPU smoke test
     python benchmarks/gpu_bench.py --ops rq_spline,affine_coupling    # the coupling ops only
-    python benchmarks/gpu_bench.py --ops ddim_step,ddim_step_eta1,ddpm_step,diffusion_loss,euler_ancestral_step,dpmpp_2m_step
+    python benchmarks/gpu_bench.py --ops ddim_step,ddim_step_prev,ddim_step_eta1,ddpm_step,diffusion_loss,euler_ancestral_step,dpmpp_2m_step
 
 For each size (default 2**20, 2**24, 2**26 float32, plus 2**26 bfloat16), op
 (reparameterize, gaussian_kl, reparameterize_kl, affine_coupling, rq_spline) and its
@@ -29,7 +29,7 @@ over eager and compile. Inputs have shape (numel // 256, 256) (the spline's para
 - A failed sanity check of a pygen provider is an error (exit status 1); of a baseline
   (eager, compile) a warning: the time is kept, flagged with the check's message.
 
-Diffusion ops (ddim_step (eta 0), ddim_step_eta1, ddpm_step, diffusion_loss,
+Diffusion ops (ddim_step (eta 0), ddim_step_prev (eta 0, prev_sample only), ddim_step_eta1, ddpm_step, diffusion_loss,
 euler_ancestral_step, dpmpp_2m_step; see _common.make_inputs and _baselines.py) run on
 image shapes instead (--diffusion-shapes, default 256x3x64x64 (the issue's), 1024x3x64x64,
 32x4x128x128, float32, plus bfloat16 at the largest; run in that order, after the other
@@ -587,7 +587,8 @@ def goals(results: list[dict]) -> None:
     and >= 5x the eager chain (measured on an H100; printed for every device)."""
     best: dict[str, dict] = {}
     for r in results:
-        if r["op"] in ("ddim_step", "ddim_step_eta1") and r["provider"].startswith("pygen-") and r.get("median_ms"):
+        if r["op"] in ("ddim_step", "ddim_step_prev", "ddim_step_eta1") and r["provider"].startswith("pygen-") \
+                and r.get("median_ms"):
             key = f"{r['op']}/{r['size']}/{r['dtype']}"
             if key not in best or r["median_ms"] < best[key]["median_ms"]:
                 best[key] = r

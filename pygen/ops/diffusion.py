@@ -75,9 +75,10 @@ def _timesteps(t, name: str, sample: Tensor, num_timesteps: int, allow_final: bo
                             f"got {t.dtype} of shape {tuple(t.shape)}")
         if t.device != sample.device:
             raise ValueError(f"{name} is on {t.device} but sample is on {sample.device}")
-        check = t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
-        if check and not bool(((t >= low) & (t < num_timesteps)).all()):
-            raise ValueError(f"{name} must be in [{low}, {num_timesteps}); got values {t.min().item()}..{t.max().item()}")
+        if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+            lo, hi = (int(v) for v in torch.aminmax(t))  # one op: this runs on every step
+            if lo < low or hi >= num_timesteps:
+                raise ValueError(f"{name} must be in [{low}, {num_timesteps}); got values {lo}..{hi}")
         return t.expand(b).contiguous()
     if isinstance(t, bool) or not isinstance(t, int):
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
