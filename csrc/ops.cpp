@@ -488,56 +488,76 @@ void check_indices(const Tensor& v, int64_t lo, int64_t hi, const char* name) {
   }
 }
 
+
+// The shared half of a sampler step: checks, contiguous inputs, outputs, and the StepIO
+// block. Keeps the tensors it points into alive until the launch.
+struct StepTensors {
+  Tensor mo, x, noise, seed, prev, x0;
+  Rows rc;
+};
+
+StepTensors step_io(const Tensor& model_output, const Tensor& sample, const std::optional<Tensor>& noise,
+                    const std::optional<Tensor>& seed, int64_t offset, int64_t prediction, bool write_x0,
+                    StepIO& a) {
+  check_float(sample, "sample");
+  check_like(model_output, sample, "model_output");
+  TORCH_CHECK(prediction >= 0 && prediction <= 2, "pygen: bad prediction type ", prediction);
+  if (noise.has_value()) check_like(*noise, sample, "noise");
+  if (seed.has_value()) check_seed(*seed, sample);
+  StepTensors st;
+  st.rc = rows_of(sample);
+  st.mo = model_output.contiguous();
+  st.x = sample.contiguous();
+  if (noise.has_value()) st.noise = noise->contiguous();
+  if (seed.has_value()) st.seed = seed->contiguous();
+  // x0 not asked for: an empty tensor (the schema returns two tensors), nothing written
+  st.prev = new_output(st.x.sizes(), st.x);
+  st.x0 = write_x0 ? new_output(st.x.sizes(), st.x) : st.x.new_empty({0});
+  a.rows = st.rc.rows;
+  a.cols = st.rc.cols;
+  a.dtype = dtype_of(st.x);
+  a.prediction = static_cast<Prediction>(prediction);
+  a.model_output = st.mo.const_data_ptr();
+  a.sample = st.x.const_data_ptr();
+  a.noise = st.noise.defined() ? st.noise.const_data_ptr() : nullptr;
+  a.seed = st.seed.defined() ? st.seed.const_data_ptr<int64_t>() : nullptr;
+  a.offset = static_cast<uint64_t>(offset);
+  a.prev_sample = st.prev.data_ptr();
+  a.pred_original = write_x0 ? st.x0.data_ptr() : nullptr;
+  return st;
+}
+
 std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& sample, const Tensor& alphas_cumprod,
                                       const Tensor& t, const Tensor& prev_t, double final_alpha_cumprod, int64_t kind,
                                       int64_t prediction, double eta, double clip_range, bool clipped_eps,
                                       const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
                                       int64_t offset, bool write_x0) {
-  check_float(sample, "sample");
-  check_like(model_output, sample, "model_output");
-  const Rows rc = rows_of(sample);
-  TORCH_CHECK(kind >= 0 && kind <= 2 && prediction >= 0 && prediction <= 2, "pygen: bad step kind or prediction");
+  StepArgs a;
+  const StepTensors st = step_io(model_output, sample, noise, seed, offset, prediction, write_x0, a);
+  TORCH_CHECK(kind >= 0 && kind <= 2, "pygen: bad alpha-space step kind ", kind);
   TORCH_CHECK(alphas_cumprod.dim() == 1 && alphas_cumprod.device() == sample.device() &&
                   (alphas_cumprod.scalar_type() == at::kFloat || alphas_cumprod.scalar_type() == at::kDouble),
               "pygen: alphas_cumprod must be a 1-D float32/float64 tensor on ", sample.device());
   for (const Tensor* v : {&t, &prev_t}) {
-    TORCH_CHECK(v->scalar_type() == at::kLong && v->dim() == 1 && v->size(0) == rc.rows && v->device() == sample.device(),
-                "pygen: t and prev_t must be int64 tensors of shape (", rc.rows, ",) on ", sample.device());
+    TORCH_CHECK(v->scalar_type() == at::kLong && v->dim() == 1 && v->size(0) == st.rc.rows &&
+                    v->device() == sample.device(),
+                "pygen: t and prev_t must be int64 tensors of shape (", st.rc.rows, ",) on ", sample.device());
   }
   check_indices(t, 0, alphas_cumprod.size(0) - 1, "t");
   check_indices(prev_t, -1, alphas_cumprod.size(0) - 1, "prev_t");
-  if (noise.has_value()) check_like(*noise, sample, "noise");
-  if (seed.has_value()) check_seed(*seed, sample);
-  const Tensor mo = model_output.contiguous(), x = sample.contiguous(), table = alphas_cumprod.contiguous();
-  const Tensor tc = t.contiguous(), tpc = prev_t.contiguous();
-  const Tensor nz = noise.has_value() ? noise->contiguous() : Tensor();
-  const Tensor sd = seed.has_value() ? seed->contiguous() : Tensor();
-  // x0 not asked for: an empty tensor (the schema returns two tensors), nothing written
-  Tensor prev = new_output(x.sizes(), x), x0 = write_x0 ? new_output(x.sizes(), x) : x.new_empty({0});
-  StepArgs a;
-  a.rows = rc.rows;
-  a.cols = rc.cols;
-  a.dtype = dtype_of(x);
+  const Tensor table = alphas_cumprod.contiguous(), tc = t.contiguous(), tpc = prev_t.contiguous();
   a.kind = static_cast<StepKind>(kind);
-  a.prediction = static_cast<Prediction>(prediction);
   a.eta = eta;
   a.clip_range = clip_range;
   a.clipped_eps = clipped_eps;
-  a.model_output = mo.const_data_ptr();
-  a.sample = x.const_data_ptr();
   a.alphas_cumprod = table.const_data_ptr();
   a.table_f64 = table.scalar_type() == at::kDouble;
   a.num_timesteps = table.size(0);
   a.final_alpha_cumprod = final_alpha_cumprod;
   a.t = tc.const_data_ptr<int64_t>();
   a.prev_t = tpc.const_data_ptr<int64_t>();
-  a.noise = nz.defined() ? nz.const_data_ptr() : nullptr;
-  a.seed = sd.defined() ? sd.const_data_ptr<int64_t>() : nullptr;
-  a.offset = static_cast<uint64_t>(offset);
-  a.prev_sample = prev.data_ptr();
-  a.pred_original = write_x0 ? x0.data_ptr() : nullptr;
-  if (rc.rows * rc.cols > 0) launch(x, a, &cpu::alpha_step, &cuda::alpha_step);
-  return {prev, x0};
+  if (st.rc.rows * st.rc.cols > 0) launch(st.x, a, &cpu::alpha_step, &cuda::alpha_step);
+  return {st.prev, st.x0};
 }
 
 std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& sample, const Tensor& sigmas,
@@ -545,51 +565,31 @@ std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& 
                                       int64_t prediction, double gamma, double s_tmin, double s_tmax, double s_noise,
                                       const std::optional<Tensor>& noise, const std::optional<Tensor>& seed,
                                       int64_t offset, bool write_x0) {
-  check_float(sample, "sample");
-  check_like(model_output, sample, "model_output");
-  const Rows rc = rows_of(sample);
-  TORCH_CHECK(kind >= 0 && kind <= 3 && prediction >= 0 && prediction <= 2, "pygen: bad step kind or prediction");
+  SigmaStepArgs a;
+  const StepTensors st = step_io(model_output, sample, noise, seed, offset, prediction, write_x0, a);
+  TORCH_CHECK(kind >= 0 && kind <= 3, "pygen: bad sigma-space step kind ", kind);
   TORCH_CHECK(sigmas.dim() == 1 && sigmas.size(0) >= 2 && sigmas.device() == sample.device() &&
                   (sigmas.scalar_type() == at::kFloat || sigmas.scalar_type() == at::kDouble),
               "pygen: sigmas must be a 1-D float32/float64 tensor of at least 2 entries on ", sample.device());
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == rc.rows &&
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == st.rc.rows &&
                   index.device() == sample.device(),
-              "pygen: index must be an int64 tensor of shape (", rc.rows, ",) on ", sample.device());
+              "pygen: index must be an int64 tensor of shape (", st.rc.rows, ",) on ", sample.device());
   check_indices(index, 0, sigmas.size(0) - 2, "index");
   if (prev_x0.has_value()) check_like(*prev_x0, sample, "prev_x0");
-  if (noise.has_value()) check_like(*noise, sample, "noise");
-  if (seed.has_value()) check_seed(*seed, sample);
-  const Tensor mo = model_output.contiguous(), x = sample.contiguous(), table = sigmas.contiguous();
-  const Tensor ic = index.contiguous();
+  const Tensor table = sigmas.contiguous(), ic = index.contiguous();
   const Tensor px = prev_x0.has_value() ? prev_x0->contiguous() : Tensor();
-  const Tensor nz = noise.has_value() ? noise->contiguous() : Tensor();
-  const Tensor sd = seed.has_value() ? seed->contiguous() : Tensor();
-  // x0 not asked for: an empty tensor (the schema returns two tensors), nothing written
-  Tensor prev = new_output(x.sizes(), x), x0 = write_x0 ? new_output(x.sizes(), x) : x.new_empty({0});
-  SigmaStepArgs a;
-  a.rows = rc.rows;
-  a.cols = rc.cols;
-  a.dtype = dtype_of(x);
   a.kind = static_cast<SigmaKind>(kind);
-  a.prediction = static_cast<Prediction>(prediction);
   a.gamma = gamma;
   a.s_tmin = s_tmin;
   a.s_tmax = s_tmax;
   a.s_noise = s_noise;
-  a.model_output = mo.const_data_ptr();
-  a.sample = x.const_data_ptr();
   a.prev_x0 = px.defined() ? px.const_data_ptr() : nullptr;
   a.sigmas = table.const_data_ptr();
   a.table_f64 = table.scalar_type() == at::kDouble;
   a.num_sigmas = table.size(0);
   a.index = ic.const_data_ptr<int64_t>();
-  a.noise = nz.defined() ? nz.const_data_ptr() : nullptr;
-  a.seed = sd.defined() ? sd.const_data_ptr<int64_t>() : nullptr;
-  a.offset = static_cast<uint64_t>(offset);
-  a.prev_sample = prev.data_ptr();
-  a.pred_original = write_x0 ? x0.data_ptr() : nullptr;
-  if (rc.rows * rc.cols > 0) launch(x, a, &cpu::sigma_step, &cuda::sigma_step);
-  return {prev, x0};
+  if (st.rc.rows * st.rc.cols > 0) launch(st.x, a, &cpu::sigma_step, &cuda::sigma_step);
+  return {st.prev, st.x0};
 }
 
 // ---- diffusion training: q_sample and the per-sample weighted MSE ----------------------

@@ -27,28 +27,32 @@ namespace pygen {
 enum class StepKind : int { kDDIM = 0, kDDPMFixedSmall = 1, kDDPMFixedLarge = 2 };
 enum class Prediction : int { kEpsilon = 0, kSample = 1, kVPrediction = 2 };
 
-struct StepArgs {
+// What every sampler step reads and writes (filled by one helper of the binding).
+struct StepIO {
   int64_t rows = 0, cols = 0;
   DType dtype = DType::kFloat32;
-  StepKind kind = StepKind::kDDIM;
   Prediction prediction = Prediction::kEpsilon;
+  const void* model_output = nullptr;  // (rows, cols), in dtype
+  const void* sample = nullptr;
+  const void* noise = nullptr;         // explicit (rows, cols) noise in dtype, or null
+  const int64_t* seed = nullptr;       // in-kernel Philox noise when noise is null and seed is set
+  uint64_t offset = 0;
+  void* prev_sample = nullptr;
+  void* pred_original = nullptr;  // x0 output, or null when not asked for
+  void* workspace = nullptr;      // unused
+};
+
+struct StepArgs : StepIO {
+  StepKind kind = StepKind::kDDIM;
   double eta = 0;             // DDIM only
   double clip_range = 0;      // 0: no clipping of x0
   bool clipped_eps = false;   // DDIM use_clipped_model_output: eps recomputed from clipped x0
-  const void* model_output = nullptr;  // (rows, cols), in dtype
-  const void* sample = nullptr;
   const void* alphas_cumprod = nullptr;  // (T,), float32 or float64 (table_f64)
   bool table_f64 = false;
   int64_t num_timesteps = 0;
   double final_alpha_cumprod = 1.0;
   const int64_t* t = nullptr;       // (rows,) per-sample timesteps
   const int64_t* prev_t = nullptr;  // (rows,); < 0 means final_alpha_cumprod
-  const void* noise = nullptr;      // explicit (rows, cols) noise in dtype, or null
-  const int64_t* seed = nullptr;    // in-kernel Philox noise when noise is null and seed is set
-  uint64_t offset = 0;
-  void* prev_sample = nullptr;
-  void* pred_original = nullptr;    // x0 output, or null when not asked for
-  void* workspace = nullptr;        // unused
 };
 
 template <typename A>
@@ -140,25 +144,14 @@ PYGEN_HD A step_element(const StepArgs& a, const StepCoeffs<A>& c, A mo, A x, A 
 // (x - sigma_t mo) / alpha, v alpha x - sigma_t mo; sample: mo.
 enum class SigmaKind : int { kEuler = 0, kEulerAncestral = 1, kDpmpp2mMidpoint = 2, kDpmpp2mHeun = 3 };
 
-struct SigmaStepArgs {
-  int64_t rows = 0, cols = 0;
-  DType dtype = DType::kFloat32;
+struct SigmaStepArgs : StepIO {
   SigmaKind kind = SigmaKind::kEuler;
-  Prediction prediction = Prediction::kEpsilon;
   double gamma = 0, s_tmin = 0, s_tmax = 0, s_noise = 1;  // Euler churn
-  const void* model_output = nullptr;  // (rows, cols), in dtype
-  const void* sample = nullptr;
   const void* prev_x0 = nullptr;      // DPM-Solver++ 2M: the previous step's x0, or null
   const void* sigmas = nullptr;       // (num_sigmas,), float32 or float64 (table_f64)
   bool table_f64 = false;
   int64_t num_sigmas = 0;
   const int64_t* index = nullptr;     // (rows,) in [0, num_sigmas - 2]
-  const void* noise = nullptr;        // explicit noise in dtype, or null
-  const int64_t* seed = nullptr;      // in-kernel Philox noise when noise is null and seed is set
-  uint64_t offset = 0;
-  void* prev_sample = nullptr;
-  void* pred_original = nullptr;  // x0 output, or null when not asked for
-  void* workspace = nullptr;      // unused
 };
 
 template <typename A>
