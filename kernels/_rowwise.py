@@ -27,6 +27,16 @@ def load_acc(ptr, idx, mask, ACC_F64: tl.constexpr):
 
 
 @triton.jit
+def scalar_as(v, like):
+    """Scalar argument v as a tensor shaped and typed like ``like``. Kernels declare float
+    scalars ``tl.float64`` (a plain Python float arrives as fp32, which would round eta,
+    soft_clamp, ... in float64 kernels); adding them to a zero tensor keeps the float64 value
+    (also under the interpreter, where a cast of the scalar would round it), and the cast
+    keeps float32 kernels in float32."""
+    return (tl.zeros_like(like) + v).to(like.dtype)
+
+
+@triton.jit
 def tile(rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's tile of the (rows, cols) view: (chunk index, row ids [R], rows [R, 1],
     columns [1, C], in-bounds mask [R, C], flat element indices [R, C]), int64 throughout."""

@@ -11,15 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rowwise import empty, load_acc, prior_2d, rows_cols, tile, tiles
+from ._rowwise import empty, load_acc, prior_2d, rows_cols, scalar_as, tile, tiles
 
 
 @triton.jit
 def _clamped(ls, clamp, CLAMP: tl.constexpr):
     """(s, ds/dlog_scale)."""
     if CLAMP:
-        th = 2.0 * tl.sigmoid(2.0 * ls / clamp) - 1.0
-        return clamp * th, 1.0 - th * th
+        c = scalar_as(clamp, ls)
+        th = 2.0 * tl.sigmoid(2.0 * ls / c) - 1.0
+        return c * th, 1.0 - th * th
     else:
         return ls, ls * 0.0 + 1.0
 
@@ -27,7 +28,7 @@ def _clamped(ls, clamp, CLAMP: tl.constexpr):
 @triton.jit
 def _affine_fwd_kernel(
     x_ptr, t_ptr, ls_ptr, m_ptr, y_ptr, ld_ptr, part_ptr,
-    rows, cols, m_sr, m_sc, clamp, chunks,
+    rows, cols, m_sr, m_sc, clamp: tl.float64, chunks,
     INVERSE: tl.constexpr, CLAMP: tl.constexpr, MASK: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -56,7 +57,7 @@ def _affine_fwd_kernel(
 @triton.jit
 def _affine_bwd_kernel(
     x_ptr, t_ptr, ls_ptr, m_ptr, gy_ptr, gld_ptr, gx_ptr, gt_ptr, gls_ptr,
-    rows, cols, m_sr, m_sc, clamp,
+    rows, cols, m_sr, m_sc, clamp: tl.float64,
     INVERSE: tl.constexpr, CLAMP: tl.constexpr, MASK: tl.constexpr, WRITE_GSHIFT: tl.constexpr,
     ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):

@@ -9,22 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rowwise import empty, load_acc, rows_cols, tile, tiles
+from ._rowwise import empty, load_acc, rows_cols, scalar_as, tile, tiles
 from .philox import randn_at
 
 
 @triton.jit
 def _sqrt0(x):
     return tl.sqrt(tl.maximum(x, 0.0))
-
-
-@triton.jit
-def _acc(v, like):
-    """Scalar argument v as a tensor shaped and typed like ``like`` (a per-row tensor in the
-    accumulation dtype). Scalars are declared tl.float64 (a plain Python float arrives as fp32,
-    which would round eta, gamma, ... in float64 kernels); adding them to a zero tensor
-    first keeps the float64 value, and the cast keeps float32 kernels in float32."""
-    return (tl.zeros_like(like) + v).to(like.dtype)
 
 
 @triton.jit
@@ -41,7 +32,7 @@ def _alpha_step_kernel(
     t = tl.minimum(tl.maximum(tl.load(t_ptr + r1, mask=rmask, other=0), 0), n_table - 1)
     tp = tl.minimum(tl.load(tp_ptr + r1, mask=rmask, other=0), n_table - 1)
     ab = load_acc(table_ptr, t, rmask, ACC_F64)
-    final_ab, eta, clip = _acc(final_ab, ab), _acc(eta, ab), _acc(clip, ab)
+    final_ab, eta, clip = scalar_as(final_ab, ab), scalar_as(eta, ab), scalar_as(clip, ab)
     ab_prev = tl.where(tp < 0, final_ab, load_acc(table_ptr, tl.maximum(tp, 0), rmask, ACC_F64))
     sa = _sqrt0(ab)
     sb = _sqrt0(1.0 - ab)
@@ -140,9 +131,9 @@ def _sigma_step_kernel(
         if KIND == 0:
             # the gate compares the table's value in float64, as the C++ kernels and the schedulers do
             s64 = s_tab.to(tl.float64)
-            g = tl.where((s64 >= s_tmin) & (s64 <= s_tmax), _acc(gamma, s), zero)
+            g = tl.where((s64 >= s_tmin) & (s64 <= s_tmax), scalar_as(gamma, s), zero)
             s_hat = s * (g + 1.0)
-            churn = tl.where(g > 0.0, _sqrt0(s_hat * s_hat - s * s) * _acc(s_noise, s), zero)
+            churn = tl.where(g > 0.0, _sqrt0(s_hat * s_hat - s * s) * scalar_as(s_noise, s), zero)
             c_dx = (sn - s_hat) / s_hat
         else:
             up = _sqrt0(sn * sn * (s * s - sn * sn) / (s * s))
@@ -229,7 +220,7 @@ def _loss_row(table_ptr, t_ptr, n_table, r1, rmask, PRED: tl.constexpr, SNR: tl.
     w = ab * 0.0 + 1.0
     if SNR:
         snr = ab / (1.0 - ab)
-        m = tl.minimum(snr, _acc(gamma, snr))
+        m = tl.minimum(snr, scalar_as(gamma, snr))
         if PRED == 0:
             w = m / snr
         elif PRED == 2:

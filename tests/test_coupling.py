@@ -51,7 +51,7 @@ MASKS = {
 
 @pytest.mark.parametrize("backend,device,dtype", list(_params()))
 @pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
-@pytest.mark.parametrize("soft_clamp", [None, 2.0], ids=["noclamp", "clamp"])
+@pytest.mark.parametrize("soft_clamp", [None, 1.9], ids=["noclamp", "clamp"])  # 1.9: not a float32 number
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_affine_coupling_matches_reference(backend, device, dtype, inverse, soft_clamp, mask, shape):
