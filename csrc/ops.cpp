@@ -476,6 +476,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rq_spline_backward(
 
 // ---- diffusion sampler steps ------------------------------------------------------------
 
+// A per-sample index tensor: (rows,), or one value for every sample (shape () or (1,): read
+// with stride 0, so a sampling loop needs no kernel to expand it). Returns the row stride.
+int64_t index_stride(const Tensor& v, int64_t rows, const Tensor& sample, const char* name) {
+  TORCH_CHECK(v.scalar_type() == at::kLong && v.device() == sample.device() &&
+                  (v.numel() == 1 ? v.dim() <= 1 : (v.dim() == 1 && v.size(0) == rows)),
+              "pygen: ", name, " must be an int64 tensor of shape (), (1,) or (", rows, ",) on ", sample.device(),
+              "; got ", v.scalar_type(), " of shape ", v.sizes(), " on ", v.device());
+  return v.numel() == 1 ? 0 : 1;
+}
+
 // Table indices must lie in [lo, hi]. Checked where they live in host memory (CPU tensors);
 // on CUDA a check would be a sync, and the kernels clamp instead (pygen/diffusion.h).
 void check_indices(const Tensor& v, int64_t lo, int64_t hi, const char* name) {
@@ -483,8 +493,13 @@ void check_indices(const Tensor& v, int64_t lo, int64_t hi, const char* name) {
   const Tensor c = v.contiguous();
   const int64_t* p = c.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < c.numel(); ++i) {
-    TORCH_CHECK(p[i] >= lo && p[i] <= hi, "pygen: ", name, " must be in [", lo, ", ", hi, "]; got ", p[i],
-                " at position ", i);
+    if (lo == std::numeric_limits<int64_t>::min()) {
+      TORCH_CHECK(p[i] <= hi, "pygen: ", name, " must be <= ", hi, " (negative: the final step); got ", p[i],
+                  " at position ", i);
+    } else {
+      TORCH_CHECK(p[i] >= lo && p[i] <= hi, "pygen: ", name, " must be in [", lo, ", ", hi, "]; got ", p[i],
+                  " at position ", i);
+    }
   }
 }
 
@@ -538,13 +553,10 @@ std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& 
   TORCH_CHECK(alphas_cumprod.dim() == 1 && alphas_cumprod.device() == sample.device() &&
                   (alphas_cumprod.scalar_type() == at::kFloat || alphas_cumprod.scalar_type() == at::kDouble),
               "pygen: alphas_cumprod must be a 1-D float32/float64 tensor on ", sample.device());
-  for (const Tensor* v : {&t, &prev_t}) {
-    TORCH_CHECK(v->scalar_type() == at::kLong && v->dim() == 1 && v->size(0) == st.rc.rows &&
-                    v->device() == sample.device(),
-                "pygen: t and prev_t must be int64 tensors of shape (", st.rc.rows, ",) on ", sample.device());
-  }
+  const int64_t t_stride = index_stride(t, st.rc.rows, sample, "t");
+  const int64_t prev_t_stride = index_stride(prev_t, st.rc.rows, sample, "prev_t");
   check_indices(t, 0, alphas_cumprod.size(0) - 1, "t");
-  check_indices(prev_t, -1, alphas_cumprod.size(0) - 1, "prev_t");
+  check_indices(prev_t, std::numeric_limits<int64_t>::min(), alphas_cumprod.size(0) - 1, "prev_t");  // < 0: final
   const Tensor table = alphas_cumprod.contiguous(), tc = t.contiguous(), tpc = prev_t.contiguous();
   a.kind = static_cast<StepKind>(kind);
   a.eta = eta;
@@ -556,6 +568,8 @@ std::tuple<Tensor, Tensor> alpha_step(const Tensor& model_output, const Tensor& 
   a.final_alpha_cumprod = final_alpha_cumprod;
   a.t = tc.const_data_ptr<int64_t>();
   a.prev_t = tpc.const_data_ptr<int64_t>();
+  a.t_stride = t_stride;
+  a.prev_t_stride = prev_t_stride;
   if (st.rc.rows * st.rc.cols > 0) launch(st.x, a, &cpu::alpha_step, &cuda::alpha_step);
   return {st.prev, st.x0};
 }
@@ -571,9 +585,7 @@ std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& 
   TORCH_CHECK(sigmas.dim() == 1 && sigmas.size(0) >= 2 && sigmas.device() == sample.device() &&
                   (sigmas.scalar_type() == at::kFloat || sigmas.scalar_type() == at::kDouble),
               "pygen: sigmas must be a 1-D float32/float64 tensor of at least 2 entries on ", sample.device());
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == st.rc.rows &&
-                  index.device() == sample.device(),
-              "pygen: index must be an int64 tensor of shape (", st.rc.rows, ",) on ", sample.device());
+  const int64_t i_stride = index_stride(index, st.rc.rows, sample, "index");
   check_indices(index, 0, sigmas.size(0) - 2, "index");
   if (prev_x0.has_value()) check_like(*prev_x0, sample, "prev_x0");
   const Tensor table = sigmas.contiguous(), ic = index.contiguous();
@@ -588,6 +600,7 @@ std::tuple<Tensor, Tensor> sigma_step(const Tensor& model_output, const Tensor& 
   a.table_f64 = table.scalar_type() == at::kDouble;
   a.num_sigmas = table.size(0);
   a.index = ic.const_data_ptr<int64_t>();
+  a.index_stride = i_stride;
   if (st.rc.rows * st.rc.cols > 0) launch(st.x, a, &cpu::sigma_step, &cuda::sigma_step);
   return {st.prev, st.x0};
 }

@@ -18,10 +18,15 @@ def _sqrt0(x):
     return tl.sqrt(tl.maximum(x, 0.0))
 
 
+def _stride(index: torch.Tensor) -> int:
+    """Row stride of a per-sample index tensor: 0 for one value shared by every sample."""
+    return 0 if index.numel() == 1 else 1
+
+
 @triton.jit
 def _alpha_step_kernel(
     mo_ptr, x_ptr, table_ptr, t_ptr, tp_ptr, noise_ptr, seed_ptr, prev_ptr, x0_ptr,
-    rows, cols, offset, n_table, final_ab: tl.float64, eta: tl.float64, clip: tl.float64,
+    rows, cols, offset, n_table, t_stride, tp_stride, final_ab: tl.float64, eta: tl.float64, clip: tl.float64,
     KIND: tl.constexpr, PRED: tl.constexpr, CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr,
     GIVEN: tl.constexpr, DRAW: tl.constexpr, WRITE_X0: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -29,8 +34,8 @@ def _alpha_step_kernel(
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
     # indices clamped into the table: unchecked on the GPU (a check would sync), never out of bounds
-    t = tl.minimum(tl.maximum(tl.load(t_ptr + r1, mask=rmask, other=0), 0), n_table - 1)
-    tp = tl.minimum(tl.load(tp_ptr + r1, mask=rmask, other=0), n_table - 1)
+    t = tl.minimum(tl.maximum(tl.load(t_ptr + r1 * t_stride, mask=rmask, other=0), 0), n_table - 1)
+    tp = tl.minimum(tl.load(tp_ptr + r1 * tp_stride, mask=rmask, other=0), n_table - 1)
     ab = load_acc(table_ptr, t, rmask, ACC_F64)
     final_ab, eta, clip = scalar_as(final_ab, ab), scalar_as(eta, ab), scalar_as(clip, ab)
     ab_prev = tl.where(tp < 0, final_ab, load_acc(table_ptr, tl.maximum(tp, 0), rmask, ACC_F64))
@@ -92,7 +97,8 @@ def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cump
     table = alphas_cumprod.to(torch.float64 if acc64 else torch.float32).contiguous()
     _alpha_step_kernel[grid](
         mo, x, table, t.contiguous(), prev_t.contiguous(), noise if noise is not None else x,
-        seed if seed is not None else t, prev, x0, rows, cols, offset, table.shape[0], float(final_alpha_cumprod),
+        seed if seed is not None else t, prev, x0, rows, cols, offset, table.shape[0], _stride(t), _stride(prev_t),
+        float(final_alpha_cumprod),
         float(eta),
         float(clip_range), KIND=kind, PRED=prediction, CLIP=clip_range > 0, CLIPPED_EPS=clipped_eps,
         GIVEN=noise is not None, DRAW=noise is None and seed is not None, WRITE_X0=write_x0, ACC_F64=acc64,
@@ -104,7 +110,7 @@ def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cump
 @triton.jit
 def _sigma_step_kernel(
     mo_ptr, x_ptr, px0_ptr, sig_ptr, idx_ptr, noise_ptr, seed_ptr, prev_ptr, x0_ptr,
-    rows, cols, offset, n_sigmas, gamma: tl.float64, s_tmin: tl.float64, s_tmax: tl.float64, s_noise: tl.float64,
+    rows, cols, offset, n_sigmas, i_stride, gamma: tl.float64, s_tmin: tl.float64, s_tmax: tl.float64, s_noise: tl.float64,
     KIND: tl.constexpr, PRED: tl.constexpr, HAS_PREV: tl.constexpr, GIVEN: tl.constexpr, DRAW: tl.constexpr,
     WRITE_X0: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -112,7 +118,7 @@ def _sigma_step_kernel(
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
     # the index clamped into the table: unchecked on the GPU (a check would sync), never out of bounds
-    i = tl.minimum(tl.maximum(tl.load(idx_ptr + r1, mask=rmask, other=0), 0), n_sigmas - 2)
+    i = tl.minimum(tl.maximum(tl.load(idx_ptr + r1 * i_stride, mask=rmask, other=0), 0), n_sigmas - 2)
     s_tab = tl.load(sig_ptr + i, mask=rmask, other=1.0)  # the table's own dtype (the churn gate compares it)
     s = tl.where(rmask, load_acc(sig_ptr, i, rmask, ACC_F64), 1.0)  # keep masked-out rows finite
     sn = load_acc(sig_ptr, i + 1, rmask, ACC_F64)
@@ -202,7 +208,7 @@ def sigma_step(model_output, sample, sigmas, index, prev_x0, kind, prediction, g
     _sigma_step_kernel[grid](
         mo, x, prev_x0.contiguous() if prev_x0 is not None else x, table, index.contiguous(),
         noise.contiguous() if noise is not None else x, seed if seed is not None else index, prev, x0,
-        rows, cols, offset, table.shape[0], float(gamma), float(s_tmin), float(s_tmax), float(s_noise),
+        rows, cols, offset, table.shape[0], _stride(index), float(gamma), float(s_tmin), float(s_tmax), float(s_noise),
         KIND=kind, PRED=prediction, HAS_PREV=prev_x0 is not None and kind >= 2,
         GIVEN=noisy and noise is not None, DRAW=noisy and noise is None and seed is not None, WRITE_X0=write_x0,
         ACC_F64=acc64, BLOCK_R=block_r, BLOCK_C=block_c,

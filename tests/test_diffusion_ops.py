@@ -110,7 +110,9 @@ def test_step_bad_input():
     with pytest.raises(ValueError, match=r"model_output must have the shape of sample"):
         ddim_step(torch.zeros(2, 4), x, 10, table, 0)
     with pytest.raises(ValueError, match=r"prev_t must be in \[-1, 1000\)"):
-        ddpm_step(x, x, 10, table, -2)
+        ddpm_step(x, x, 10, table, 1000)
+    with pytest.raises(TypeError, match=r"t must be an int or an int64 tensor of shape \(\) or \(2,\)"):
+        ddim_step(x, x, torch.tensor([5, 6, 7]), table, 0)
     with pytest.raises(ValueError, match="variance_type"):
         ddpm_step(x, x, 10, table, 0, variance_type="learned")
     with pytest.raises(ValueError, match="prediction_type"):
@@ -169,6 +171,29 @@ def test_return_x0_false_skips_x0_and_keeps_prev(backend, device):
     if backend in ("cpp", "cuda"):
         out = torch.ops.pygen.alpha_step(mo, x, table, t, tp, 1.0, 0, 0, 0.0, 0.0, False, None, None, 0, write_x0=False)
         assert out[1].numel() == 0
+
+
+@pytest.mark.parametrize("backend,device", STEP_BACKENDS, ids=str)
+def test_shared_timestep_forms_agree(backend, device):
+    """One timestep for all samples may be an int, a 0-dim tensor or a (B,) tensor (the
+    kernels read a single value with stride 0); any negative prev_t is the final step."""
+    table = _table(device).float()
+    mo, x = torch.randn(3, 4, 5, device=device), torch.randn(3, 4, 5, device=device)
+    want = ddim_step(mo, x, 700, table, 650, eta=0.5, seed=9, backend=backend)
+    for t, tp in ((torch.tensor(700, device=device), torch.tensor(650, device=device)),
+                  (torch.full((3,), 700, device=device), 650)):
+        got = ddim_step(mo, x, t, table, tp, eta=0.5, seed=9, backend=backend)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    final = ddpm_step(mo, x, 20, table, -1, seed=9, backend=backend)
+    for tp in (-7, torch.tensor([-1, -3, -100], device=device)):
+        got = ddpm_step(mo, x, 20, table, tp, seed=9, backend=backend)
+        for g, w in zip(got, final):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    if backend in ("cpp", "cuda"):  # the raw op takes a (1,) tensor for every sample
+        one = torch.ops.pygen.alpha_step(mo, x, table, torch.tensor([700], device=device),
+                                         torch.tensor([650], device=device), 1.0, 0, 0, 0.0, 0.0, False, None, None, 0)
+        torch.testing.assert_close(one[0], ddim_step(mo, x, 700, table, 650, backend=backend)[0], rtol=0, atol=0)
 
 
 # ---- training: q_sample and the weighted MSE -------------------------------------------------

@@ -474,9 +474,11 @@ def test_raw_ops_check_or_clamp_table_indices():
         with pytest.raises(RuntimeError, match=r"t must be in \[0, 9\]; got 10"):
             torch.ops.pygen.alpha_step(mo, x, table, torch.tensor([10, 0]), torch.tensor([0, -1]), 1.0, 0, 0, 0.0, 0.0,
                                        False, None, None, 0)
-        with pytest.raises(RuntimeError, match=r"prev_t must be in \[-1, 9\]; got -2"):
-            torch.ops.pygen.alpha_step(mo, x, table, torch.tensor([1, 0]), torch.tensor([-2, -1]), 1.0, 0, 0, 0.0, 0.0,
+        with pytest.raises(RuntimeError, match=r"prev_t must be <= 9 \(negative: the final step\); got 10"):
+            torch.ops.pygen.alpha_step(mo, x, table, torch.tensor([1, 0]), torch.tensor([10, -1]), 1.0, 0, 0, 0.0, 0.0,
                                        False, None, None, 0)
+        with pytest.raises(RuntimeError, match=r"index must be an int64 tensor of shape \(\), \(1,\) or \(2,\)"):
+            torch.ops.pygen.sigma_step(mo, x, sigmas, torch.tensor([0, 1, 1]), *args)
     if "triton" in pygen.available_backends():
         got = torch.ops.pygen.triton_sigma_step(mo, x, sigmas, torch.tensor([-4, 7]), *args)
         want = torch.ops.pygen.triton_sigma_step(mo, x, sigmas, torch.tensor([0, 1]), *args)

@@ -169,7 +169,7 @@ class _Base:
         the steps themselves copy nothing from the host (CUDA graph capture forbids such copies)."""
         if device is None:
             return
-        for name in ("alphas_cumprod", "prev_timesteps", "sigmas", "final_alpha_cumprod"):
+        for name in ("alphas_cumprod", "prev_timesteps", "sigmas", "step_indices", "final_alpha_cumprod"):
             if isinstance(getattr(self, name, None), Tensor):
                 self._on(name, device)
 
@@ -399,7 +399,7 @@ class DDIMScheduler(_Base):
         given = noise if noise is not None else variance_noise
         if _fusable(model_output, sample, given):
             # the fused kernel: coefficients gathered on the device, noise drawn in-kernel
-            prev_t = torch.where(prev >= 0, prev, torch.full_like(prev, -1))
+            prev_t = prev  # negative: the final step (final_alpha_cumprod)
             prev_sample, x0 = ops.ddim_step(
                 model_output, sample, t, ac, prev_t, final_alpha_cumprod=float(self.final_alpha_cumprod),
                 eta=eta, prediction_type=c.prediction_type, clip_sample=c.clip_sample,
@@ -429,18 +429,20 @@ class _SigmaBase(_Base):
         self.train_sigmas = S.sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.sigmas = torch.cat([self.train_sigmas.flip(0), self.train_sigmas.new_zeros(1)])
         self._sigmas_host = self.sigmas.tolist()
+        self.step_indices = torch.arange(len(self._sigmas_host))
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
     def _set_sigmas(self, timesteps: Tensor, sigmas: Tensor, device) -> None:
         self.sigmas = sigmas.to(torch.float32)
         self._sigmas_host = self.sigmas.tolist()
+        self.step_indices = torch.arange(len(self._sigmas_host))
         self._timesteps_host = timesteps
         self.timesteps = timesteps.to(device) if device is not None else timesteps
         self.num_inference_steps = int(timesteps.numel())
         self._step_index = None
         self._begin_index = None
-        self._cache = {k: v for k, v in self._cache.items() if k[0] != "sigmas"}
+        self._cache = {k: v for k, v in self._cache.items() if k[0] not in ("sigmas", "step_indices")}
 
     @property
     def step_index(self) -> int | None:
@@ -471,6 +473,11 @@ class _SigmaBase(_Base):
 
     def _sigma(self, i: int, device) -> Tensor:
         return self._on("sigmas", device)[i]
+
+    def _index(self, i: int, device) -> Tensor:
+        """Step index i as a 0-dim device tensor: a view into a table copied once, so a step
+        launches nothing to make it (and copies nothing from the host)."""
+        return self._on("step_indices", device)[i]
 
     def _ready(self) -> None:
         if self.num_inference_steps is None:
@@ -585,8 +592,8 @@ class EulerDiscreteScheduler(_SigmaBase):
         if _fusable(model_output, sample, noise):
             # the fused kernel gates the churn on s_tmin <= sigma <= s_tmax itself and draws its noise in-kernel
             prev, x0 = ops.euler_step(
-                model_output, sample, self._on("sigmas", sample.device), i, gamma=churn, s_tmin=s_tmin, s_tmax=s_tmax,
-                s_noise=s_noise, prediction_type=self.config.prediction_type,
+                model_output, sample, self._on("sigmas", sample.device), self._index(i, sample.device), gamma=churn,
+                s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, prediction_type=self.config.prediction_type,
                 noise=noise.to(sample.device) if noise is not None else None, generator=generator,
             )
         else:
@@ -646,7 +653,8 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         i = self._step_index
         if _fusable(model_output, sample, noise):
             prev, x0 = ops.euler_ancestral_step(
-                model_output, sample, self._on("sigmas", sample.device), i, prediction_type=self.config.prediction_type,
+                model_output, sample, self._on("sigmas", sample.device), self._index(i, sample.device),
+                prediction_type=self.config.prediction_type,
                 noise=noise.to(sample.device) if noise is not None else None, generator=generator,
             )
         else:
@@ -773,7 +781,7 @@ class DPMSolverMultistepScheduler(_SigmaBase):
         if _fusable(model_output, sample, prev_x0):
             # second order in the kernel where prev_x0 is given (i >= 1 here) and sigma_next > 0
             prev, x0 = ops.dpmpp_2m_step(
-                model_output, sample, self._on("sigmas", dev), i, prev_x0, solver_type=c.solver_type,
+                model_output, sample, self._on("sigmas", dev), self._index(i, dev), prev_x0, solver_type=c.solver_type,
                 prediction_type=c.prediction_type,
             )
         else:

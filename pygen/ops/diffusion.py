@@ -64,11 +64,13 @@ if "triton" in _backend.available_backends():
 
 
 def _timesteps(t, name: str, sample: Tensor, num_timesteps: int, allow_final: bool) -> Tensor:
-    """t as a (B,) int64 tensor on the sample's device (ints are range-checked here;
-    tensors only on CPU, where the check needs no device sync, and not while compiling,
-    where it would be a data-dependent branch)."""
+    """t as an int64 tensor on the sample's device: (B,) per-sample values, or (1,) for one
+    value shared by every sample (the kernels read it with stride 0, so no kernel expands it).
+
+    Ints are range-checked here; tensors only on CPU, where the check needs no device sync,
+    and not while compiling, where it would be a data-dependent branch. With ``allow_final``
+    any negative value means the final step."""
     b = sample.shape[0]
-    low = -1 if allow_final else 0
     if isinstance(t, Tensor):
         if t.dtype != torch.int64 or t.dim() > 1 or (t.dim() == 1 and t.shape[0] != b):
             raise TypeError(f"{name} must be an int or an int64 tensor of shape () or ({b},); "
@@ -77,14 +79,15 @@ def _timesteps(t, name: str, sample: Tensor, num_timesteps: int, allow_final: bo
             raise ValueError(f"{name} is on {t.device} but sample is on {sample.device}")
         if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
             lo, hi = (int(v) for v in torch.aminmax(t))  # one op: this runs on every step
-            if lo < low or hi >= num_timesteps:
-                raise ValueError(f"{name} must be in [{low}, {num_timesteps}); got values {lo}..{hi}")
-        return t.expand(b).contiguous()
+            if (lo < 0 and not allow_final) or hi >= num_timesteps:
+                raise ValueError(f"{name} must be in [{-1 if allow_final else 0}, {num_timesteps}); "
+                                 f"got values {lo}..{hi}")
+        return t.reshape(1) if t.dim() == 0 else t.contiguous()
     if isinstance(t, bool) or not isinstance(t, int):
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
-    if not low <= t < num_timesteps:
-        raise ValueError(f"{name} must be in [{low}, {num_timesteps}), got {t}")
-    return torch.full((b,), t, dtype=torch.int64, device=sample.device)
+    if (t < 0 and not allow_final) or t >= num_timesteps:
+        raise ValueError(f"{name} must be in [{-1 if allow_final else 0}, {num_timesteps}), got {t}")
+    return torch.full((1,), t, dtype=torch.int64, device=sample.device)
 
 
 def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, eta, prediction_type,

@@ -51,8 +51,9 @@ struct StepArgs : StepIO {
   bool table_f64 = false;
   int64_t num_timesteps = 0;
   double final_alpha_cumprod = 1.0;
-  const int64_t* t = nullptr;       // (rows,) per-sample timesteps
-  const int64_t* prev_t = nullptr;  // (rows,); < 0 means final_alpha_cumprod
+  const int64_t* t = nullptr;       // (rows,) per-sample timesteps, or one for all (t_stride 0)
+  const int64_t* prev_t = nullptr;  // the same; < 0 means final_alpha_cumprod
+  int64_t t_stride = 1, prev_t_stride = 1;
 };
 
 template <typename A>
@@ -78,8 +79,9 @@ PYGEN_HD int64_t clamp_index(int64_t i, int64_t lo, int64_t hi) { return i < lo 
 
 template <typename A>
 PYGEN_HD StepCoeffs<A> step_coeffs(const StepArgs& a, int64_t row) {
-  const int64_t t = clamp_index(a.t[row], 0, a.num_timesteps - 1);
-  const int64_t tp = a.prev_t[row] < 0 ? -1 : clamp_index(a.prev_t[row], 0, a.num_timesteps - 1);
+  const int64_t t = clamp_index(a.t[row * a.t_stride], 0, a.num_timesteps - 1);
+  const int64_t tp_in = a.prev_t[row * a.prev_t_stride];
+  const int64_t tp = tp_in < 0 ? -1 : clamp_index(tp_in, 0, a.num_timesteps - 1);
   const A ab = table_at<A>(a, t), ab_prev = table_at<A>(a, tp);
   StepCoeffs<A> c;
   c.sa = step_sqrt(ab);
@@ -151,7 +153,8 @@ struct SigmaStepArgs : StepIO {
   const void* sigmas = nullptr;       // (num_sigmas,), float32 or float64 (table_f64)
   bool table_f64 = false;
   int64_t num_sigmas = 0;
-  const int64_t* index = nullptr;     // (rows,) in [0, num_sigmas - 2]
+  const int64_t* index = nullptr;     // (rows,) in [0, num_sigmas - 2], or one for all (index_stride 0)
+  int64_t index_stride = 1;
 };
 
 template <typename A>
@@ -171,7 +174,7 @@ PYGEN_HD A sigma_at(const SigmaStepArgs& a, int64_t i) {
 
 template <typename A>
 PYGEN_HD SigmaCoeffs<A> sigma_coeffs(const SigmaStepArgs& a, int64_t row) {
-  const int64_t i = clamp_index(a.index[row], 0, a.num_sigmas - 2);
+  const int64_t i = clamp_index(a.index[row * a.index_stride], 0, a.num_sigmas - 2);
   const A s = sigma_at<A>(a, i), sn = sigma_at<A>(a, i + 1);
   SigmaCoeffs<A> c{};
   const bool dpm = a.kind == SigmaKind::kDpmpp2mMidpoint || a.kind == SigmaKind::kDpmpp2mHeun;
