@@ -1,9 +1,11 @@
 # make demo  - set up from a fresh clone and run the large-batch sampling demo
-# make test  - set up from a fresh clone and run the tests (+ nvcc compile check)
+# make test  - set up from a fresh clone and run the tests (+ benchmark smoke, isa and nvcc checks)
 #
-# Everything lives in $(VENV). On a machine with no GPU the CPU build of torch is used
-# (TORCH_SPEC); on a GPU machine install CUDA torch yourself first, or point VENV at
-# an environment that has it: setup skips torch when the venv already imports it.
+# Everything lives in $(VENV). torch comes from TORCH_SPEC and your pip index (this
+# workplace's index serves the CPU build; elsewhere add e.g. --index-url
+# https://download.pytorch.org/whl/cpu to TORCH_SPEC); on a GPU machine install CUDA torch
+# yourself first, or point VENV at an environment that has it: setup skips torch when the
+# venv already imports it.
 
 PYTHON ?= python3
 VENV ?= .venv
