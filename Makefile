@@ -70,9 +70,17 @@ isa-check:
 	  if [ -n "$$weak" ]; then echo "isa-check: $$f defines weak symbols:"; echo "$$weak"; exit 1; fi; \
 	done; rm -rf $$tmp; echo "isa-check: per-ISA CPU kernels define no shared (weak) symbols"
 
+# The CPU suites (about 8 minutes on 2 cores): JSON per suite in $(BENCH_OUT), then the
+# Markdown tables. One suite: make bench BENCH_SUITES=diffusion
+BENCH_OUT ?= /tmp/pygen-bench
+BENCH_SUITES ?= gaussian diffusion coupling
 bench: build
-	$(BIN)/python -m pytest benchmarks/bench_gaussian.py --benchmark-group-by=group \
-	  --benchmark-columns=median,iqr,ops
+	@mkdir -p $(BENCH_OUT)
+	@for s in $(BENCH_SUITES); do \
+	  $(BIN)/python -m pytest benchmarks/bench_$$s.py -q --benchmark-group-by=group \
+	    --benchmark-columns=median,iqr,ops --benchmark-json=$(BENCH_OUT)/cpu-$$s.json || exit 1; \
+	done
+	@for s in $(BENCH_SUITES); do $(BIN)/python benchmarks/summarize.py $(BENCH_OUT)/cpu-$$s.json; echo; done
 
 clean:
 	rm -rf build $(VENV)/.built
