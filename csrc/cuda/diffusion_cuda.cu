@@ -7,6 +7,26 @@
 namespace pygen::cuda {
 namespace {
 
+// A step row's noise: the given tensor, in-kernel Philox from (seed, offset + i), or zero.
+// Shared by the alpha- and sigma-space steps (the CPU kernels' BlockNoise does the same).
+template <typename T, typename A>
+struct RowNoise {
+  const T* __restrict given;
+  uint64_t seed = 0, offset;
+  bool read, draw;
+
+  __device__ RowNoise(const StepIO& a, bool use_given, bool use_draw)
+      : given(static_cast<const T*>(a.noise)), offset(a.offset) {
+    read = use_given && given != nullptr;
+    draw = use_draw && given == nullptr && a.seed != nullptr;
+    if (draw) seed = static_cast<uint64_t>(*a.seed);
+  }
+  __device__ A at(int64_t i) const {
+    if (read) return to_acc(given[i]);
+    return draw ? static_cast<A>(philox_normal(seed, offset + static_cast<uint64_t>(i))) : A(0);
+  }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) alpha_step_kernel(StepArgs a, int group, int64_t chunk, int64_t chunks) {
   using A = typename AccOf<T>::type;
@@ -14,23 +34,15 @@ __global__ void __launch_bounds__(kThreads) alpha_step_kernel(StepArgs a, int gr
   if (!tk.active) return;  // no barrier in this kernel
   const T* __restrict mo = static_cast<const T*>(a.model_output);
   const T* __restrict x = static_cast<const T*>(a.sample);
-  const T* __restrict given = static_cast<const T*>(a.noise);
   T* __restrict prev = static_cast<T*>(a.prev_sample);
   T* __restrict x0_out = static_cast<T*>(a.pred_original);
   const StepCoeffs<A> c = step_coeffs<A>(a, tk.r);
-  const bool draw = given == nullptr && a.seed != nullptr && c.c_noise != A(0);
-  const uint64_t seed = draw ? static_cast<uint64_t>(*a.seed) : 0;
+  const RowNoise<T, A> noise(a, true, c.c_noise != A(0));  // given noise is read as the CPU does
 #pragma unroll 4
   for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
     const int64_t i = tk.r * a.cols + col;
-    A z = A(0);
-    if (given != nullptr) {
-      z = to_acc(given[i]);
-    } else if (draw) {
-      z = static_cast<A>(philox_normal(seed, a.offset + static_cast<uint64_t>(i)));
-    }
     A x0;
-    prev[i] = from_acc<T>(step_element<A>(a, c, to_acc(mo[i]), to_acc(x[i]), z, x0));
+    prev[i] = from_acc<T>(step_element<A>(a, c, to_acc(mo[i]), to_acc(x[i]), noise.at(i), x0));
     if (x0_out != nullptr) x0_out[i] = from_acc<T>(x0);
   }
 }
@@ -43,27 +55,18 @@ __global__ void __launch_bounds__(kThreads) sigma_step_kernel(SigmaStepArgs a, i
   const T* __restrict mo = static_cast<const T*>(a.model_output);
   const T* __restrict x = static_cast<const T*>(a.sample);
   const T* __restrict px0 = static_cast<const T*>(a.prev_x0);
-  const T* __restrict given = static_cast<const T*>(a.noise);
   T* __restrict prev = static_cast<T*>(a.prev_sample);
   T* __restrict x0_out = static_cast<T*>(a.pred_original);
   const SigmaCoeffs<A> c = sigma_coeffs<A>(a, tk.r);
   const bool dpm = a.kind == SigmaKind::kDpmpp2mMidpoint || a.kind == SigmaKind::kDpmpp2mHeun;
   const bool noisy = c.churn != A(0) || c.c_noise != A(0);
-  const bool draw = noisy && given == nullptr && a.seed != nullptr;
-  const bool read = noisy && given != nullptr;
-  const uint64_t seed = draw ? static_cast<uint64_t>(*a.seed) : 0;
+  const RowNoise<T, A> noise(a, noisy, noisy);
 #pragma unroll 4
   for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
     const int64_t i = tk.r * a.cols + col;
-    A z = A(0);
-    if (read) {
-      z = to_acc(given[i]);
-    } else if (draw) {
-      z = static_cast<A>(philox_normal(seed, a.offset + static_cast<uint64_t>(i)));
-    }
     A x0;
     const A p = c.second ? to_acc(px0[i]) : A(0);
-    prev[i] = from_acc<T>(sigma_element<A>(c, dpm, to_acc(mo[i]), to_acc(x[i]), z, p, x0));
+    prev[i] = from_acc<T>(sigma_element<A>(c, dpm, to_acc(mo[i]), to_acc(x[i]), noise.at(i), p, x0));
     if (x0_out != nullptr) x0_out[i] = from_acc<T>(x0);
   }
 }

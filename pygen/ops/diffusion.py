@@ -29,19 +29,21 @@ _PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _KIND = {"ddim": 0, "fixed_small": 1, "fixed_large": 2}
 
 
-
-def _fake_step(sample: Tensor, write_x0: bool) -> tuple[Tensor, Tensor]:
-    """Outputs of a step op: prev_sample, and x0 (empty when not asked for)."""
+def _fake_step(model_output, sample, *args, write_x0=True) -> tuple[Tensor, Tensor]:
+    """Fake (meta) outputs of every step op: prev_sample, and x0 (empty when not asked for).
+    write_x0 is the 15th argument of both step schemas, positional or keyword."""
+    write_x0 = args[12] if len(args) > 12 else write_x0
     return sample.new_empty(sample.shape), sample.new_empty(sample.shape if write_x0 else (0,))
+
+
+def _register_step_fakes(*names: str) -> None:
+    for name in names:
+        torch.library.register_fake(f"pygen::{name}")(_fake_step)
 
 
 _STEP_OPS: dict = {}
 if _ext.HAS_CPP:
-
-    @torch.library.register_fake("pygen::alpha_step")
-    def _(model_output, sample, *args, write_x0=True):
-        return _fake_step(sample, args[12] if len(args) > 12 else write_x0)
-
+    _register_step_fakes("alpha_step")
     _STEP_OPS["cpp"] = _STEP_OPS["cuda"] = torch.ops.pygen.alpha_step
 
 if "triton" in _backend.available_backends():
@@ -56,10 +58,7 @@ if "triton" in _backend.available_backends():
         return _tkd.alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cumprod, kind, prediction,
                                eta, clip_range, clipped_eps, noise, seed, offset, write_x0)
 
-    @torch.library.register_fake("pygen::triton_alpha_step")
-    def _(model_output, sample, *args, write_x0=True):
-        return _fake_step(sample, args[12] if len(args) > 12 else write_x0)
-
+    _register_step_fakes("triton_alpha_step")
     _STEP_OPS["triton"] = torch.ops.pygen.triton_alpha_step
 
 
@@ -207,11 +206,7 @@ def ddpm_step(
 _SIGMA_KIND = {"euler": 0, "euler_ancestral": 1, "midpoint": 2, "heun": 3}
 _SIGMA_OPS: dict = {}
 if _ext.HAS_CPP:
-
-    @torch.library.register_fake("pygen::sigma_step")
-    def _(model_output, sample, *args, write_x0=True):
-        return _fake_step(sample, args[12] if len(args) > 12 else write_x0)
-
+    _register_step_fakes("sigma_step")
     _SIGMA_OPS["cpp"] = _SIGMA_OPS["cuda"] = torch.ops.pygen.sigma_step
 
 if "triton" in _backend.available_backends():
@@ -225,10 +220,7 @@ if "triton" in _backend.available_backends():
         return _tkd.sigma_step(model_output, sample, sigmas, index, prev_x0, kind, prediction, gamma, s_tmin, s_tmax,
                                s_noise, noise, seed, offset, write_x0)
 
-    @torch.library.register_fake("pygen::triton_sigma_step")
-    def _(model_output, sample, *args, write_x0=True):
-        return _fake_step(sample, args[12] if len(args) > 12 else write_x0)
-
+    _register_step_fakes("triton_sigma_step")
     _SIGMA_OPS["triton"] = torch.ops.pygen.triton_sigma_step
 
 
