@@ -39,6 +39,26 @@ Tensor new_output(at::IntArrayRef sizes, const Tensor& like) {
   return t;
 }
 
+// Per-row results (KL, log-det, loss) and their incoming gradients are float32, or float64
+// for float64 inputs, whatever the input dtype (see csrc/cuda/rowwise.cuh).
+at::ScalarType row_dtype(const Tensor& like) {
+  return like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor new_row_output(int64_t rows, const Tensor& like) {
+  Tensor t = at::empty({rows}, like.options().dtype(row_dtype(like)));
+  if (g_poison.load(std::memory_order_relaxed)) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// A (rows,) gradient of a per-row result, contiguous, in row_dtype(like).
+Tensor row_grad(const Tensor& g, int64_t rows, const Tensor& like, const char* name) {
+  TORCH_CHECK(g.numel() == rows && g.scalar_type() == row_dtype(like) && g.device() == like.device(),
+              "pygen: ", name, " must have shape (", rows, ",) and dtype ", row_dtype(like), " on ", like.device(),
+              "; got ", g.scalar_type(), " of shape ", g.sizes());
+  return g.contiguous();
+}
+
 DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
@@ -175,7 +195,7 @@ std::tuple<Tensor, Tensor> sample_forward(const Tensor& mu_in, const Tensor& lv_
   const Rows rc = rows_of(mu);
   const Tensor seed_c = seed.contiguous();
   Tensor z = new_output(mu.sizes(), mu);
-  Tensor kl = with_kl ? new_output({rc.rows}, mu) : Tensor();
+  Tensor kl = with_kl ? new_row_output(rc.rows, mu) : Tensor();
   GaussianFwdArgs a;
   a.rows = rc.rows;
   a.cols = rc.cols;
@@ -207,7 +227,7 @@ Tensor gaussian_kl(const Tensor& mu_in, const Tensor& lv_in, const std::optional
               "pygen: pass prior_mu and prior_logvar together (the Python API fills in a missing one)");
   const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous();
   const Rows rc = rows_of(mu);
-  Tensor kl = new_output({rc.rows}, mu);
+  Tensor kl = new_row_output(rc.rows, mu);
   GaussianFwdArgs a;
   a.rows = rc.rows;
   a.cols = rc.cols;
@@ -260,10 +280,9 @@ std::tuple<Tensor, Tensor> reparameterize_kl_backward(const Tensor& grad_z, cons
   check_like(grad_z, mu_in, "grad_z");
   check_seed(seed, mu_in);
   const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous(), gz = grad_z.contiguous();
-  const Tensor gkl = grad_kl.contiguous(), seed_c = seed.contiguous();
+  const Tensor seed_c = seed.contiguous();
   const Rows rc = rows_of(mu);
-  TORCH_CHECK(gkl.numel() == rc.rows && gkl.scalar_type() == mu.scalar_type(),
-              "pygen: grad_kl must have shape (", rc.rows, ",) and dtype ", mu.scalar_type());
+  const Tensor gkl = row_grad(grad_kl, rc.rows, mu, "grad_kl");
   Tensor gmu = new_output(mu.sizes(), mu), glv = new_output(mu.sizes(), mu);
   GaussianBwdArgs a;
   a.rows = rc.rows;
@@ -287,10 +306,9 @@ std::vector<Tensor> gaussian_kl_backward(const Tensor& grad_kl, const Tensor& mu
   check_float(mu_in, "mu");
   check_like(lv_in, mu_in, "logvar");
   TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(), "pygen: pass prior_mu and prior_logvar together");
-  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous(), gkl = grad_kl.contiguous();
+  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous();
   const Rows rc = rows_of(mu);
-  TORCH_CHECK(gkl.numel() == rc.rows && gkl.scalar_type() == mu.scalar_type(),
-              "pygen: grad_kl must have shape (", rc.rows, ",) and dtype ", mu.scalar_type());
+  const Tensor gkl = row_grad(grad_kl, rc.rows, mu, "grad_kl");
   std::vector<Tensor> out = {new_output(mu.sizes(), mu), new_output(mu.sizes(), mu)};
   GaussianBwdArgs a;
   a.rows = rc.rows;
@@ -355,7 +373,7 @@ std::tuple<Tensor, Tensor> affine_coupling(const Tensor& x, const Tensor& shift,
   AffineArgs a;
   const AffineInputs in = affine_inputs(x, shift, log_scale, mask, soft_clamp, a);
   a.inverse = inverse;
-  Tensor y = new_output(x.sizes(), x), logdet = new_output({in.rc.rows}, x);
+  Tensor y = new_output(x.sizes(), x), logdet = new_row_output(in.rc.rows, x);
   a.y = y.data_ptr();
   a.logdet = logdet.data_ptr();
   if (in.rc.rows == 0) return {y, logdet};
@@ -372,9 +390,7 @@ std::vector<Tensor> affine_coupling_backward(const Tensor& grad_y, const Tensor&
   AffineArgs a;
   const AffineInputs in = affine_inputs(x, shift, log_scale, mask, soft_clamp, a);
   check_like(grad_y, x, "grad_y");
-  const Tensor gy = grad_y.contiguous(), gld = grad_logdet.contiguous();
-  TORCH_CHECK(gld.numel() == in.rc.rows && gld.scalar_type() == x.scalar_type(),
-              "pygen: grad_logdet must have shape (", in.rc.rows, ",) and dtype ", x.scalar_type());
+  const Tensor gy = grad_y.contiguous(), gld = row_grad(grad_logdet, in.rc.rows, x, "grad_logdet");
   a.inverse = inverse;
   a.grad_y = gy.const_data_ptr();
   a.grad_logdet = gld.const_data_ptr();
@@ -442,7 +458,7 @@ std::tuple<Tensor, Tensor> rq_spline(const Tensor& x, const Tensor& widths, cons
   SplineArgs a;
   const SplineInputs in = spline_inputs(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width,
                                         min_bin_height, min_derivative, a);
-  Tensor y = new_output(x.sizes(), x), logdet = new_output({in.rc.rows}, x);
+  Tensor y = new_output(x.sizes(), x), logdet = new_row_output(in.rc.rows, x);
   a.y = y.data_ptr();
   a.logdet = logdet.data_ptr();
   if (in.rc.rows == 0) return {y, logdet};
@@ -459,9 +475,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rq_spline_backward(
   const SplineInputs in = spline_inputs(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width,
                                         min_bin_height, min_derivative, a);
   check_like(grad_y, x, "grad_y");
-  const Tensor gy = grad_y.contiguous(), gld = grad_logdet.contiguous();
-  TORCH_CHECK(gld.numel() == in.rc.rows && gld.scalar_type() == x.scalar_type(),
-              "pygen: grad_logdet must have shape (", in.rc.rows, ",) and dtype ", x.scalar_type());
+  const Tensor gy = grad_y.contiguous(), gld = row_grad(grad_logdet, in.rc.rows, x, "grad_logdet");
   Tensor gx = new_output(x.sizes(), x), gw = new_output(widths.sizes(), x), gh = new_output(heights.sizes(), x),
          gd = new_output(derivatives.sizes(), x);
   a.grad_y = gy.const_data_ptr();
@@ -661,9 +675,7 @@ std::tuple<Tensor, Tensor> diffusion_mse_impl(const std::optional<Tensor>& grad_
   a.seed = sd.const_data_ptr<int64_t>();
   Tensor first, second, gl;
   if (grad_loss.has_value()) {
-    gl = grad_loss->contiguous();
-    TORCH_CHECK(gl.numel() == rc.rows && gl.scalar_type() == x.scalar_type(), "pygen: grad_loss must have shape (",
-                rc.rows, ",) and dtype ", x.scalar_type());
+    gl = row_grad(*grad_loss, rc.rows, x, "grad_loss");
     first = new_output(x.sizes(), x);
     second = new_output(x.sizes(), x);
     a.grad_loss = gl.const_data_ptr();
@@ -671,7 +683,7 @@ std::tuple<Tensor, Tensor> diffusion_mse_impl(const std::optional<Tensor>& grad_
     a.grad_x0 = second.data_ptr();
     if (rc.rows * rc.cols > 0) launch(x, a, &cpu::diffusion_mse, &cuda::diffusion_mse);
   } else {
-    first = new_output({rc.rows}, x);
+    first = new_row_output(rc.rows, x);
     a.loss = first.data_ptr();
     const bool cuda = !x.device().is_cpu();
     if (rc.rows > 0) {
@@ -770,6 +782,13 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def("cuda_archs", []() {
+#ifdef PYGEN_CUDA_ARCHS
+    return std::string(PYGEN_CUDA_ARCHS);
+#else
+    return std::string();
+#endif
+  }, "The CUDA architectures the kernels were built for (CMAKE_CUDA_ARCHITECTURES, ',' separated), or ''.");
   m.def("_cpu_isa", &pygen::cpu::isa, "The instruction set of the CPU kernels in use.");
   m.def("_set_cpu_isa", &pygen::cpu::set_isa, "Use the baseline/avx2/avx512 CPU kernels; False if unsupported.");
   m.def("_set_poison", [](bool on) { pygen::g_poison.store(on); }, "Fill outputs with NaN before kernels (tests).");

@@ -27,6 +27,35 @@ def load_acc(ptr, idx, mask, ACC_F64: tl.constexpr):
 
 
 @triton.jit
+def exp_m1_m_x(x):
+    """e^x - 1 - x without cancellation (every backend's formula): for |x| < 0.5 the Taylor
+    series through x^16/16! in Horner form (truncation < 1e-19 relative: float64-exact),
+    else expm1(x) - x, which cancels at most one bit there. NaN stays NaN (the else branch)."""
+    p = 1.0 / 20922789888000.0  # 1/16!
+    p = 1.0 / 1307674368000.0 + x * p
+    p = 1.0 / 87178291200.0 + x * p
+    p = 1.0 / 6227020800.0 + x * p
+    p = 1.0 / 479001600.0 + x * p
+    p = 1.0 / 39916800.0 + x * p
+    p = 1.0 / 3628800.0 + x * p
+    p = 1.0 / 362880.0 + x * p
+    p = 1.0 / 40320.0 + x * p
+    p = 1.0 / 5040.0 + x * p
+    p = 1.0 / 720.0 + x * p
+    p = 1.0 / 120.0 + x * p
+    p = 1.0 / 24.0 + x * p
+    p = 1.0 / 6.0 + x * p
+    p = 0.5 + x * p
+    return tl.where(tl.abs(x) < 0.5, x * x * p, (tl.exp(x) - 1.0) - x)
+
+
+@triton.jit
+def expm1(x):
+    """e^x - 1, accurate near 0 (libdevice's expm1 does not run under the interpreter)."""
+    return tl.where(tl.abs(x) < 0.5, exp_m1_m_x(x) + x, tl.exp(x) - 1.0)
+
+
+@triton.jit
 def scalar_as(v, like):
     """Scalar argument v as a tensor shaped and typed like ``like``. Kernels declare float
     scalars ``tl.float64`` (a plain Python float arrives as fp32, which would round eta,
@@ -69,6 +98,12 @@ def prior_2d(p: torch.Tensor | None, rows: int, cols: int):
         return None, 0, 0
     p2 = p.reshape(rows, cols)  # a view when the broadcast strides allow it
     return p2, p2.stride(0), p2.stride(1)
+
+
+def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every (B,) reduction (KL, log-det, loss) of every backend: float32, float64 for float64
+    (a float16 KL of a 4x64x64 latent overflows)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:

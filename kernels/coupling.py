@@ -1,8 +1,8 @@
 """Triton kernels for the affine coupling transform, its log-determinant and gradients.
 
-Same formulas as csrc/cpu/coupling_cpu.cpp: s = log_scale, or c * tanh(log_scale / c)
-with tanh(u) = 2 * sigmoid(2u) - 1 (libdevice tanh is unavailable under the interpreter);
-a mask m multiplies s and shift, so m = 0 passes x through.
+Same formulas as csrc/cpu/coupling_cpu.cpp: s = log_scale, or c * tanh(log_scale / c);
+a mask m multiplies s and shift, so m = 0 passes x through. The log-det (B,) is returned in
+float32 (float64 for float64), the inverse's sign applied once, per chunk.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rowwise import empty, load_acc, prior_2d, rows_cols, scalar_as, tile, tiles
+from ._rowwise import empty, expm1, load_acc, prior_2d, reduction_dtype, rows_cols, scalar_as, tile, tiles
 
 
 @triton.jit
@@ -19,7 +19,12 @@ def _clamped(ls, clamp, CLAMP: tl.constexpr):
     """(s, ds/dlog_scale)."""
     if CLAMP:
         c = scalar_as(clamp, ls)
-        th = 2.0 * tl.sigmoid(2.0 * ls / c) - 1.0
+        u = ls / c
+        # tanh(|u|) = -expm1(-2|u|) / (expm1(-2|u|) + 2): relative accuracy at every u (libdevice
+        # tanh does not run under the interpreter; 2 sigmoid(2u) - 1 cancels for small u)
+        e = expm1(-2.0 * tl.abs(u))
+        th = -e / (e + 2.0)
+        th = tl.where(u < 0.0, -th, th)
         return c * th, 1.0 - th * th
     else:
         return ls, ls * 0.0 + 1.0
@@ -47,7 +52,7 @@ def _affine_fwd_kernel(
     tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=inb)
     total = tl.sum(tl.where(inb, s, 0.0), axis=1)
     if INVERSE:
-        total = -total
+        total = -total  # per chunk: the launcher's sum of the partials must not negate again
     if chunks == 1:
         tl.store(ld_ptr + r1, total.to(ld_ptr.dtype.element_ty), mask=r1 < rows)
     else:
@@ -91,15 +96,16 @@ def affine_forward(
     x: torch.Tensor, shift: torch.Tensor, log_scale: torch.Tensor, mask: torch.Tensor | None,
     inverse: bool, soft_clamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, logdet (B,)); mask, if given, is expanded to x's shape in x's dtype."""
+    """(y, logdet (B,) in float32, float64 for float64); mask, if given, is expanded to x's
+    shape in x's dtype (any strides)."""
     x, shift, log_scale = x.contiguous(), shift.contiguous(), log_scale.contiguous()
     rows, cols = rows_cols(x)
+    acc = reduction_dtype(x.dtype)
     y = empty(x.shape, x)
-    logdet = empty((rows,), x)
+    logdet = empty((rows,), x, acc)
     if rows == 0:
         return y, logdet
     block_r, block_c, chunks, grid = tiles(rows, cols)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = empty((rows, chunks), x, acc) if chunks > 1 else None
     m, m_sr, m_sc = prior_2d(mask, rows, cols)
     _affine_fwd_kernel[grid](
@@ -109,8 +115,7 @@ def affine_forward(
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     if part is not None:
-        total = part.sum(dim=1)
-        logdet.copy_((-total if inverse else total).to(x.dtype))
+        torch.sum(part, dim=1, out=logdet)  # the partials carry the inverse's sign already
     return y, logdet
 
 
@@ -118,7 +123,8 @@ def affine_backward(
     grad_y: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, shift: torch.Tensor,
     log_scale: torch.Tensor, mask: torch.Tensor | None, inverse: bool, soft_clamp: float,
 ) -> list[torch.Tensor]:
-    """[grad_x, grad_log_scale], with grad_shift between them when inverse or masked."""
+    """[grad_x, grad_log_scale], with grad_shift between them when inverse or masked.
+    grad_logdet may come in float32 for float16/bfloat16 inputs (the log-det's dtype)."""
     x, shift, log_scale = x.contiguous(), shift.contiguous(), log_scale.contiguous()
     rows, cols = rows_cols(x)
     write_shift = inverse or mask is not None

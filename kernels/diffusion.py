@@ -1,7 +1,13 @@
 """Triton kernels for the sampler steps (DDPM, DDIM; Euler, Euler-ancestral, DPM-Solver++ 2M)
 and the training ops: the formulas of csrc/include/pygen/diffusion.h, per-sample coefficients
 gathered from the schedule table inside the kernel, Philox noise drawn in-kernel (or read
-when given)."""
+when given).
+
+Every tensor argument is made contiguous (or read with an explicit stride: a timestep /
+index tensor of one element is shared by every row, stride 0). NaN policy of every backend:
+a NaN input stays NaN in its element's outputs and its row's loss, so clamps of data values
+use PropagateNan.ALL (tl.minimum / tl.maximum drop NaNs by default). Integer index clamps
+need no such care. The (B,) loss is returned in float32 (float64 for float64)."""
 
 from __future__ import annotations
 
@@ -9,13 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rowwise import empty, load_acc, rows_cols, scalar_as, tile, tiles
+from ._rowwise import empty, load_acc, reduction_dtype, rows_cols, scalar_as, tile, tiles
 from .philox import randn_at
 
 
 @triton.jit
 def _sqrt0(x):
-    return tl.sqrt(tl.maximum(x, 0.0))
+    # schedule coefficients only (never data): 0 for x <= 0 and for NaN (a 0/0 variance at
+    # abar = abar_prev = 1), as step_sqrt in csrc/include/pygen/diffusion.h
+    return tl.where(x > 0.0, tl.sqrt(tl.maximum(x, 0.0)), 0.0)
 
 
 def _stride(index: torch.Tensor) -> int:
@@ -54,7 +62,7 @@ def _alpha_step_kernel(
         c_eps = beta * 0.0
         c_x = _sqrt0(alpha) * (1.0 - ab_prev) / (1.0 - ab)
         if KIND == 1:
-            var = tl.maximum((1.0 - ab_prev) / (1.0 - ab) * beta, 1e-20)
+            var = tl.maximum((1.0 - ab_prev) / (1.0 - ab) * beta, 1e-20, propagate_nan=tl.PropagateNan.ALL)
         else:
             var = beta
         c_noise = tl.where(t > 0, _sqrt0(var), 0.0)
@@ -71,7 +79,8 @@ def _alpha_step_kernel(
         x0 = sa2 * x - sb2 * mo
         eps = sa2 * mo + sb2 * x
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip[:, None]), clip[:, None])
+        lim = clip[:, None]
+        x0 = tl.minimum(tl.maximum(x0, -lim, propagate_nan=tl.PropagateNan.ALL), lim, propagate_nan=tl.PropagateNan.ALL)
         if CLIPPED_EPS:
             eps = (x - sa2 * x0) / sb2
     prev = c_x0[:, None] * x0 + c_eps[:, None] * eps + c_x[:, None] * x
@@ -96,7 +105,7 @@ def alpha_step(model_output, sample, alphas_cumprod, t, prev_t, final_alpha_cump
     acc64 = x.dtype == torch.float64
     table = alphas_cumprod.to(torch.float64 if acc64 else torch.float32).contiguous()
     _alpha_step_kernel[grid](
-        mo, x, table, t.contiguous(), prev_t.contiguous(), noise if noise is not None else x,
+        mo, x, table, t.contiguous(), prev_t.contiguous(), noise.contiguous() if noise is not None else x,
         seed if seed is not None else t, prev, x0, rows, cols, offset, table.shape[0], _stride(t), _stride(prev_t),
         float(final_alpha_cumprod),
         float(eta),
@@ -217,16 +226,16 @@ def sigma_step(model_output, sample, sigmas, index, prev_x0, kind, prediction, g
 
 
 @triton.jit
-def _loss_row(table_ptr, t_ptr, n_table, r1, rmask, PRED: tl.constexpr, SNR: tl.constexpr, gamma,
+def _loss_row(table_ptr, t_ptr, t_stride, n_table, r1, rmask, PRED: tl.constexpr, SNR: tl.constexpr, gamma,
               ACC_F64: tl.constexpr):
     """Per-row sqrt(ab), sqrt(1 - ab) and the Min-SNR-gamma weight (t clamped into the table)."""
-    t = tl.minimum(tl.maximum(tl.load(t_ptr + r1, mask=rmask, other=0), 0), n_table - 1)
+    t = tl.minimum(tl.maximum(tl.load(t_ptr + r1 * t_stride, mask=rmask, other=0), 0), n_table - 1)
     ab = load_acc(table_ptr, t, rmask, ACC_F64)
     ab = tl.where(rmask, ab, 0.5)  # keep masked-out rows finite
     w = ab * 0.0 + 1.0
     if SNR:
         snr = ab / (1.0 - ab)
-        m = tl.minimum(snr, scalar_as(gamma, snr))
+        m = tl.minimum(snr, scalar_as(gamma, snr), propagate_nan=tl.PropagateNan.ALL)
         if PRED == 0:
             w = m / snr
         elif PRED == 2:
@@ -237,10 +246,10 @@ def _loss_row(table_ptr, t_ptr, n_table, r1, rmask, PRED: tl.constexpr, SNR: tl.
 
 
 @triton.jit
-def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, offset, n_table,
+def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, offset, n_table, t_stride,
                      ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
-    sa, sb, _ = _loss_row(table_ptr, t_ptr, n_table, r1, r1 < rows, 0, False, 0.0, ACC_F64)
+    sa, sb, _ = _loss_row(table_ptr, t_ptr, t_stride, n_table, r1, r1 < rows, 0, False, 0.0, ACC_F64)
     x0 = load_acc(x0_ptr, idx, inb, ACC_F64)
     eps = randn_at(tl.load(seed_ptr), offset + idx).to(x0.dtype)
     tl.store(xt_ptr + idx, (sa[:, None] * x0 + sb[:, None] * eps).to(xt_ptr.dtype.element_ty), mask=inb)
@@ -248,12 +257,12 @@ def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, off
 
 @triton.jit
 def _mse_kernel(mo_ptr, x0_ptr, table_ptr, t_ptr, seed_ptr, gl_ptr, loss_ptr, part_ptr, gmo_ptr, gx0_ptr,
-                rows, cols, offset, n_table, gamma: tl.float64, chunks,
+                rows, cols, offset, n_table, t_stride, gamma: tl.float64, chunks,
                 PRED: tl.constexpr, SNR: tl.constexpr, BACKWARD: tl.constexpr, ACC_F64: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
-    sa, sb, w = _loss_row(table_ptr, t_ptr, n_table, r1, rmask, PRED, SNR, gamma, ACC_F64)
+    sa, sb, w = _loss_row(table_ptr, t_ptr, t_stride, n_table, r1, rmask, PRED, SNR, gamma, ACC_F64)
     scale = (w / cols)[:, None]
     x0 = load_acc(x0_ptr, idx, inb, ACC_F64)
     mo = load_acc(mo_ptr, idx, inb, ACC_F64)
@@ -293,34 +302,35 @@ def q_sample(x0, alphas_cumprod, t, seed, offset) -> torch.Tensor:
         return xt
     block_r, block_c, _, grid = tiles(rows, cols)
     _q_sample_kernel[grid](x0, _table_for(x0, alphas_cumprod), t.contiguous(), seed, xt, rows, cols, offset,
-                           alphas_cumprod.shape[0], ACC_F64=x0.dtype == torch.float64, BLOCK_R=block_r,
+                           alphas_cumprod.shape[0], _stride(t), ACC_F64=x0.dtype == torch.float64, BLOCK_R=block_r,
                            BLOCK_C=block_c)
     return xt
 
 
 def diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma):
-    """Forward (grad_loss None): the (B,) loss. Backward: (grad_model_output, grad_x0)."""
+    """Forward (grad_loss None): the (B,) loss in float32 (float64 for float64). Backward:
+    (grad_model_output, grad_x0); grad_loss may come in float32 for float16/bfloat16 inputs."""
     x0, mo = x0.contiguous(), model_output.contiguous()
     rows, cols = rows_cols(x0)
     backward = grad_loss is not None
-    outs = (empty(x0.shape, x0), empty(x0.shape, x0)) if backward else (empty((rows,), x0),)
+    acc = reduction_dtype(x0.dtype)
+    outs = (empty(x0.shape, x0), empty(x0.shape, x0)) if backward else (empty((rows,), x0, acc),)
     if rows == 0 or (backward and cols == 0):
         return outs
     if cols == 0:
         outs[0].zero_()
         return outs
     block_r, block_c, chunks, grid = tiles(rows, cols)
-    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
     part = empty((rows, chunks), x0, acc) if (not backward and chunks > 1) else None
     dummy = x0
     _mse_kernel[grid](
         mo, x0, _table_for(x0, alphas_cumprod), t.contiguous(), seed,
         grad_loss.contiguous() if backward else dummy, dummy if backward else outs[0],
         part if part is not None else dummy, outs[0] if backward else dummy, outs[1] if backward else dummy,
-        rows, cols, offset, alphas_cumprod.shape[0], float(snr_gamma), chunks,
+        rows, cols, offset, alphas_cumprod.shape[0], _stride(t), float(snr_gamma), chunks,
         PRED=prediction, SNR=snr_gamma > 0, BACKWARD=backward, ACC_F64=acc == torch.float64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     if part is not None:
-        outs[0].copy_(part.sum(dim=1).to(x0.dtype))
+        torch.sum(part, dim=1, out=outs[0])
     return outs

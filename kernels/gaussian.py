@@ -4,6 +4,8 @@ Each program handles a (BLOCK_R rows x BLOCK_C columns) tile of the (B, N) view.
 longer than BLOCK_C is split over several programs whose KL partials are summed in
 column order afterwards (deterministic, no atomics). Arithmetic runs in float32
 (float64 for float64 inputs); the noise is always drawn in float32, as on every backend.
+The KL is returned in that accumulation dtype too (float16 KLs overflow), and its terms
+use e^x - 1 - x without cancellation: exp(lv) - 1 - lv loses every digit as lv -> 0.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import triton.language as tl
 from .philox import randn_at
 
 from ._rowwise import empty as _empty
+from ._rowwise import exp_m1_m_x, expm1
 from ._rowwise import load_acc as _load
 from ._rowwise import prior_2d as _prior_2d
+from ._rowwise import reduction_dtype
 from ._rowwise import rows_cols as _rows_cols
 from ._rowwise import tile
 from ._rowwise import tiles as _tiles
@@ -42,9 +46,9 @@ def _gaussian_fwd_kernel(
             pm = _load(pmu_ptr, r * pmu_sr + c * pmu_sc, mask, ACC_F64)
             pl = _load(plv_ptr, r * plv_sr + c * plv_sc, mask, ACC_F64)
             d = m - pm
-            term = tl.exp(lv - pl) + d * d * tl.exp(-pl) - 1.0 - lv + pl
+            term = exp_m1_m_x(lv - pl) + d * d * tl.exp(-pl)
         else:
-            term = tl.exp(lv) + m * m - 1.0 - lv
+            term = exp_m1_m_x(lv) + m * m
         s = tl.sum(tl.where(mask, term, 0.0), axis=1)
         if chunks == 1:
             tl.store(kl_ptr + r1, (0.5 * s).to(kl_ptr.dtype.element_ty), mask=r1 < rows)
@@ -77,16 +81,16 @@ def _gaussian_bwd_kernel(
             pl = _load(plv_ptr, r * plv_sr + c * plv_sc, mask, ACC_F64)
             d = m - _load(pmu_ptr, r * pmu_sr + c * pmu_sc, mask, ACC_F64)
             inv_pvar = tl.exp(-pl)
-            ratio = tl.exp(lv - pl)
+            ratio_m1 = expm1(lv - pl)  # var / prior var - 1
             dm = gk * d * inv_pvar
             g_mu += dm
-            g_lv += 0.5 * gk * (ratio - 1.0)
+            g_lv += 0.5 * gk * ratio_m1
             tl.store(gpmu_ptr + idx, (-dm).to(gpmu_ptr.dtype.element_ty), mask=mask)
-            gpl = 0.5 * gk * (1.0 - ratio - d * d * inv_pvar)
+            gpl = -0.5 * gk * (ratio_m1 + d * d * inv_pvar)
             tl.store(gplv_ptr + idx, gpl.to(gplv_ptr.dtype.element_ty), mask=mask)
         else:
             g_mu += gk * m
-            g_lv += 0.5 * gk * (tl.exp(lv) - 1.0)
+            g_lv += 0.5 * gk * expm1(lv)
     if WRITE_GMU:
         tl.store(gmu_ptr + idx, g_mu.to(gmu_ptr.dtype.element_ty), mask=mask)
     tl.store(glv_ptr + idx, g_lv.to(glv_ptr.dtype.element_ty), mask=mask)
@@ -102,16 +106,17 @@ def gaussian_forward(
     sample: bool,
     kl: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """z (shape of mu) when ``sample``, per-row KL (B,) when ``kl``. Priors are expanded to mu."""
+    """z (shape of mu) when ``sample``, per-row KL (B,) in float32 (float64 for float64) when
+    ``kl``. Priors are expanded to mu (any strides)."""
     mu = mu.contiguous()
     logvar = logvar.contiguous()
     rows, cols = _rows_cols(mu)
+    acc = reduction_dtype(mu.dtype)
     z = _empty(mu.shape, mu) if sample else None
-    kl_out = _empty((rows,), mu) if kl else None
+    kl_out = _empty((rows,), mu, acc) if kl else None
     if rows == 0 or (cols == 0 and not kl):
         return z, kl_out
     block_r, block_c, chunks, grid = _tiles(rows, cols)
-    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
     part = _empty((rows, chunks), mu, acc) if kl and chunks > 1 else None
     pmu, pmu_sr, pmu_sc = _prior_2d(prior_mu, rows, cols)
     plv, plv_sr, plv_sc = _prior_2d(prior_logvar, rows, cols)
@@ -124,7 +129,7 @@ def gaussian_forward(
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     if part is not None:
-        kl_out.copy_((0.5 * part.sum(dim=1)).to(mu.dtype))
+        torch.mul(part.sum(dim=1), 0.5, out=kl_out)  # the 0.5 of the single-chunk path, once
     return z, kl_out
 
 
@@ -139,7 +144,8 @@ def gaussian_backward(
     offset: int,
     write_grad_mu: bool,
 ) -> list[torch.Tensor]:
-    """[grad_mu (if write_grad_mu), grad_logvar, grad_prior_mu, grad_prior_logvar (if prior)]."""
+    """[grad_mu (if write_grad_mu), grad_logvar, grad_prior_mu, grad_prior_logvar (if prior)].
+    grad_kl may come in float32 for float16/bfloat16 inputs (the KL's dtype): loads convert."""
     logvar = logvar.contiguous()
     rows, cols = _rows_cols(logvar)
     has_prior = prior_mu is not None

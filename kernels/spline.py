@@ -4,7 +4,14 @@ The formulas of csrc/include/pygen/rq_spline.h. Each program holds a [rows, cols
 tile in registers: softmax and cumulative sums along K, the bin found by counting the
 knots at or below the input (a comparison count over the K lanes already in registers;
 nothing (..., K)-sized is written to memory), then the bin's values picked by a one-hot
-sum. Arithmetic in float32 (float64 for float64).
+sum. Arithmetic in float32 (float64 for float64); the log-det (B,) is returned in that dtype.
+
+The grid is 1-D over (row block, column chunk) pairs: a 2-D grid's second dimension stops
+at 65535 chunks (a row of ~1M elements at K = 64), and wider column blocks would grow the
+[R, C, K] register tile instead.
+
+NaN policy (every backend): a NaN input makes its element's y and its row's log-det NaN.
+tl.minimum / tl.maximum drop NaNs by default, hence PropagateNan.ALL on data values below.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rowwise import _INTERPRET, empty, rows_cols
+from ._rowwise import _INTERPRET, empty, reduction_dtype, rows_cols
 
 _TILE_ELEMS = 1 << 14 if _INTERPRET else 1024  # elements x K lanes per program, roughly
 
@@ -29,7 +36,18 @@ def _load_consts(ptr):
 
 @triton.jit
 def _softplus(v):
-    return tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+    return tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0, propagate_nan=tl.PropagateNan.ALL))))
+
+
+@triton.jit
+def _program_tile(chunks, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(chunk index, row ids [R], rows [R, 1], columns [1, C]) of this program of the 1-D grid."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_r = pid // chunks
+    pid_c = pid - pid_r * chunks
+    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64))[None, :]
+    return pid_c, r1, r1[:, None], c
 
 
 @triton.jit
@@ -45,9 +63,12 @@ def _knots(raw_ptr, base, kk, kmask, emask, K: tl.constexpr, bound, min_size, AC
     e = tl.where(emask, e, tl.where(kmask, 1.0, 0.0))  # keep masked-out elements finite
     p = e / tl.sum(e, axis=2)[:, :, None]
     size = tl.where(kmask, min_size + (1.0 - min_size * K) * p, 0.0)
-    cum = tl.cumsum(size, axis=2)
-    upper = tl.where(kk == K - 1, bound, 2.0 * bound * cum - bound)
-    lower = tl.where(kk == 0, -bound, 2.0 * bound * (cum - size) - bound)
+    # the running sum in float64 (as torch.cumsum and the C++ kernels accumulate): in float32
+    # its rounding grows with k and doubled the log-det error next to narrow bins
+    size64 = size.to(tl.float64)
+    cum = tl.cumsum(size64, axis=2)
+    upper = tl.where(kk == K - 1, bound, (2.0 * bound * cum - bound).to(size.dtype))
+    lower = tl.where(kk == 0, -bound, (2.0 * bound * (cum - size64) - bound).to(size.dtype))
     return p, lower, upper
 
 
@@ -71,8 +92,8 @@ def _locate(x_ptr, w_ptr, h_ptr, d_ptr, r, c, rows, cols, bound, min_w, min_h, m
         v = v.to(tl.float64)
     else:
         v = v.to(tl.float32)
-    inside = (v >= -bound) & (v <= bound)
-    vi = tl.minimum(tl.maximum(v, -bound), bound)
+    inside = (v >= -bound) & (v <= bound)  # False for NaN: the tail path carries it
+    vi = tl.minimum(tl.maximum(v, -bound), bound)  # tail elements only need finite math
     pw, lw, uw = _knots(w_ptr, e_idx, kk, kmask, emask, K, bound, min_w, ACC_F64)
     ph, lh, uh = _knots(h_ptr, e_idx, kk, kmask, emask, K, bound, min_h, ACC_F64)
     if INVERSE:
@@ -101,7 +122,7 @@ def _locate(x_ptr, w_ptr, h_ptr, d_ptr, r, c, rows, cols, bound, min_w, min_h, m
         qa = dy * span + hk * (s - d0)
         qb = hk * d0 - dy * span
         qc = -s * dy
-        disc = tl.maximum(qb * qb - 4.0 * qa * qc, 0.0)
+        disc = tl.maximum(qb * qb - 4.0 * qa * qc, 0.0, propagate_nan=tl.PropagateNan.ALL)
         den = -qb - tl.sqrt(disc)
         theta = tl.where(den != 0.0, (2.0 * qc) / tl.where(den != 0.0, den, 1.0), 0.0)
     else:
@@ -118,11 +139,7 @@ def _spline_fwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     bound, min_w, min_h, min_d, bd = _load_consts(consts_ptr)
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r = r1[:, None]
-    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64))[None, :]
+    pid_c, r1, r, c = _program_tile(chunks, BLOCK_R, BLOCK_C)
     (v, inside, emask, e_idx, kk, kmask, onehot, k, pw, ph, rd0, rd1,
      xk, wk, yk, hk, d0, d1, s, th) = _locate(x_ptr, w_ptr, h_ptr, d_ptr, r, c, rows, cols, bound, min_w, min_h,
                                               min_d, bd, K, KP, INVERSE, ACC_F64)
@@ -132,11 +149,12 @@ def _spline_fwd_kernel(
     lad = tl.log(dnum) - 2.0 * tl.log(den)
     if INVERSE:
         out = xk + th * wk
-        lad = -lad
+        lad = -lad  # per element: the launcher's sum of the chunk partials must not negate again
     else:
         out = yk + hk * (s * th * th + d0 * t) / den
     out = tl.where(inside, out, v)
-    lad = tl.where(inside & emask, lad, 0.0)
+    lad = tl.where(inside, lad, tl.where(v == v, 0.0, v))  # tails add 0, a NaN x adds NaN
+    lad = tl.where(emask, lad, 0.0)
     tl.store(y_ptr + e_idx, out.to(y_ptr.dtype.element_ty), mask=emask)
     total = tl.sum(lad, axis=1)
     if chunks == 1:
@@ -162,15 +180,12 @@ def _knots_backward(g_lo, g_hi, k, kk, kmask, p, K: tl.constexpr, bound, min_siz
 @triton.jit
 def _spline_bwd_kernel(
     x_ptr, w_ptr, h_ptr, d_ptr, gy_ptr, gld_ptr, gx_ptr, gw_ptr, gh_ptr, gd_ptr,
-    rows, cols, consts_ptr,
+    rows, cols, chunks, consts_ptr,
     K: tl.constexpr, KP: tl.constexpr, INVERSE: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     bound, min_w, min_h, min_d, bd = _load_consts(consts_ptr)
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64))[:, None]
-    c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64))[None, :]
+    _, _, r, c = _program_tile(chunks, BLOCK_R, BLOCK_C)
     (v, inside, emask, e_idx, kk, kmask, onehot, k, pw, ph, rd0, rd1,
      xk, wk, yk, hk, d0, d1, s, th) = _locate(x_ptr, w_ptr, h_ptr, d_ptr, r, c, rows, cols, bound, min_w, min_h,
                                               min_d, bd, K, KP, INVERSE, ACC_F64)
@@ -233,12 +248,13 @@ def _spline_bwd_kernel(
 
 
 def _spline_tiles(rows: int, cols: int, k: int):
+    """(KP, BLOCK_R, BLOCK_C, chunks per row, 1-D grid of row blocks x chunks)."""
     kp = triton.next_power_of_2(k)
     elems = max(1, _TILE_ELEMS // kp)
     block_c = min(triton.next_power_of_2(max(cols, 1)), elems)
     block_r = max(1, min(elems // block_c, triton.next_power_of_2(max(rows, 1))))
     chunks = max(1, triton.cdiv(cols, block_c))
-    return kp, block_r, block_c, chunks, (triton.cdiv(rows, block_r), chunks)
+    return kp, block_r, block_c, chunks, (triton.cdiv(rows, block_r) * chunks,)
 
 
 _CONSTS: dict[tuple, torch.Tensor] = {}
@@ -261,11 +277,11 @@ def spline_forward(x, widths, heights, derivatives, inverse, tail_bound, min_bin
     x, widths, heights, derivatives = (t.contiguous() for t in (x, widths, heights, derivatives))
     rows, cols = rows_cols(x)
     k = widths.shape[-1]
-    y, logdet = empty(x.shape, x), empty((rows,), x)
+    acc = reduction_dtype(x.dtype)
+    y, logdet = empty(x.shape, x), empty((rows,), x, acc)
     if rows == 0:
         return y, logdet
     kp, block_r, block_c, chunks, grid = _spline_tiles(rows, cols, k)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     part = empty((rows, chunks), x, acc) if chunks > 1 else None
     _spline_fwd_kernel[grid](
         x, widths, heights, derivatives, y, logdet, part if part is not None else x,
@@ -273,22 +289,23 @@ def spline_forward(x, widths, heights, derivatives, inverse, tail_bound, min_bin
         K=k, KP=kp, INVERSE=inverse, ACC_F64=acc == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     if part is not None:
-        logdet.copy_(part.sum(dim=1).to(x.dtype))
+        torch.sum(part, dim=1, out=logdet)
     return y, logdet
 
 
 def spline_backward(grad_y, grad_logdet, x, widths, heights, derivatives, inverse, tail_bound, min_bin_width,
                     min_bin_height, min_derivative) -> tuple[torch.Tensor, ...]:
+    """grad_logdet may come in float32 for float16/bfloat16 inputs (the log-det's dtype)."""
     x, widths, heights, derivatives = (t.contiguous() for t in (x, widths, heights, derivatives))
     rows, cols = rows_cols(x)
     k = widths.shape[-1]
     outs = (empty(x.shape, x), empty(widths.shape, x), empty(heights.shape, x), empty(derivatives.shape, x))
     if rows * cols == 0:
         return outs
-    kp, block_r, block_c, _, grid = _spline_tiles(rows, cols, k)
+    kp, block_r, block_c, chunks, grid = _spline_tiles(rows, cols, k)
     _spline_bwd_kernel[grid](
         x, widths, heights, derivatives, grad_y.contiguous(), grad_logdet.contiguous(), *outs,
-        rows, cols, _consts(x, tail_bound, min_bin_width, min_bin_height, min_derivative),
+        rows, cols, chunks, _consts(x, tail_bound, min_bin_width, min_bin_height, min_derivative),
         K=k, KP=kp, INVERSE=inverse, ACC_F64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return outs

@@ -6,7 +6,7 @@
 """
 
 from pygen import diffusion, flows, nn, ops
-from pygen._backend import available_backends, use_backend
+from pygen._backend import available_backends, backend_status, use_backend
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "flows", "diffusion", "available_backends", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "flows", "diffusion", "available_backends", "backend_status", "use_backend", "__version__"]

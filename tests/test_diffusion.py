@@ -433,3 +433,145 @@ def test_loop_matches_diffusers(name, cfg):
         xa = theirs.step(mo, t, xa, **extra, **eta).prev_sample
         xb = ours.step(mo, t, xb, noise=za, **eta).prev_sample
     torch.testing.assert_close(xb, xa, rtol=1e-4, atol=1e-4)
+
+
+# ---- zero terminal SNR: abar_T = 0 in DDIM / DDPM, as diffusers ---------------------------------
+
+ZERO_SNR = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+ZERO_SNR_CONFIGS = [("DDIMScheduler", {**ZERO_SNR, "clip_sample": False}), ("DDPMScheduler", {**ZERO_SNR, "clip_sample": False})]
+
+
+@pytest.mark.parametrize("name, cfg", ZERO_SNR_CONFIGS, ids=["ddim", "ddpm"])
+def test_zero_snr_loop_matches_diffusers(name, cfg):
+    test_loop_matches_diffusers(name, cfg)
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                                  "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_zero_snr_terminal_alpha_matches_diffusers(name):
+    """diffusers keeps abar_T = 0 in DDIM / DDPM and lifts it to 2**-24 in the sigma-space schedulers."""
+    diffusers = pytest.importorskip("diffusers")
+    theirs, ours = getattr(diffusers, name)(rescale_betas_zero_snr=True), getattr(D, name)(rescale_betas_zero_snr=True)
+    assert ours.alphas_cumprod[-1].item() == theirs.alphas_cumprod[-1].item()
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, rtol=1e-6, atol=0)
+
+
+def _step_all_backends(step, *args, **kw):
+    from backends_under_test import BACKEND_DEVICES
+
+    return {b: step(*args, backend=b, **kw) for b, d in BACKEND_DEVICES if d == "cpu"}
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_steps_at_zero_terminal_alpha_on_every_backend(kind):
+    """ab_t = 0 (t = T-1 of a zero-SNR schedule): v_prediction and sample are finite and agree on
+    every backend; epsilon divides by sqrt(ab_t) = 0 (x0 is not determined), inf/nan as in diffusers."""
+    import pygen.ops as O
+
+    step = O.ddim_step if kind == "ddim" else O.ddpm_step
+    extra = {"eta": 0.5} if kind == "ddim" else {}
+    table = torch.tensor([0.99, 0.6, 0.2, 0.0])
+    g = torch.Generator().manual_seed(4)
+    mo, x, z = (torch.randn(3, 17, generator=g) for _ in range(3))
+    for pred in ("v_prediction", "sample"):
+        outs = _step_all_backends(step, mo, x, 3, table, 1, prediction_type=pred, noise=z, **extra)
+        ref = outs.pop("torch")
+        assert all(t.isfinite().all() for t in ref)
+        if pred == "v_prediction":
+            torch.testing.assert_close(ref[1], -mo)  # x0 = sqrt(ab) x - sqrt(1 - ab) v
+        for b, out in outs.items():
+            torch.testing.assert_close(out[0], ref[0], msg=f"{b} {pred}")
+            torch.testing.assert_close(out[1], ref[1], msg=f"{b} {pred}")
+    for out in _step_all_backends(step, mo, x, 3, table, 1, prediction_type="epsilon", noise=z, **extra).values():
+        assert not out[1].isfinite().any() and not out[0].isfinite().any()
+
+
+# ---- the DDIM reference where its formulas are 0/0 or sqrt(< 0): defined as the kernels do -------
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("case", ["abar-1-final-1", "var-slightly-negative", "var-negative"])
+def test_ddim_ref_degenerate_coefficients_match_kernels(case, eta):
+    import pygen.ops as O
+
+    table = torch.tensor([1.0, 0.7, 0.3], dtype=F64)
+    t, final = {"abar-1-final-1": (0, 1.0), "var-slightly-negative": (2, 0.3 * (1 - 1e-15)),
+                "var-negative": (2, 0.2)}[case]  # prev_t = -1: ab_prev = final
+    g = torch.Generator().manual_seed(5)
+    mo, x, z = (torch.randn(2, 9, generator=g, dtype=F64) for _ in range(3))
+    prev, x0 = R.ddim_step_ref(mo, x, table[t], torch.tensor(final, dtype=F64), z, eta=eta)
+    assert prev.isfinite().all() and x0.isfinite().all()
+    # sigma_t = 0 (sqrt of a variance <= 0 or undefined is 0, the kernels' rule): the deterministic step
+    ab, ab_prev = table[t].item(), final
+    eps_x0 = (x - math.sqrt(1 - ab) * mo) / math.sqrt(ab)
+    torch.testing.assert_close(prev, math.sqrt(ab_prev) * eps_x0 + math.sqrt(max(1 - ab_prev, 0)) * mo)
+    for b, out in _step_all_backends(O.ddim_step, mo, x, t, table, -1, final_alpha_cumprod=final, eta=eta,
+                                     noise=z).items():
+        torch.testing.assert_close(out[0], prev, msg=b)
+        torch.testing.assert_close(out[1], x0, msg=b)
+
+
+# ---- a model output in another dtype (autocast) stays on the fused path ----------------------
+
+SCHEDULERS = [
+    (D.DDPMScheduler, {"clip_sample": False}),
+    (D.DDIMScheduler, {"clip_sample": False, "eta": 0.5}),
+    (D.EulerDiscreteScheduler, {}),
+    (D.EulerAncestralDiscreteScheduler, {}),
+    (D.DPMSolverMultistepScheduler, {}),
+]
+REFS = ["ddpm_step_ref", "ddim_step_ref", "euler_step_ref", "euler_ancestral_step_ref", "dpmpp_2m_step_ref"]
+
+
+@pytest.mark.parametrize("cls, kw", SCHEDULERS, ids=[c.__name__ for c, _ in SCHEDULERS])
+def test_bf16_model_output_stays_fused(cls, kw, compiled_backend, monkeypatch):
+    import pygen
+
+    backend, device = compiled_backend
+
+    def make():
+        sch = cls(**kw)
+        sch.set_timesteps(4)
+        return sch
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 8, generator=g)
+    mos = [torch.randn(2, 3, 8, generator=g).bfloat16() for _ in range(3)]
+
+    def loop(sch, cast):
+        y = x.to(device)
+        for t, mo in zip(sch.timesteps[:3], mos):
+            out = sch.step(cast(mo.to(device)), t, y, generator=torch.Generator().manual_seed(int(t)))
+            y = out.prev_sample
+        return y, out.pred_original_sample
+
+    with pygen.use_backend(backend):
+        want = loop(make(), lambda m: m.float())
+        for name in REFS:  # the reference steps are not the fused path
+            monkeypatch.setattr(R, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} called"))
+        got = loop(make(), lambda m: m)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+# ---- add_noise broadcasts one timestep of shape (1,) over the batch, as diffusers ------------
+
+
+@pytest.mark.parametrize("cls, kw", SCHEDULERS, ids=[c.__name__ for c, _ in SCHEDULERS])
+def test_add_noise_broadcasts_a_single_timestep(cls, kw):
+    sch = cls(**kw)
+    sch.set_timesteps(10)
+    g = torch.Generator().manual_seed(7)
+    x0, z = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    t = sch.timesteps[3:4]
+    want = sch.add_noise(x0, z, t.expand(4).clone())
+    torch.testing.assert_close(sch.add_noise(x0, z, t), want, rtol=0, atol=0)
+    torch.testing.assert_close(sch.add_noise(x0, z, t.reshape(())), want, rtol=0, atol=0)
+    if cls in (D.DDPMScheduler, D.DDIMScheduler):  # the schedulers whose diffusers class has get_velocity
+        torch.testing.assert_close(sch.get_velocity(x0, z, t), sch.get_velocity(x0, z, t.expand(4).clone()),
+                                   rtol=0, atol=0)
+    diffusers = pytest.importorskip("diffusers")
+    theirs = getattr(diffusers, cls.__name__)(**{k: v for k, v in kw.items() if k != "eta"})
+    theirs.set_timesteps(10)
+    torch.testing.assert_close(sch.add_noise(x0, z, t), theirs.add_noise(x0, z, t), rtol=1e-6, atol=1e-6)

@@ -351,7 +351,7 @@ def test_bad_input(backend, device, kind):
     with pytest.raises(ValueError, match="model_output"):
         step(mo=torch.zeros(2, 4, device=device))
     with pytest.raises(TypeError, match="model_output"):
-        step(mo=x.double())
+        step(mo=x.long())  # mixed floating dtypes promote; integers are refused
     with pytest.raises(TypeError, match="sigmas"):
         step(sig=sigmas.reshape(1, -1))
     with pytest.raises(TypeError, match="sigmas"):
@@ -362,14 +362,14 @@ def test_bad_input(backend, device, kind):
         with pytest.raises(ValueError, match="prev_x0"):
             step(prev_x0=torch.zeros(2, 4, device=device))
         with pytest.raises(TypeError, match="prev_x0"):
-            step(prev_x0=x.double())
+            step(prev_x0=x.long())
         with pytest.raises(ValueError, match="solver_type"):
             step(solver_type="dpmsolver")
     else:
         with pytest.raises(ValueError, match="noise"):
             step(noise=torch.zeros(2, 4, device=device))
         with pytest.raises(TypeError, match="noise"):
-            step(noise=x.double())
+            step(noise=x.long())
         churn = dict(gamma=0.5) if kind == "euler" else {}  # euler without churn draws no noise
         with pytest.raises(ValueError, match="seed"):
             step(seed=1, generator=torch.Generator(device), **churn)

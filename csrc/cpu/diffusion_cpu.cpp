@@ -48,7 +48,7 @@ struct BlockNoise {
   }
 };
 
-template <typename T>
+template <typename T, Prediction P, bool CLIP, bool CLIPPED_EPS>
 void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
   const T* __restrict mo = static_cast<const T*>(a.model_output);
@@ -57,6 +57,7 @@ void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
   T* __restrict prev = static_cast<T*>(a.prev_sample);
   T* x0_out = static_cast<T*>(a.pred_original);  // null: x0 not asked for
   const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
+  const T clip = static_cast<T>(a.clip_range);
 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
     BlockNoise<T> noise;
@@ -68,12 +69,21 @@ void step_kernel(const StepArgs& a, const ParallelFor& parallel_for) {
       const int64_t i0 = r * cols + b0;
       const T* __restrict z = noise.get(given, draw, seed, a.offset + static_cast<uint64_t>(i0), i0, n);
       T* __restrict x0b = x0_out != nullptr ? x0_out + i0 : x0_scratch;
+      const T* __restrict mob = mo + i0;
+      const T* __restrict xb = x + i0;
+      T* __restrict pb = prev + i0;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = i0 + j;
-        prev[i] = step_element<T>(a, c, mo[i], x[i], z[j], x0b[j]);
+        pb[j] = step_element_t<P, CLIP, CLIPPED_EPS, T>(c, clip, mob[j], xb[j], z[j], x0b[j]);
       }
     }
     return T(0);
+  });
+}
+
+template <typename T>
+void step_typed(const StepArgs& a, const ParallelFor& pf) {
+  with_step_variant(a, [&](auto pred, auto clip, auto clipped) {
+    step_kernel<T, decltype(pred)::value, decltype(clip)::value, decltype(clipped)::value>(a, pf);
   });
 }
 
@@ -179,7 +189,7 @@ void diffusion_mse(const LossArgs& a, const ParallelFor& pf) {
 }
 
 void alpha_step(const StepArgs& a, const ParallelFor& pf) {
-  a.dtype == DType::kFloat64 ? step_kernel<double>(a, pf) : step_kernel<float>(a, pf);
+  a.dtype == DType::kFloat64 ? step_typed<double>(a, pf) : step_typed<float>(a, pf);
 }
 
 void sigma_step(const SigmaStepArgs& a, const ParallelFor& pf) {

@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
   const RowTask tk(group, chunk, chunks, a.rows, a.cols);
   if (!tk.active) return;  // no barrier below
   const int64_t r = tk.r;
-  const A g_logdet = to_acc(static_cast<const T*>(a.grad_logdet)[r]);
+  const A g_logdet = static_cast<const A*>(a.grad_logdet)[r];
 #pragma unroll 4
   for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
     const int64_t i = r * a.cols + col;

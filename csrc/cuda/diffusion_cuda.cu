@@ -27,7 +27,7 @@ struct RowNoise {
   }
 };
 
-template <typename T>
+template <typename T, Prediction P, bool CLIP, bool CLIPPED_EPS>
 __global__ void __launch_bounds__(kThreads) alpha_step_kernel(StepArgs a, int group, int64_t chunk, int64_t chunks) {
   using A = typename AccOf<T>::type;
   const RowTask tk(group, chunk, chunks, a.rows, a.cols);
@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kThreads) alpha_step_kernel(StepArgs a, int gr
   for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
     const int64_t i = tk.r * a.cols + col;
     A x0;
-    prev[i] = from_acc<T>(step_element<A>(a, c, to_acc(mo[i]), to_acc(x[i]), noise.at(i), x0));
+    prev[i] = from_acc<T>(
+        step_element_t<P, CLIP, CLIPPED_EPS, A>(c, A(a.clip_range), to_acc(mo[i]), to_acc(x[i]), noise.at(i), x0));
     if (x0_out != nullptr) x0_out[i] = from_acc<T>(x0);
   }
 }
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) mse_kernel(LossArgs a, int group, in
   if (tk.active) {
     const LossCoeffs<A> c = loss_coeffs<A>(a, tk.r);
     scale = c.w / static_cast<A>(a.cols);
-    const A g = BACKWARD ? to_acc(static_cast<const T*>(a.grad_loss)[tk.r]) : A(0);
+    const A g = BACKWARD ? static_cast<const A*>(a.grad_loss)[tk.r] : A(0);
     const uint64_t seed = static_cast<uint64_t>(*a.seed);
 #pragma unroll 4
     for (int64_t col = tk.c0 + tk.lane; col < tk.c1; col += group) {
@@ -154,7 +155,10 @@ const char* alpha_step(const StepArgs& a, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return with_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
-    alpha_step_kernel<T><<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
+    with_step_variant(a, [&](auto pred, auto clip, auto clipped) {
+      alpha_step_kernel<T, decltype(pred)::value, decltype(clip)::value, decltype(clipped)::value>
+          <<<static_cast<unsigned>(g.blocks), kThreads, 0, s>>>(a, g.group, g.chunk, g.chunks);
+    });
   });
 }
 

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!tk.active) return;  // no barrier below: early exit is safe
   const int64_t r = tk.r;
   const uint64_t seed = GZ ? static_cast<uint64_t>(*a.seed) : 0;
-  const A gk = GKL ? to_acc(static_cast<const T*>(a.grad_kl)[r]) : A(0);
+  const A gk = GKL ? static_cast<const A*>(a.grad_kl)[r] : A(0);
 #pragma unroll 4
   for (int64_t c = tk.c0 + tk.lane; c < tk.c1; c += group) {
     const int64_t i = r * a.cols + c;

@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) spline_backward_kernel(SplineArgs a)
   spline_element_backward<A>(a, to_acc(static_cast<const T*>(a.x)[i]), static_cast<const T*>(a.widths) + i * K,
                              static_cast<const T*>(a.heights) + i * K, static_cast<const T*>(a.derivatives) + i * (K - 1),
                              to_acc(static_cast<const T*>(a.grad_y)[i]),
-                             to_acc(static_cast<const T*>(a.grad_logdet)[r]), g,
+                             static_cast<const A*>(a.grad_logdet)[r], g,
                              static_cast<T*>(a.grad_widths) + i * K, static_cast<T*>(a.grad_heights) + i * K,
                              static_cast<T*>(a.grad_derivatives) + i * (K - 1));
   static_cast<T*>(a.grad_x)[i] = from_acc<T>(g);

@@ -11,14 +11,16 @@ Moving over from diffusers is a one-line change (``from pygen.diffusion import D
         x = scheduler.step(eps, t, x, generator=g).prev_sample
 
 ``step(model_output, timestep, sample, *, generator=None, noise=None, return_dict=True)``
-returns a :class:`SchedulerOutput` (``prev_sample``, ``pred_original_sample``). Noise that is
-not passed comes from :func:`pygen.ops.randn` (pygen's Philox scheme; ``generator``
-honoured), so it differs from diffusers' ``torch.randn`` draws: pass ``noise=`` (alias
-``variance_noise=``) to reproduce a given noise sequence.
+returns a :class:`SchedulerOutput` (``prev_sample``, ``pred_original_sample``). Every step
+is one fused op of :mod:`pygen.ops` (``use_backend("torch")`` gives the reference); a model
+output of another dtype than the sample (autocast) is cast to the sample's, and the step
+returns the sample's dtype. Noise that is not passed is drawn in the step from pygen's
+Philox stream (``generator`` honoured), so it differs from diffusers' ``torch.randn`` draws:
+pass ``noise=`` (alias ``variance_noise=``) to reproduce a given noise sequence.
 
 Stateless steps: :class:`DDPMScheduler` and :class:`DDIMScheduler` take ``timestep`` as a
-Python int, a 0-dim or a (B,) integer tensor (per-sample timesteps). Coefficient tables live
-on the sample's device and are gathered there: a step makes no host synchronisation
+Python int, a 0-dim or (1,) integer tensor (one for all) or a (B,) one (per-sample timesteps).
+Coefficient tables live on the sample's device and are gathered there: a step makes no host synchronisation
 (range checks of tensor timesteps are done only for CPU tensors).
 
 Multistep / sigma-space schedulers (:class:`EulerDiscreteScheduler`,
@@ -74,25 +76,21 @@ class SchedulerOutput:
         return (self.prev_sample, self.pred_original_sample)
 
 
-def _noise(shape, like: Tensor, generator, noise: Tensor | None, name: str = "noise") -> Tensor:
-    if noise is not None:
-        if not isinstance(noise, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(noise).__name__}")
-        if tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"{name} must have the shape of model_output, {tuple(shape)}; got {tuple(noise.shape)}")
-        return noise.to(like.device)
-    from pygen.ops import randn
-
-    return randn(*shape, generator=generator, device=like.device, dtype=like.dtype)
+def _like(x: Tensor | None, sample: Tensor, name: str = "noise") -> Tensor | None:
+    """x (noise, a previous x0) on the sample's device and in its dtype, as the fused ops take them."""
+    if x is None:
+        return None
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    return x.to(device=sample.device, dtype=sample.dtype)
 
 
-def _fusable(model_output: Tensor, sample: Tensor, noise: Tensor | None) -> bool:
-    """Whether pygen.ops' fused step applies (one dtype for all; the reference casts)."""
-    same = model_output.dtype == sample.dtype and model_output.shape == sample.shape and sample.dim() >= 1
-    return same and (noise is None or (noise.dtype == sample.dtype and noise.shape == sample.shape))
+def _check_io(model_output, sample) -> Tensor:
+    """Checks the step's inputs; returns model_output in the sample's dtype.
 
-
-def _check_io(model_output, sample) -> None:
+    The fused ops take one dtype. A model output in another (a bf16 UNet under autocast with a
+    float32 sample) is cast, a cheap elementwise pass, rather than leaving the fused path: the
+    step computes and returns in the sample's precision, which is the one the loop carries."""
     for name, x in (("model_output", model_output), ("sample", sample)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -106,6 +104,7 @@ def _check_io(model_output, sample) -> None:
         )
     if model_output.device != sample.device:
         raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
+    return model_output.to(sample.dtype)
 
 
 class _Base:
@@ -132,10 +131,10 @@ class _Base:
             c.rescale_betas_zero_snr,
         )
         self.alphas = 1.0 - self.betas
+        # rescale_betas_zero_snr: abar_T = 0 exactly here, as in diffusers' DDIM and DDPM (with
+        # v_prediction the step at t = T is finite; with epsilon x0 is undetermined there, inf/nan
+        # as in diffusers). The sigma-space schedulers lift it to 2**-24 (see _init_sigmas).
         self.alphas_cumprod = S.alphas_cumprod_from_betas(self.betas)
-        if c.rescale_betas_zero_snr:
-            # abar_T = 0 makes x0 from epsilon undefined at t = T: keep it just above 0
-            self.alphas_cumprod[-1] = 2**-24
         self.num_inference_steps: int | None = None
         self._cache: dict[tuple[str, torch.device], Tensor] = {}
 
@@ -169,7 +168,7 @@ class _Base:
         the steps themselves copy nothing from the host (CUDA graph capture forbids such copies)."""
         if device is None:
             return
-        for name in ("alphas_cumprod", "prev_timesteps", "sigmas", "step_indices", "final_alpha_cumprod"):
+        for name in ("alphas_cumprod", "prev_timesteps", "sigmas", "step_indices"):
             if isinstance(getattr(self, name, None), Tensor):
                 self._on(name, device)
 
@@ -189,6 +188,8 @@ class _Base:
                 f"timestep must be an integer tensor (int64), got {timestep.dtype}; "
                 "these schedulers index their tables with discrete timesteps"
             )
+        if timestep.shape == (1,):  # one timestep for every sample: diffusers broadcasts it
+            timestep = timestep.reshape(())
         if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] != sample.shape[0]):
             raise ValueError(
                 f"timestep must be 0-dim or of shape (B,) = ({sample.shape[0]},), got {tuple(timestep.shape)}"
@@ -298,36 +299,18 @@ class DDPMScheduler(_Base):
         variance_noise: Tensor | None = None,
         return_dict: bool = True,
     ):
-        _check_io(model_output, sample)
+        model_output = _check_io(model_output, sample)
         c = self.config
-        dev, nd = sample.device, sample.dim()
         t = self._t(timestep, sample)
-        ac = self._on("alphas_cumprod", dev)
-        prev = R.gather(self._on("prev_timesteps", dev), t, 1)
-        given = noise if noise is not None else variance_noise
-        if _fusable(model_output, sample, given) and c.variance_type in ("fixed_small", "fixed_large"):
-            # the fused kernel (its noise is off where t == 0, as below)
-            prev_sample, x0 = ops.ddpm_step(
-                model_output, sample, t, ac, prev, variance_type=c.variance_type, final_alpha_cumprod=1.0,
-                prediction_type=c.prediction_type, clip_sample=c.clip_sample, clip_sample_range=c.clip_sample_range,
-                noise=given.to(sample.device) if given is not None else None, generator=generator,
-            )
-            return _out(prev_sample, x0, return_dict)
-        ab = R.gather(ac, t, nd)
-        ab_prev = _bcast(torch.where(prev >= 0, R.gather(ac, prev.clamp(min=0), 1), torch.ones_like(ac[0])), nd)
-        eps = _noise(model_output.shape, model_output, generator, given)
-        eps = eps * _bcast((t > 0).to(eps.dtype), nd)  # no noise on the step to t = -1
-        prev_sample, x0 = R.ddpm_step_ref(
-            model_output, sample, ab, ab_prev, eps,
-            prediction_type=c.prediction_type, variance_type=c.variance_type,
-            clip_sample=c.clip_sample, clip_sample_range=c.clip_sample_range,
+        prev = R.gather(self._on("prev_timesteps", sample.device), t, 1)
+        # the fused step (backend="torch" is the reference); no noise where t == 0 (the step to -1)
+        prev_sample, x0 = ops.ddpm_step(
+            model_output, sample, t, self._on("alphas_cumprod", sample.device), prev, variance_type=c.variance_type,
+            final_alpha_cumprod=1.0, prediction_type=c.prediction_type, clip_sample=c.clip_sample,
+            clip_sample_range=c.clip_sample_range, noise=_like(noise if noise is not None else variance_noise, sample),
+            generator=generator,
         )
         return _out(prev_sample, x0, return_dict)
-
-
-def _bcast(v: Tensor, ndim: int) -> Tensor:
-    """A 0-dim or (B,) per-sample value shaped to broadcast against a (B, ...) tensor of ``ndim`` dims."""
-    return v.reshape(v.shape[0], *([1] * (ndim - 1))) if v.dim() == 1 else v
 
 
 class DDIMScheduler(_Base):
@@ -389,35 +372,20 @@ class DDIMScheduler(_Base):
     ):
         if self.num_inference_steps is None:
             raise RuntimeError("DDIMScheduler.step: call set_timesteps(num_inference_steps) first")
-        _check_io(model_output, sample)
+        model_output = _check_io(model_output, sample)
         c = self.config
         eta = c.eta if eta is None else eta
-        dev, nd = sample.device, sample.dim()
         t = self._t(timestep, sample)
-        ac = self._on("alphas_cumprod", dev)
-        prev = t - self.num_train_timesteps // self.num_inference_steps
-        given = noise if noise is not None else variance_noise
-        if _fusable(model_output, sample, given):
-            # the fused kernel: coefficients gathered on the device, noise drawn in-kernel
-            prev_t = prev  # negative: the final step (final_alpha_cumprod)
-            prev_sample, x0 = ops.ddim_step(
-                model_output, sample, t, ac, prev_t, final_alpha_cumprod=float(self.final_alpha_cumprod),
-                eta=eta, prediction_type=c.prediction_type, clip_sample=c.clip_sample,
-                clip_sample_range=c.clip_sample_range, use_clipped_model_output=use_clipped_model_output,
-                noise=given.to(sample.device) if given is not None else None,
-                generator=generator if (given is None and eta > 0) else None,
-            )
-            return _out(prev_sample, x0, return_dict)
-        ab = R.gather(ac, t, nd)
-        final = self._on("final_alpha_cumprod", dev)
-        ab_prev = _bcast(torch.where(prev >= 0, R.gather(ac, prev.clamp(min=0), 1), final), nd)
-        eps = None
-        if eta > 0:
-            eps = _noise(model_output.shape, model_output, generator, given)
-        prev_sample, x0 = R.ddim_step_ref(
-            model_output, sample, ab, ab_prev, eps, eta=eta,
-            prediction_type=c.prediction_type, clip_sample=c.clip_sample,
-            clip_sample_range=c.clip_sample_range, use_clipped_model_output=use_clipped_model_output,
+        given = _like(noise if noise is not None else variance_noise, sample)
+        # coefficients gathered on the device, noise drawn in-kernel; a negative prev_t is the
+        # final step (final_alpha_cumprod)
+        prev_sample, x0 = ops.ddim_step(
+            model_output, sample, t, self._on("alphas_cumprod", sample.device),
+            t - self.num_train_timesteps // self.num_inference_steps,
+            final_alpha_cumprod=float(self.final_alpha_cumprod), eta=eta, prediction_type=c.prediction_type,
+            clip_sample=c.clip_sample, clip_sample_range=c.clip_sample_range,
+            use_clipped_model_output=use_clipped_model_output, noise=given,
+            generator=generator if (given is None and eta > 0) else None,
         )
         return _out(prev_sample, x0, return_dict)
 
@@ -426,6 +394,10 @@ class _SigmaBase(_Base):
     """sigma tables, step_index bookkeeping of the multistep / sigma-space schedulers."""
 
     def _init_sigmas(self) -> None:
+        if self.config.rescale_betas_zero_snr:
+            # sigma_T = sqrt((1 - abar_T) / abar_T) would be inf: diffusers' Euler, Euler-ancestral
+            # and DPM-Solver++ keep abar_T just above 0 (the smallest float16 subnormal); so do we
+            self.alphas_cumprod[-1] = 2**-24
         self.train_sigmas = S.sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.sigmas = torch.cat([self.train_sigmas.flip(0), self.train_sigmas.new_zeros(1)])
         self._sigmas_host = self.sigmas.tolist()
@@ -585,24 +557,16 @@ class EulerDiscreteScheduler(_SigmaBase):
         return_dict: bool = True,
     ):
         self._ready()
-        _check_io(model_output, sample)
+        model_output = _check_io(model_output, sample)
         self._init_step_index(timestep)
         i = self._step_index
         churn = min(s_churn / (len(self._sigmas_host) - 1), 2**0.5 - 1)
-        if _fusable(model_output, sample, noise):
-            # the fused kernel gates the churn on s_tmin <= sigma <= s_tmax itself and draws its noise in-kernel
-            prev, x0 = ops.euler_step(
-                model_output, sample, self._on("sigmas", sample.device), self._index(i, sample.device), gamma=churn,
-                s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, prediction_type=self.config.prediction_type,
-                noise=noise.to(sample.device) if noise is not None else None, generator=generator,
-            )
-        else:
-            gamma = churn if s_tmin <= self._sigmas_host[i] <= s_tmax else 0.0
-            eps = _noise(model_output.shape, model_output, generator, noise) if gamma > 0 else None
-            prev, x0 = R.euler_step_ref(
-                model_output, sample, self._sigma(i, sample.device), self._sigma(i + 1, sample.device), eps,
-                gamma=gamma, s_noise=s_noise, prediction_type=self.config.prediction_type,
-            )
+        # the fused step gates the churn on s_tmin <= sigma <= s_tmax itself and draws its noise in-kernel
+        prev, x0 = ops.euler_step(
+            model_output, sample, self._on("sigmas", sample.device), self._index(i, sample.device), gamma=churn,
+            s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, prediction_type=self.config.prediction_type,
+            noise=_like(noise, sample), generator=generator,
+        )
         self._step_index += 1
         return _out(prev, x0, return_dict)
 
@@ -648,21 +612,13 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         return_dict: bool = True,
     ):
         self._ready()
-        _check_io(model_output, sample)
+        model_output = _check_io(model_output, sample)
         self._init_step_index(timestep)
         i = self._step_index
-        if _fusable(model_output, sample, noise):
-            prev, x0 = ops.euler_ancestral_step(
-                model_output, sample, self._on("sigmas", sample.device), self._index(i, sample.device),
-                prediction_type=self.config.prediction_type,
-                noise=noise.to(sample.device) if noise is not None else None, generator=generator,
-            )
-        else:
-            eps = _noise(model_output.shape, model_output, generator, noise)
-            prev, x0 = R.euler_ancestral_step_ref(
-                model_output, sample, self._sigma(i, sample.device), self._sigma(i + 1, sample.device), eps,
-                prediction_type=self.config.prediction_type,
-            )
+        prev, x0 = ops.euler_ancestral_step(
+            model_output, sample, self._on("sigmas", sample.device), self._index(i, sample.device),
+            prediction_type=self.config.prediction_type, noise=_like(noise, sample), generator=generator,
+        )
         self._step_index += 1
         return _out(prev, x0, return_dict)
 
@@ -770,26 +726,19 @@ class DPMSolverMultistepScheduler(_SigmaBase):
         return_dict: bool = True,
     ):
         self._ready()
-        _check_io(model_output, sample)
+        model_output = _check_io(model_output, sample)
         c = self.config
         self._init_step_index(timestep)
         i, n = self._step_index, self.num_inference_steps
         lower_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
         first = c.solver_order == 1 or self.lower_order_nums < 1 or lower_final
         dev = sample.device
-        prev_x0 = None if first else self.model_outputs[-1]
-        if _fusable(model_output, sample, prev_x0):
-            # second order in the kernel where prev_x0 is given (i >= 1 here) and sigma_next > 0
-            prev, x0 = ops.dpmpp_2m_step(
-                model_output, sample, self._on("sigmas", dev), self._index(i, dev), prev_x0, solver_type=c.solver_type,
-                prediction_type=c.prediction_type,
-            )
-        else:
-            sigma_prev = None if first else self._sigma(i - 1, dev)
-            prev, x0 = R.dpmpp_2m_step_ref(
-                model_output, sample, self._sigma(i, dev), self._sigma(i + 1, dev), prev_x0, sigma_prev,
-                prediction_type=c.prediction_type, solver_type=c.solver_type,
-            )
+        prev_x0 = None if first else _like(self.model_outputs[-1], sample, "prev_x0")
+        # second order in the kernel where prev_x0 is given (i >= 1 here) and sigma_next > 0
+        prev, x0 = ops.dpmpp_2m_step(
+            model_output, sample, self._on("sigmas", dev), self._index(i, dev), prev_x0, solver_type=c.solver_type,
+            prediction_type=c.prediction_type,
+        )
         self.model_outputs = self.model_outputs[1:] + [x0]
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1

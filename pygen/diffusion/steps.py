@@ -84,6 +84,13 @@ def predict_x0_eps(
     return x0, eps
 
 
+def _sqrt0(x: Tensor) -> Tensor:
+    """sqrt(x) where x > 0, else 0 (also for NaN): the kernels' rule (``step_sqrt`` in
+    csrc/include/pygen/diffusion.h, ``_sqrt0`` in kernels/diffusion.py) for coefficients that
+    are 0/0 or a rounding below 0 at degenerate steps."""
+    return torch.where(x > 0, x, torch.zeros_like(x)).sqrt()
+
+
 def _clip(x0: Tensor, clip_sample: bool, clip_sample_range: float) -> Tensor:
     return x0.clamp(-clip_sample_range, clip_sample_range) if clip_sample else x0
 
@@ -146,6 +153,10 @@ def ddim_step_ref(
     prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t noise.
     ``eta=0`` is deterministic (noise unused); ``eta=1`` is DDPM's posterior variance.
     With ``use_clipped_model_output`` eps is recomputed from the clipped x0.
+
+    Where the variance is undefined (abar = abar_prev = 1: 0/0) or below 0 (abar > abar_prev,
+    or a rounding below 0 when abar = abar_prev) sigma_t is 0, as in the kernels: the step is
+    then the deterministic one for any eta.
     """
     ct, dev = _ct(sample), sample.device
     x, mo = sample.to(ct), model_output.to(ct)
@@ -155,8 +166,8 @@ def ddim_step_ref(
     if use_clipped_model_output:
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
     var = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
-    std = _c(eta, ct, dev) * var.sqrt()
-    prev = ab_prev.sqrt() * x0 + (1 - ab_prev - std * std).clamp(min=0).sqrt() * eps
+    std = _c(eta, ct, dev) * _sqrt0(var)  # not eta * NaN = NaN at eta = 0
+    prev = _sqrt0(ab_prev) * x0 + _sqrt0(1 - ab_prev - std * std) * eps
     if noise is not None:
         prev = prev + std * noise.to(ct)
     return prev.to(model_output.dtype), x0.to(model_output.dtype)

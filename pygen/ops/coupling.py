@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pygen import _backend, _ext
-from pygen.ops._checks import check_broadcastable, check_like, check_tensor
+from pygen.ops._autograd import grads_via_reference, wants_graph
+from pygen.ops._checks import cast, check_broadcastable, check_like, check_tensor, compute_dtype, kernel_dtype, row_dtype
 
 __all__ = ["affine_coupling", "affine_coupling_ref", "rq_spline", "rq_spline_ref"]
 
@@ -49,7 +50,8 @@ def affine_coupling_ref(
     mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference of :func:`affine_coupling`, computed in float32 (float64 for float64)."""
-    ct = _compute_dtype(x.dtype)
+    dt = compute_dtype(x, shift, log_scale)
+    ct = _compute_dtype(dt)
     xc, t = x.to(ct), shift.to(ct)
     s = _soft_clamp(log_scale.to(ct), soft_clamp)
     if mask is not None:
@@ -57,7 +59,7 @@ def affine_coupling_ref(
         s, t = s * m, t * m
     y = (xc - t) * torch.exp(-s) if inverse else xc * torch.exp(s) + t
     logdet = _row_sum(torch.broadcast_to(s, x.shape))
-    return y.to(x.dtype), (-logdet if inverse else logdet).to(x.dtype)
+    return y.to(dt), (-logdet if inverse else logdet)
 
 
 def affine_coupling(
@@ -86,20 +88,23 @@ def affine_coupling(
         y: shape of x; logdet: (B,), sum of s (of -s for the inverse) over non-batch dims.
     """
     _check_coupling(x, shift, log_scale, soft_clamp, mask)
-    op = _pick(_AFFINE_OPS, "affine_coupling", backend, x)
+    dt = compute_dtype(x, shift, log_scale)
+    kt = kernel_dtype(dt, x.device)
+    op = _pick(_AFFINE_OPS, "affine_coupling", backend, x, kt)
     if op is None:
         return affine_coupling_ref(x, shift, log_scale, inverse=inverse, soft_clamp=soft_clamp, mask=mask)
-    m = mask.to(x.dtype).expand(x.shape) if mask is not None else None
-    return op(x, shift, log_scale, m, inverse, float(soft_clamp or 0.0))
+    m = mask.to(kt).expand(x.shape) if mask is not None else None
+    y, logdet = op(cast(x, kt), cast(shift, kt), cast(log_scale, kt), m, inverse, float(soft_clamp or 0.0))
+    return y.to(dt), logdet
 
 
-def _pick(ops: dict, op_name: str, backend: str | None, x: Tensor):
-    """The compiled op for the resolved backend; None means the torch reference.
+def _pick(ops: dict, op_name: str, backend: str | None, x: Tensor, dtype: torch.dtype):
+    """The compiled op for the resolved backend (kernels in ``dtype``); None means the torch reference.
 
     "auto" falls back to the reference while an op has no kernel for a backend yet; an
     explicit request for such a backend is an error, not a silent fallback.
     """
-    name = _backend.resolve(backend, x.device, x.dtype)
+    name = _backend.resolve(backend, x.device, dtype)
     if name == "torch":
         return None
     if name in ops:
@@ -121,7 +126,7 @@ def _check_coupling(x, shift, log_scale, soft_clamp, mask) -> None:
             raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.device != x.device:
             raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
-        check_broadcastable(mask.to(x.dtype) if mask.dtype != x.dtype else mask, x, "mask", "x")
+        check_broadcastable(mask if mask.is_floating_point() else mask.to(x.dtype), x, "mask", "x")
 
 
 # backend name -> op(x, shift, log_scale, mask, inverse, soft_clamp) -> (y, logdet); the
@@ -135,7 +140,7 @@ def _register_affine(prefix: str) -> None:
 
     @torch.library.register_fake(f"pygen::{prefix}affine_coupling")
     def _(x, shift, log_scale, mask, inverse, soft_clamp):
-        return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+        return x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=row_dtype(x.dtype))
 
     @torch.library.register_fake(f"pygen::{prefix}affine_coupling_backward")
     def _(grad_y, grad_logdet, x, shift, log_scale, mask, inverse, soft_clamp):
@@ -149,10 +154,17 @@ def _register_affine(prefix: str) -> None:
 
     def backward(ctx, grad_y, grad_logdet):
         x, shift, log_scale, mask = ctx.saved_tensors
+        if wants_graph():
+            def ref(x, shift, log_scale):
+                return affine_coupling_ref(x, shift, log_scale, inverse=ctx.inverse, soft_clamp=ctx.soft_clamp or None,
+                                           mask=mask)
+
+            return (*grads_via_reference(ref, (x, shift, log_scale), ctx.needs_input_grad[:3], (grad_y, grad_logdet)),
+                    None, None, None)
         if grad_y is None:
             grad_y = torch.zeros_like(x)
         if grad_logdet is None:
-            grad_logdet = x.new_zeros(x.shape[:1])
+            grad_logdet = x.new_zeros(x.shape[:1], dtype=row_dtype(x.dtype))
         grads = bwd(grad_y, grad_logdet, x, shift, log_scale, mask, ctx.inverse, ctx.soft_clamp)
         grad_shift = grads[1] if len(grads) == 3 else grad_y  # forward, no mask: dy/dshift = 1
         return grads[0], grad_shift, grads[-1], None, None, None
@@ -220,7 +232,8 @@ def rq_spline_ref(
     min_derivative: float = 1e-3,
 ) -> tuple[Tensor, Tensor]:
     """Reference of :func:`rq_spline` (the usual chain of small torch ops), float32 or float64."""
-    ct = _compute_dtype(x.dtype)
+    dt = compute_dtype(x, widths, heights, derivatives)
+    ct = _compute_dtype(dt)
     xc = x.to(ct)
     cw, w, ch, h, d = _spline_knots(
         widths.to(ct), heights.to(ct), derivatives.to(ct), tail_bound, min_bin_width, min_bin_height, min_derivative
@@ -255,8 +268,9 @@ def rq_spline_ref(
     dnum = s_k * s_k * (d_k1 * theta * theta + 2 * s_k * tt + d_k * (1 - theta) * (1 - theta))
     lad = torch.log(dnum) - 2 * torch.log(den)
     y = torch.where(inside, out, xc)
-    lad = torch.where(inside, -lad if inverse else lad, torch.zeros_like(lad))
-    return y.to(x.dtype), _row_sum(lad).to(x.dtype)
+    # tails add 0 to the log-det; a NaN x adds NaN (NaN propagates within its row)
+    lad = torch.where(inside, -lad if inverse else lad, torch.where(torch.isnan(xc), xc, torch.zeros_like(lad)))
+    return y.to(dt), _row_sum(lad)
 
 
 def _check_spline(x, widths, heights, derivatives, tail_bound, min_bin_width, min_bin_height, min_derivative) -> int:
@@ -265,8 +279,6 @@ def _check_spline(x, widths, heights, derivatives, tail_bound, min_bin_width, mi
         check_tensor(t, name)
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x, {x.dtype}; got {t.dtype}")
     k = widths.shape[-1] if widths.dim() == x.dim() + 1 else -1
     if widths.shape != (*x.shape, k) or not 2 <= k <= MAX_SPLINE_BINS:
         raise ValueError(
@@ -319,12 +331,15 @@ def rq_spline(
         y: shape of x; logdet: (B,), log|dy/dx| summed over non-batch dims (tails add 0).
     """
     _check_spline(x, widths, heights, derivatives, tail_bound, min_bin_width, min_bin_height, min_derivative)
-    impl = _pick(_SPLINE_OPS, "rq_spline", backend, x)
+    dt = compute_dtype(x, widths, heights, derivatives)
+    kt = kernel_dtype(dt, x.device)
+    impl = _pick(_SPLINE_OPS, "rq_spline", backend, x, kt)
     kw = dict(inverse=inverse, tail_bound=float(tail_bound), min_bin_width=float(min_bin_width),
               min_bin_height=float(min_bin_height), min_derivative=float(min_derivative))
     if impl is None:
         return rq_spline_ref(x, widths, heights, derivatives, **kw)
-    return impl(x, widths, heights, derivatives, **kw)
+    y, logdet = impl(cast(x, kt), cast(widths, kt), cast(heights, kt), cast(derivatives, kt), **kw)
+    return y.to(dt), logdet
 
 
 # backend name -> op(x, widths, heights, derivatives, inverse, tail_bound, min_bin_width,
@@ -339,7 +354,7 @@ def _register_spline(prefix: str) -> None:
 
     @torch.library.register_fake(f"pygen::{prefix}rq_spline")
     def _(x, widths, heights, derivatives, *consts):
-        return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+        return x.new_empty(x.shape), x.new_empty(x.shape[:1], dtype=row_dtype(x.dtype))
 
     @torch.library.register_fake(f"pygen::{prefix}rq_spline_backward")
     def _(grad_y, grad_logdet, x, widths, heights, derivatives, *consts):
@@ -352,10 +367,16 @@ def _register_spline(prefix: str) -> None:
 
     def backward(ctx, grad_y, grad_logdet):
         x, widths, heights, derivatives = ctx.saved_tensors
+        if wants_graph():
+            names = ("inverse", "tail_bound", "min_bin_width", "min_bin_height", "min_derivative")
+            kw = dict(zip(names, ctx.consts))
+            grads = grads_via_reference(lambda *t: rq_spline_ref(*t, **kw), (x, widths, heights, derivatives),
+                                        ctx.needs_input_grad[:4], (grad_y, grad_logdet))
+            return (*grads, *(None,) * len(ctx.consts))
         if grad_y is None:
             grad_y = torch.zeros_like(x)
         if grad_logdet is None:
-            grad_logdet = x.new_zeros(x.shape[:1])
+            grad_logdet = x.new_zeros(x.shape[:1], dtype=row_dtype(x.dtype))
         grads = bwd(grad_y, grad_logdet, x, widths, heights, derivatives, *ctx.consts)
         return (*grads, *(None,) * len(ctx.consts))
 

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from pygen import _backend, _ext, _rng
-from pygen.ops._checks import check_like, check_tensor
+from pygen.ops._autograd import grads_via_reference, wants_graph
+from pygen.ops._checks import cast, check_like, check_tensor, compute_dtype, kernel_dtype, row_dtype
 
 __all__ = ["ddim_step", "ddpm_step", "euler_step", "euler_ancestral_step", "dpmpp_2m_step", "q_sample", "diffusion_mse", "diffusion_loss", "q_sample_ref", "diffusion_mse_ref"]
 
@@ -89,6 +90,18 @@ def _timesteps(t, name: str, sample: Tensor, num_timesteps: int, allow_final: bo
     return torch.full((1,), t, dtype=torch.int64, device=sample.device)
 
 
+def _number(v, name: str, *, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
+    """v as a float, checked to be a real number in range (a string or a NaN is refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise TypeError(f"{name} must be a real number, got {v!r}")
+    v = float(v)
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {v}")
+    return v
+
+
 def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cumprod, eta, prediction_type,
           clip_sample, clip_sample_range, clipped_eps, noise, generator, seed, offset, backend, return_x0):
     check_tensor(sample, "sample")
@@ -99,6 +112,10 @@ def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cum
         raise ValueError(f"alphas_cumprod is on {alphas_cumprod.device} but sample is on {sample.device}")
     if prediction_type not in _PREDICTION:
         raise ValueError(f"prediction_type must be one of {list(_PREDICTION)}, got {prediction_type!r}")
+    final_alpha_cumprod = _number(final_alpha_cumprod, "final_alpha_cumprod", low=0.0, high=1.0)
+    eta = _number(eta, "eta", low=0.0)
+    if clip_sample:
+        clip_sample_range = _number(clip_sample_range, "clip_sample_range", low=0.0, low_open=True)
     n = alphas_cumprod.shape[0]
     tt = _timesteps(t, "t", sample, n, allow_final=False)
     tp = _timesteps(prev_t, "prev_t", sample, n, allow_final=True)
@@ -108,6 +125,19 @@ def _step(kind, model_output, sample, t, alphas_cumprod, prev_t, final_alpha_cum
     elif kind != "ddim" or eta > 0:  # deterministic DDIM draws no seed
         seed_t = _rng.as_seed(seed, sample.device, generator)
     offset = _rng.check_offset(offset)
+    # mixed dtypes (a bf16 model output with a float32 sample) promote; CPU halves run in float32
+    dt = compute_dtype(sample, model_output)
+    kt = kernel_dtype(dt, sample.device)
+    model_output, sample, noise = cast(model_output, kt), cast(sample, kt), cast(noise, kt)
+    prev, x0 = _alpha_step(kind, model_output, sample, tt, alphas_cumprod, tp, final_alpha_cumprod, eta,
+                           prediction_type, clip_sample, clip_sample_range, clipped_eps, noise, seed_t, offset,
+                           backend, return_x0)
+    return prev.to(dt), (x0.to(dt) if return_x0 else None)
+
+
+def _alpha_step(kind, model_output, sample, tt, alphas_cumprod, tp, final_alpha_cumprod, eta, prediction_type,
+                clip_sample, clip_sample_range, clipped_eps, noise, seed_t, offset, backend, return_x0):
+    n = alphas_cumprod.shape[0]
     name = _backend.resolve(backend, sample.device, sample.dtype)
     op = _STEP_OPS.get(name)
     if op is None and name != "torch" and _backend.requested(backend) != "auto":
@@ -237,6 +267,8 @@ def _sigma_step(kind: str, model_output, sample, sigmas, index, prev_x0, predict
     idx = _timesteps(index, "index", sample, sigmas.shape[0] - 1, allow_final=False)
     if prev_x0 is not None:
         check_like(prev_x0, sample, "prev_x0", "sample")
+    gamma, s_noise = _number(gamma, "gamma", low=0.0), _number(s_noise, "s_noise", low=0.0)
+    s_tmin, s_tmax = _number(s_tmin, "s_tmin"), _number(s_tmax, "s_tmax")
     noisy = kind == "euler_ancestral" or (kind == "euler" and gamma > 0)
     seed_t = None
     if noise is not None:
@@ -244,6 +276,9 @@ def _sigma_step(kind: str, model_output, sample, sigmas, index, prev_x0, predict
     elif noisy:
         seed_t = _rng.as_seed(seed, sample.device, generator)
     offset = _rng.check_offset(offset)
+    dt = compute_dtype(sample, model_output)
+    kt = kernel_dtype(dt, sample.device)
+    model_output, sample, noise, prev_x0 = cast(model_output, kt), cast(sample, kt), cast(noise, kt), cast(prev_x0, kt)
     name = _backend.resolve(backend, sample.device, sample.dtype)
     op = _SIGMA_OPS.get(name)
     if op is None and name != "torch" and _backend.requested(backend) != "auto":
@@ -256,7 +291,7 @@ def _sigma_step(kind: str, model_output, sample, sigmas, index, prev_x0, predict
     else:
         prev, x0 = _sigma_step_torch(kind, model_output, sample, sigmas, idx, prev_x0, prediction_type, gamma, s_tmin,
                                      s_tmax, s_noise, noise, seed_t, offset)
-    return prev, (x0 if return_x0 else None)
+    return prev.to(dt), (x0.to(dt) if return_x0 else None)
 
 
 def _sigma_step_torch(kind, model_output, sample, sigmas, idx, prev_x0, prediction_type, gamma, s_tmin, s_tmax,
@@ -313,8 +348,6 @@ def euler_step(
     and draws nothing. See :func:`pygen.diffusion.steps.euler_step_ref`.
     Returns (prev_sample, pred_original_sample); ``return_x0=False``: (prev_sample, None), x0 not written.
     """
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
     return _sigma_step("euler", model_output, sample, sigmas, index, None, prediction_type, gamma, s_tmin, s_tmax,
                        s_noise, noise, generator, seed, offset, backend, return_x0)
 
@@ -388,7 +421,7 @@ def q_sample_ref(x0: Tensor, t: Tensor, alphas_cumprod: Tensor, eps: Tensor) -> 
 def diffusion_mse_ref(model_output: Tensor, x0: Tensor, t: Tensor, alphas_cumprod: Tensor, eps: Tensor,
                       prediction_type: str = "epsilon", snr_gamma: float | None = None) -> Tensor:
     """Per-sample w_t * mean((model_output - target)^2), (B,); target eps / x0 / v by prediction type."""
-    ct = torch.promote_types(x0.dtype, torch.float32)
+    ct = row_dtype(compute_dtype(x0, model_output))
     ab = alphas_cumprod.to(ct)[t]
     ab_b = ab.reshape(-1, *([1] * (x0.dim() - 1)))
     e, x = eps.to(ct), x0.to(ct)
@@ -396,7 +429,7 @@ def diffusion_mse_ref(model_output: Tensor, x0: Tensor, t: Tensor, alphas_cumpro
               "v_prediction": lambda: ab_b.sqrt() * e - (1 - ab_b).sqrt() * x}[prediction_type]()
     err = (model_output.to(ct) - target) ** 2
     mse = err.reshape(x0.shape[0], -1).mean(dim=1) if x0.numel() else torch.zeros(x0.shape[0], dtype=ct, device=x0.device)
-    return (_weights(ab, prediction_type, snr_gamma) * mse).to(x0.dtype)
+    return _weights(ab, prediction_type, snr_gamma) * mse  # (B,) float32, or float64
 
 
 _TRAIN_OPS: dict = {}
@@ -436,7 +469,7 @@ def _register_train(prefix: str) -> None:
 
     @torch.library.register_fake(f"pygen::{prefix}diffusion_mse")
     def _(model_output, x0, *args):
-        return x0.new_empty(x0.shape[:1])
+        return x0.new_empty(x0.shape[:1], dtype=row_dtype(x0.dtype))
 
     @torch.library.register_fake(f"pygen::{prefix}diffusion_mse_backward")
     def _(grad_loss, model_output, x0, *args):
@@ -462,8 +495,15 @@ def _register_train(prefix: str) -> None:
 
     def mse_backward(ctx, grad):
         mo, x0, ac, t, seed = ctx.saved_tensors
+        if wants_graph():
+            offset, prediction, snr_gamma = ctx.rest
+            pred = {v: k for k, v in _PREDICTION.items()}[prediction]
+            eps = _rng.philox_normal(seed, offset, x0.shape)
+            grads = grads_via_reference(lambda m, x: diffusion_mse_ref(m, x, t, ac, eps, pred, snr_gamma or None),
+                                        (mo, x0), ctx.needs_input_grad[:2], (grad,))
+            return (*grads, None, None, None, None, None, None)
         g_mo, g_x0 = bwd(grad, mo, x0, ac, t, seed, *ctx.rest)
-        return g_mo, g_x0, None, None, None, None, None, None
+        return g_mo, g_x0 if ctx.needs_input_grad[1] else None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"pygen::{prefix}diffusion_mse", mse_backward, setup_context=mse_setup)
 
@@ -483,12 +523,14 @@ def _train_args(x0: Tensor, t, alphas_cumprod: Tensor, prediction_type: str, snr
     if snr_gamma is not None and not snr_gamma > 0:
         raise ValueError(f"snr_gamma must be > 0 or None, got {snr_gamma}")
     tt = _timesteps(t, "t", x0, alphas_cumprod.shape[0], allow_final=False)
+    # one t for every sample (an int or a 0-dim tensor): the training kernels read (B,) t
+    tt = tt.expand(x0.shape[0]).contiguous() if tt.shape[0] != x0.shape[0] else tt
     table = alphas_cumprod if alphas_cumprod.dtype in (torch.float32, torch.float64) else alphas_cumprod.float()
     return tt, table
 
 
-def _train_op(backend, x0):
-    name = _backend.resolve(backend, x0.device, x0.dtype)
+def _train_op(backend, x0, dtype):
+    name = _backend.resolve(backend, x0.device, dtype)
     ops = _TRAIN_OPS.get(name)
     if ops is None and name != "torch" and _backend.requested(backend) != "auto":
         raise RuntimeError(f"diffusion training ops have no {name!r} kernel yet; use backend='torch' or 'auto'")
@@ -505,10 +547,11 @@ def q_sample(x0: Tensor, t: int | Tensor, alphas_cumprod: Tensor, *, generator: 
     tt, table = _train_args(x0, t, alphas_cumprod, "epsilon", None)
     seed_t = _rng.as_seed(seed, x0.device, generator)
     offset = _rng.check_offset(offset)
-    ops = _train_op(backend, x0)
+    kt = kernel_dtype(x0.dtype, x0.device)
+    ops = _train_op(backend, x0, kt)
     if ops is None:
         return q_sample_ref(x0, tt, table, _rng.philox_normal(seed_t, offset, x0.shape))
-    return ops[0](x0, table, tt, seed_t, offset)
+    return ops[0](cast(x0, kt), table, tt, seed_t, offset).to(x0.dtype)
 
 
 def diffusion_mse(model_output: Tensor, x0: Tensor, t: int | Tensor, alphas_cumprod: Tensor, *,
@@ -522,13 +565,17 @@ def diffusion_mse(model_output: Tensor, x0: Tensor, t: int | Tensor, alphas_cump
     """
     tt, table = _train_args(x0, t, alphas_cumprod, prediction_type, snr_gamma)
     check_like(model_output, x0, "model_output", "x0")
+    if seed is None:  # a fresh seed would silently break the pairing with q_sample's eps
+        raise ValueError("diffusion_mse needs seed= (and offset=): the ones q_sample drew x_t with")
     seed_t = _rng.as_seed(seed, x0.device, None)
     offset = _rng.check_offset(offset)
-    ops = _train_op(backend, x0)
+    kt = kernel_dtype(compute_dtype(x0, model_output), x0.device)
+    ops = _train_op(backend, x0, kt)
     if ops is None:
         eps = _rng.philox_normal(seed_t, offset, x0.shape)
         return diffusion_mse_ref(model_output, x0, tt, table, eps, prediction_type, snr_gamma)
-    return ops[1](model_output, x0, table, tt, seed_t, offset, _PREDICTION[prediction_type], float(snr_gamma or 0.0))
+    return ops[1](cast(model_output, kt), cast(x0, kt), table, tt, seed_t, offset, _PREDICTION[prediction_type],
+                  float(snr_gamma or 0.0))
 
 
 def diffusion_loss(model, x0: Tensor, alphas_cumprod: Tensor, *, t: int | Tensor | None = None,
@@ -537,11 +584,13 @@ def diffusion_loss(model, x0: Tensor, alphas_cumprod: Tensor, *, t: int | Tensor
     """One training loss evaluation: t ~ U{0..T-1} per sample (unless given), x_t by
     :func:`q_sample`, ``model(x_t, t, **model_kwargs)``, then :func:`diffusion_mse`. Returns (B,)."""
     check_tensor(x0, "x0")
+    if not isinstance(alphas_cumprod, Tensor) or alphas_cumprod.dim() != 1 or not alphas_cumprod.is_floating_point():
+        raise TypeError(f"alphas_cumprod must be a 1-D floating tensor, got {type(alphas_cumprod).__name__}")
     if t is None:
         t = torch.randint(0, alphas_cumprod.shape[0], (x0.shape[0],), device=x0.device, generator=generator)
     seed = _rng.draw_seed(x0.device, generator)
     x_t = q_sample(x0, t, alphas_cumprod, seed=seed, backend=backend)
-    tt = t if isinstance(t, Tensor) else torch.full((x0.shape[0],), t, dtype=torch.int64, device=x0.device)
+    tt, _ = _train_args(x0, t, alphas_cumprod, prediction_type, snr_gamma)  # (B,) for the model
     out = model(x_t, tt, **model_kwargs)
     return diffusion_mse(out, x0, tt, alphas_cumprod, seed=seed, prediction_type=prediction_type,
                          snr_gamma=snr_gamma, backend=backend)

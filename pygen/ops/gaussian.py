@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from pygen import _backend, _ext, _rng
-from pygen.ops._checks import check_broadcastable, check_like, check_tensor
+from pygen.ops._autograd import grads_via_reference, wants_graph
+from pygen.ops._checks import cast, check_broadcastable, check_like, check_tensor, compute_dtype, kernel_dtype, row_dtype
 
 __all__ = [
     "randn",
@@ -43,29 +44,46 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64
 
 
+def exp_m1_m_x(x: Tensor) -> Tensor:
+    """e^x - 1 - x without cancellation near 0 (the KL of a collapsed latent dimension).
+
+    |x| < 0.5: the Taylor series through x^16/16! (full float64 accuracy); beyond, the
+    direct formula loses at most a few ulp. The kernels compute the same
+    (csrc/include/pygen/gaussian.h, kernels/_rowwise.py).
+    """
+    p = torch.full_like(x, 1.0 / math.factorial(16))
+    for k in range(15, 1, -1):
+        p = p * x + 1.0 / math.factorial(k)
+    return torch.where(x.abs() < 0.5, x * x * p, torch.expm1(x) - x)
+
+
 def reparameterize_ref(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
-    """z = mu + exp(logvar / 2) * eps, computed in float32 (float64 for float64)."""
-    ct = _compute_dtype(mu.dtype)
-    return (mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps.to(ct)).to(mu.dtype)
+    """z = mu + exp(logvar / 2) * eps, computed in float32 (float64 for float64), in the promoted dtype."""
+    dt = compute_dtype(mu, logvar)
+    ct = _compute_dtype(dt)
+    return (mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps.to(ct)).to(dt)
 
 
 def gaussian_kl_ref(
     mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None, prior_logvar: Tensor | None = None
 ) -> Tensor:
-    """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) summed over non-batch dims: (B,).
+    """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) summed over non-batch dims: (B,)
+    in float32 (float64 for float64 inputs).
 
-    A missing prior argument means 0 (so both missing is the standard normal).
+    A missing prior argument means 0 (so both missing is the standard normal). Per element
+    0.5 (e^{lv-plv} - 1 - (lv-plv) + (mu-pmu)^2 e^{-plv}), the first part by :func:`exp_m1_m_x`.
     """
-    ct = _compute_dtype(mu.dtype)
+    ct = _compute_dtype(compute_dtype(mu, logvar, prior_mu, prior_logvar))
     m, lv = mu.to(ct), logvar.to(ct)
     if prior_mu is None and prior_logvar is None:
-        term = torch.exp(lv) + m * m - 1.0 - lv
+        term = exp_m1_m_x(lv) + m * m
     else:
         pm = prior_mu.to(ct) if prior_mu is not None else torch.zeros((), dtype=ct, device=mu.device)
         pl = prior_logvar.to(ct) if prior_logvar is not None else torch.zeros((), dtype=ct, device=mu.device)
         d = m - pm
-        term = torch.exp(lv - pl) + d * d * torch.exp(-pl) - 1.0 - lv + pl
-    return (0.5 * term.reshape(mu.shape[0], math.prod(mu.shape[1:])).sum(dim=1)).to(mu.dtype)
+        term = exp_m1_m_x(lv - pl) + d * d * torch.exp(-pl)
+    term = torch.broadcast_to(term, mu.shape)
+    return 0.5 * term.reshape(mu.shape[0], math.prod(mu.shape[1:])).sum(dim=1)
 
 
 # ---- compiled ops: fake (meta) implementations and autograd ------------------------------
@@ -92,7 +110,7 @@ def _register_fakes_and_autograd(prefix: str) -> None:
 
     @torch.library.register_fake(qual("reparameterize_kl"))
     def _(mu, logvar, seed, offset):
-        return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:1])
+        return mu.new_empty(mu.shape), mu.new_empty(mu.shape[:1], dtype=row_dtype(mu.dtype))
 
     @torch.library.register_fake(qual("reparameterize_kl_backward"))
     def _(grad_z, grad_kl, mu, logvar, seed, offset):
@@ -100,7 +118,7 @@ def _register_fakes_and_autograd(prefix: str) -> None:
 
     @torch.library.register_fake(qual("gaussian_kl"))
     def _(mu, logvar, prior_mu, prior_logvar):
-        return mu.new_empty(mu.shape[:1])
+        return mu.new_empty(mu.shape[:1], dtype=row_dtype(mu.dtype))
 
     @torch.library.register_fake(qual("gaussian_kl_backward"))
     def _(grad_kl, mu, logvar, prior_mu, prior_logvar):
@@ -115,6 +133,11 @@ def _register_fakes_and_autograd(prefix: str) -> None:
 
     def backward_sample(ctx, grad_z):
         logvar, seed = ctx.saved_tensors
+        if wants_graph():  # the same gradients in differentiable torch ops
+            ct = _compute_dtype(logvar.dtype)
+            eps = _eps(seed, ctx.offset, logvar.shape).to(ct)
+            grad_lv = (0.5 * grad_z.to(ct) * torch.exp(0.5 * logvar.to(ct)) * eps).to(logvar.dtype)
+            return grad_z, grad_lv, None, None
         grad_lv = op("reparameterize_backward")(grad_z, logvar, seed, ctx.offset) if ctx.needs_input_grad[1] else None
         return grad_z, grad_lv, None, None
 
@@ -127,8 +150,16 @@ def _register_fakes_and_autograd(prefix: str) -> None:
 
     def backward_sample_kl(ctx, grad_z, grad_kl):
         mu, logvar, seed = ctx.saved_tensors
+        if wants_graph():
+            def ref(m, lv):
+                return reparameterize_ref(m, lv, _eps(seed, ctx.offset, m.shape)), gaussian_kl_ref(m, lv)
+
+            return (*grads_via_reference(ref, (mu, logvar), ctx.needs_input_grad[:2], (grad_z, grad_kl)), None, None)
         if grad_kl is None:
-            return backward_sample(ctx, grad_z) if grad_z is not None else (None,) * 4
+            if grad_z is None:
+                return (None,) * 4
+            grad_lv = op("reparameterize_backward")(grad_z, logvar, seed, ctx.offset) if ctx.needs_input_grad[1] else None
+            return grad_z, grad_lv, None, None
         if grad_z is None:
             grad_mu, grad_lv = op("gaussian_kl_backward")(grad_kl, mu, logvar, None, None)
         else:
@@ -142,12 +173,19 @@ def _register_fakes_and_autograd(prefix: str) -> None:
 
     def backward_kl(ctx, grad_kl):
         mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
+        if wants_graph():
+            return tuple(grads_via_reference(gaussian_kl_ref, (mu, logvar, prior_mu, prior_logvar),
+                                             ctx.needs_input_grad, (grad_kl,)))
         grads = op("gaussian_kl_backward")(grad_kl, mu, logvar, prior_mu, prior_logvar)
         if prior_mu is None:
             return grads[0], grads[1], None, None
-        return grads[0], grads[1], grads[2], grads[3]
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
     torch.library.register_autograd(qual("gaussian_kl"), backward_kl, setup_context=setup_kl)
+
+
+def _eps(seed: Tensor, offset: int, shape) -> Tensor:
+    return _rng.philox_normal(seed, offset, shape)
 
 
 _OPS: dict[str, SimpleNamespace] = {}
@@ -211,6 +249,12 @@ def _check_pair(mu: Tensor, logvar: Tensor) -> None:
     check_like(logvar, mu, "logvar", "mu")
 
 
+def _dtypes(*tensors) -> tuple[torch.dtype, torch.dtype]:
+    """(result dtype, kernel dtype) for these inputs: promoted; float32 for CPU halves."""
+    dt = compute_dtype(*tensors)
+    return dt, kernel_dtype(dt, tensors[0].device)
+
+
 def reparameterize(
     mu: Tensor,
     logvar: Tensor,
@@ -223,7 +267,8 @@ def reparameterize(
     """Reparameterized sample z = mu + exp(logvar / 2) * eps with eps ~ N(0, I) in-kernel.
 
     Args:
-        mu, logvar: (B, ...) floating tensors of one shape, dtype and device.
+        mu, logvar: (B, ...) floating tensors of one shape and device (mixed dtypes are
+            promoted as torch does, e.g. under autocast).
         generator: torch generator for the seed (default: torch's global one).
         seed: explicit Philox key instead of a generator draw (int or int64 tensor).
         offset: Philox counter of the first element; sample b's element j uses
@@ -233,15 +278,17 @@ def reparameterize(
         backend: "auto" (default), "torch", "cpp", "cuda" or "triton".
 
     Returns:
-        z: shape of mu, dtype of mu, contiguous. Differentiable in mu and logvar.
+        z: shape of mu, the promoted dtype of mu and logvar, contiguous. Differentiable in
+        mu and logvar (to any order: a ``create_graph`` backward goes through the reference).
     """
     _check_pair(mu, logvar)
-    name = _backend.resolve(backend, mu.device, mu.dtype)
+    dt, kt = _dtypes(mu, logvar)
+    name = _backend.resolve(backend, mu.device, kt)
     seed_t = _rng.as_seed(seed, mu.device, generator)
     offset = _rng.check_offset(offset)
     if name == "torch":
-        return reparameterize_ref(mu, logvar, _rng.philox_normal(seed_t, offset, mu.shape))
-    return _OPS[name].reparameterize(mu, logvar, seed_t, offset)
+        return reparameterize_ref(mu, logvar, _rng.philox_normal(seed_t, offset, mu.shape)).to(dt)
+    return _OPS[name].reparameterize(cast(mu, kt), cast(logvar, kt), seed_t, offset).to(dt)
 
 
 def gaussian_kl(
@@ -254,29 +301,33 @@ def gaussian_kl(
 ) -> Tensor:
     """Per-sample KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)), summed over non-batch dims.
 
+    Accurate near the prior (a collapsed latent dimension): the e^x - 1 - x part is computed
+    without cancellation (:func:`exp_m1_m_x`) on every backend.
+
     Args:
-        mu, logvar: (B, ...) floating tensors of one shape, dtype and device.
-        prior_mu, prior_logvar: tensors that broadcast to mu's shape (e.g. a learned (D,)
-            prior or a per-sample (B, D) one); a missing one means 0, both missing N(0, I).
+        mu, logvar: (B, ...) floating tensors of one shape and device (dtypes may differ).
+        prior_mu, prior_logvar: floating tensors that broadcast to mu's shape (e.g. a learned
+            (D,) prior or a per-sample (B, D) one); a missing one means 0, both missing N(0, I).
         backend: as in :func:`reparameterize`.
 
     Returns:
-        kl: (B,) in mu's dtype, accumulated in float32 (float64 for float64).
+        kl: (B,) float32 (float64 when an input is float64), whatever the input dtype.
     """
     _check_pair(mu, logvar)
     if prior_mu is not None:
         check_broadcastable(prior_mu, mu, "prior_mu", "mu")
     if prior_logvar is not None:
         check_broadcastable(prior_logvar, mu, "prior_logvar", "mu")
-    name = _backend.resolve(backend, mu.device, mu.dtype)
+    _, kt = _dtypes(mu, logvar, prior_mu, prior_logvar)
+    name = _backend.resolve(backend, mu.device, kt)
     if name == "torch":
         return gaussian_kl_ref(mu, logvar, prior_mu, prior_logvar)
     pm = pl = None
     if prior_mu is not None or prior_logvar is not None:
-        zero = mu.new_zeros(())
-        pm = (prior_mu if prior_mu is not None else zero).expand(mu.shape)
-        pl = (prior_logvar if prior_logvar is not None else zero).expand(mu.shape)
-    return _OPS[name].gaussian_kl(mu, logvar, pm, pl)
+        zero = mu.new_zeros((), dtype=kt)
+        pm = cast(prior_mu if prior_mu is not None else zero, kt).expand(mu.shape)
+        pl = cast(prior_logvar if prior_logvar is not None else zero, kt).expand(mu.shape)
+    return _OPS[name].gaussian_kl(cast(mu, kt), cast(logvar, kt), pm, pl)
 
 
 def reparameterize_kl(
@@ -293,16 +344,18 @@ def reparameterize_kl(
     Same arguments as :func:`reparameterize`; the prior is N(0, I).
 
     Returns:
-        z: shape of mu; kl: (B,).
+        z: shape of mu (promoted dtype); kl: (B,) float32 (float64 for float64).
     """
     _check_pair(mu, logvar)
-    name = _backend.resolve(backend, mu.device, mu.dtype)
+    dt, kt = _dtypes(mu, logvar)
+    name = _backend.resolve(backend, mu.device, kt)
     seed_t = _rng.as_seed(seed, mu.device, generator)
     offset = _rng.check_offset(offset)
     if name == "torch":
         eps = _rng.philox_normal(seed_t, offset, mu.shape)
-        return reparameterize_ref(mu, logvar, eps), gaussian_kl_ref(mu, logvar)
-    return _OPS[name].reparameterize_kl(mu, logvar, seed_t, offset)
+        return reparameterize_ref(mu, logvar, eps).to(dt), gaussian_kl_ref(mu, logvar)
+    z, kl = _OPS[name].reparameterize_kl(cast(mu, kt), cast(logvar, kt), seed_t, offset)
+    return z.to(dt), kl
 
 
 def randn(
@@ -322,5 +375,7 @@ def randn(
         shape = tuple(shape[0])
     if len(shape) == 0:
         raise ValueError("randn needs a shape with a batch dimension, e.g. randn(B, D)")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"randn: shape must be non-negative ints, got {tuple(shape)}")
     zeros = torch.zeros((), dtype=dtype, device=device).expand(shape)
     return reparameterize(zeros, zeros, generator=generator, seed=seed, offset=offset, backend=backend)
