@@ -14,7 +14,7 @@ very same function.
 - Diffusion ops: the unfused chain a sampler loop runs per step with every sample at its
   own timestep: gather the step's coefficients from the schedule table on the device with
   the per-sample (B,) indices, draw the noise with ``torch.randn_like`` (stochastic steps),
-  then pygen's pure-torch reference step (``pygen.diffusion.steps.*_step_ref``, imported,
+  then pygen's pure-torch reference step (``pygen.ops.diffusion.*_step_ref``, imported,
   not copied). The training loss is ``eps = torch.randn_like(x0)``, ``q_sample_ref`` and the
   per-sample MSE of model_output against eps, written out below.
 """
@@ -29,7 +29,7 @@ from torch import Tensor
 
 import pygen
 
-from pygen.diffusion.steps import (
+from pygen.ops.diffusion import (
     ddim_step_ref,
     ddpm_step_ref,
     dpmpp_2m_step_ref,

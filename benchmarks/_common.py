@@ -383,7 +383,7 @@ def _diffusion_inputs(op, shape, dtype, device, requires_grad, g) -> tuple[Tenso
     sigmas = tables["sigmas"]
     index = ints(1, DIFFUSION_STEPS - 1)
     if op == "euler_ancestral_step":
-        from pygen.diffusion.steps import gather
+        from pygen.ops.diffusion import gather
 
         sample = randn(0.5) + gather(sigmas, index, nd) * randn()
         return model_output.to(dtype), sample.to(dtype), index, sigmas
@@ -506,9 +506,9 @@ def check_grads(
 
 def _step_reference(op: str, inputs: Sequence[Tensor], rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """(prev without its noise term, x0, the noise term's per-element std or None) of the
-    first ``rows`` samples in float64, from pygen.diffusion.steps' references. The std is
+    first ``rows`` samples in float64, from pygen.ops.diffusion' references. The std is
     the reference with unit noise minus the reference without (DDPM: no noise at t = 0)."""
-    from pygen.diffusion import steps as R
+    from pygen.ops import diffusion as R
 
     mo, x = (t.detach()[:rows].double() for t in inputs[:2])
     nd = x.dim()

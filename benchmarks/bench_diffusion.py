@@ -24,7 +24,7 @@ Providers:
 - pygen-cpp: the fused op, ``backend="cpp"``; noise drawn in the kernel.
 - eager: the unfused chain (_baselines.py): the coefficients gathered from the schedule
   table on the device with the per-sample indices, ``torch.randn_like`` noise, then
-  ``pygen.diffusion.steps.*_step_ref``; the loss: ``torch.randn_like`` eps, ``q_sample_ref``,
+  ``pygen.ops.diffusion.*_step_ref``; the loss: ``torch.randn_like`` eps, ``q_sample_ref``,
   per-sample mean((model_output - eps)^2).
 - compile: ``torch.compile`` of that same function, static shapes.
 

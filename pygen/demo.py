@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _diffusion(args, device: torch.device) -> None:
     from pygen.diffusion import DDIMScheduler
-    from pygen.diffusion import steps as R
+    from pygen.ops import diffusion as R
 
     print(f"DDIM, {args.steps} steps over {args.images} x 3 x 64 x 64 float32 (stand-in denoiser)")
     sched = DDIMScheduler(clip_sample=False)

@@ -12,7 +12,7 @@ import torch
 
 import pygen.diffusion as D
 from pygen.diffusion import schedules as S
-from pygen.diffusion import steps as R
+from pygen.ops import diffusion as R
 
 F64 = torch.float64
 PRED_TYPES = ["epsilon", "v_prediction", "sample"]

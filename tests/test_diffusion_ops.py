@@ -1,5 +1,5 @@
 """Fused DDIM / DDPM steps (pygen.ops.ddim_step, ddpm_step) on every backend against the
-float64 reference steps of pygen.diffusion.steps; per-sample timesteps; in-kernel noise.
+float64 reference steps of pygen.ops.diffusion; per-sample timesteps; in-kernel noise.
 
 Tolerances vs float64: float64 1e-10, float32 1e-5 (relative to the values ~1),
 float16/bfloat16 (GPU) 1e-2 / 2e-2.
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pygen.diffusion import schedules as S
-from pygen.diffusion import steps as R
+from pygen.ops import diffusion as R
 from pygen.ops import ddim_step, ddpm_step, randn
 
 from backends_under_test import BACKEND_DEVICES, dtypes_for

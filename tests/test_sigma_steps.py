@@ -1,5 +1,5 @@
 """Fused sigma-space sampler steps (pygen.ops.euler_step, euler_ancestral_step, dpmpp_2m_step) on
-every backend against the float64 reference steps of pygen.diffusion.steps, with per-sample step
+every backend against the float64 reference steps of pygen.ops.diffusion, with per-sample step
 indices into the scheduler's ``sigmas`` (sigma = sigmas[index], sigma_next = sigmas[index + 1],
 sigma_prev = sigmas[index - 1]) and in-kernel Philox noise.
 
@@ -19,7 +19,7 @@ import torch
 
 import pygen
 from pygen.diffusion import schedules as S
-from pygen.diffusion import steps as R
+from pygen.ops import diffusion as R
 from pygen.diffusion.schedulers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from pygen.ops import dpmpp_2m_step, euler_ancestral_step, euler_step, randn
 

@@ -2,9 +2,9 @@
 
 - :mod:`pygen.diffusion.schedules`: beta schedules, alphas_cumprod, timestep spacing, sigmas,
   Karras sigmas.
-- :mod:`pygen.diffusion.steps`: pure-torch reference steps (``ddpm_step_ref``, ``ddim_step_ref``,
-  ``euler_step_ref``, ``euler_ancestral_step_ref``, ``dpmpp_2m_step_ref``), the references the
-  fused kernels are tested against.
+- the pure-torch reference steps (``ddpm_step_ref``, ``ddim_step_ref``, ``euler_step_ref``,
+  ``euler_ancestral_step_ref``, ``dpmpp_2m_step_ref``) live beside their fused ops in
+  :mod:`pygen.ops.diffusion` and are re-exported here; this package builds on pygen.ops only.
 - :mod:`pygen.diffusion.schedulers`: ``DDPMScheduler``, ``DDIMScheduler``,
   ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``,
   ``DPMSolverMultistepScheduler`` with diffusers' constructor keywords and loop protocol.
@@ -30,7 +30,7 @@ from pygen.diffusion.schedules import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from pygen.diffusion.steps import (
+from pygen.ops.diffusion import (
     ddim_step_ref,
     ddpm_step_ref,
     dpmpp_2m_step_ref,

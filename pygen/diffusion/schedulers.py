@@ -39,7 +39,7 @@ from torch import Tensor
 
 from pygen import ops
 from pygen.diffusion import schedules as S
-from pygen.diffusion import steps as R
+from pygen.ops import diffusion as R
 
 __all__ = [
     "SchedulerConfig",

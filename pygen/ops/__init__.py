@@ -2,6 +2,11 @@
 
 from pygen.ops.coupling import affine_coupling, affine_coupling_ref, rq_spline, rq_spline_ref
 from pygen.ops.diffusion import (
+    ddim_step_ref,
+    ddpm_step_ref,
+    dpmpp_2m_step_ref,
+    euler_ancestral_step_ref,
+    euler_step_ref,
     ddim_step,
     ddpm_step,
     dpmpp_2m_step,
@@ -29,7 +34,12 @@ __all__ = [
     "rq_spline",
     "rq_spline_ref",
     "ddim_step",
+    "ddim_step_ref",
     "ddpm_step",
+    "ddpm_step_ref",
+    "euler_step_ref",
+    "euler_ancestral_step_ref",
+    "dpmpp_2m_step_ref",
     "euler_step",
     "euler_ancestral_step",
     "dpmpp_2m_step",
