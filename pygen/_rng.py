@@ -1,9 +1,18 @@
 """Seeds from torch's generators, and the pure-torch Philox normal draw.
 
-Every backend draws element ``i``'s noise from Philox4x32-10 with key ``seed`` and
-counter ``offset + i`` (see ``csrc/include/pygen/philox.h``). The seed is an int64 tensor
-on the op's device, drawn from a torch generator, so ``torch.manual_seed`` and
-``generator=`` are honoured, no host sync is needed and a CUDA graph can capture it.
+The noise stream, identical on every backend (``csrc/include/pygen/philox.h``,
+``csrc/cpu/noise.h``, ``kernels/philox.py`` and :func:`philox_normal` here): element i of a
+draw with ``offset`` has counter g = offset + i. Philox4x32-10 with key ``seed`` and counter
+(lo32(g // 4), hi32(g // 4), 0, 0) gives four 32-bit words w0..w3, turned into uniforms
+u0..u3 by Triton's conversion. Two Box-Muller pairs, (u0, u1) and (u2, u3), with
+r = sqrt(-2 log max(u_a, 1e-7)) and th = 2 pi u_b, give the four normals of counters
+4b, 4b+1, 4b+2, 4b+3: r_A cos th_A, r_A sin th_A, r_B cos th_B, r_B sin th_B (Triton's
+``tl.randn4x(seed, b)``). Every word of a Philox block is used; a chunk of a batch drawn
+alone (its own offset) equals that chunk of the whole draw, whatever its alignment.
+
+The seed is an int64 tensor on the op's device, drawn from a torch generator, so
+``torch.manual_seed`` and ``generator=`` are honoured, no host sync is needed and a CUDA
+graph can capture it.
 """
 
 from __future__ import annotations
@@ -88,15 +97,18 @@ def _uniform(bits: torch.Tensor) -> torch.Tensor:
 
 
 def philox_normal(seed: torch.Tensor, offset: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """float32 normals of ``shape``; element i (row-major) uses counter ``offset + i``."""
+    """float32 normals of ``shape``; element i (row-major) is the draw of counter ``offset + i``."""
     n = 1
     for s in shape:
         n *= s
     ctr = offset + torch.arange(n, dtype=torch.int64, device=seed.device)
+    block = ctr >> 2
     seed = seed.reshape(1)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    zero = torch.zeros_like(ctr)
-    r0, r1, _, _ = philox4x32_10(ctr & _MASK32, ctr >> 32, zero, zero, k0, k1)
-    u1 = _uniform(r0).clamp_min(1.0e-7)
-    th = torch.tensor(6.283185307179586, dtype=torch.float32, device=seed.device) * _uniform(r1)
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)).reshape(shape)
+    zero = torch.zeros_like(block)
+    r0, r1, r2, r3 = philox4x32_10(block & _MASK32, block >> 32, zero, zero, k0, k1)
+    second = (ctr & 2) != 0
+    u1 = _uniform(torch.where(second, r2, r0)).clamp_min(1.0e-7)
+    th = torch.tensor(6.283185307179586, dtype=torch.float32, device=seed.device) * _uniform(torch.where(second, r3, r1))
+    trig = torch.where((ctr & 1) != 0, torch.sin(th), torch.cos(th))
+    return (torch.sqrt(-2.0 * torch.log(u1)) * trig).reshape(shape)

@@ -65,20 +65,58 @@ if HAS_TRITON:
     from pygen.kernels.philox import randn_at
 
     @triton.jit
-    def _tl_randn_and_randn_at(out_a, out_b, seed, base, N: tl.constexpr):
-        o = tl.arange(0, N) + base
-        tl.store(out_a + tl.arange(0, N), tl.randn(seed, o))
-        tl.store(out_b + tl.arange(0, N), randn_at(seed, o.to(tl.int64)))
+    def _tl_randn4x_and_randn_at(out_a, out_b, seed, base, N: tl.constexpr):
+        # block k of tl.randn4x gives counters 4k .. 4k + 3
+        k = tl.arange(0, N // 4) + base // 4
+        n1, n2, n3, n4 = tl.randn4x(seed, k)
+        four = tl.arange(0, N // 4) * 4
+        tl.store(out_a + four, n1)
+        tl.store(out_a + four + 1, n2)
+        tl.store(out_a + four + 2, n3)
+        tl.store(out_a + four + 3, n4)
+        tl.store(out_b + tl.arange(0, N), randn_at(seed, tl.arange(0, N).to(tl.int64) + base))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")
-def test_triton_helper_equals_tl_randn():
+def test_triton_helper_equals_tl_randn4x():
+    """The stream: counter g is component g % 4 of tl.randn4x(seed, g // 4)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.full((256,), float("nan"), device=device)
     b = torch.full((256,), float("nan"), device=device)
     seed = int(torch.randint(0, 2**31, ()))
-    _tl_randn_and_randn_at[(1,)](a, b, seed, 1000, N=256)
+    _tl_randn4x_and_randn_at[(1,)](a, b, seed, 1000, N=256)
     assert torch.equal(a, b)
+
+
+def test_every_philox_word_is_used():
+    """Four consecutive counters share one Philox block: its two Box-Muller pairs give
+    r_A cos, r_A sin, r_B cos, r_B sin (so r_A^2 = n0^2 + n1^2 from words 0 and 1 alone)."""
+    seed = torch.tensor([123456789])
+    n = _rng.philox_normal(seed, 8, (8,)).double()
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    zero = torch.zeros(1, dtype=torch.int64)
+    for blk, start in ((2, 0), (3, 4)):
+        w = _rng.philox4x32_10(torch.tensor([blk]), zero, zero, zero, k0, k1)
+        for pair in range(2):
+            u1 = _rng._uniform(w[2 * pair]).double().clamp_min(1e-7)
+            th = 2 * math.pi * _rng._uniform(w[2 * pair + 1]).double()
+            r = torch.sqrt(-2 * torch.log(u1))
+            got = n[start + 2 * pair: start + 2 * pair + 2]
+            torch.testing.assert_close(got, torch.cat([r * torch.cos(th), r * torch.sin(th)]), rtol=1e-5, atol=1e-5)
+    if _ext.HAS_CPP:
+        for g in range(8, 16):
+            assert abs(_ext._C.philox_normal(123456789, g) - float(n[g - 8])) < 1e-5
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 5, 2**32 * 4 - 3])
+def test_unaligned_chunks_equal_the_whole_draw(backend_device, offset):
+    """A chunk that starts or ends inside a Philox block equals that part of the whole draw."""
+    backend, device = backend_device
+    seed = 77
+    whole = _noise(backend, device, 64, seed, offset)
+    for a, b in ((0, 3), (3, 10), (10, 61), (61, 64)):
+        part = _noise(backend, device, b - a, seed, offset + a)
+        assert torch.equal(part, whole[a:b]), (a, b)
 
 
 def test_manual_seed_and_generator_are_honoured(backend_device):

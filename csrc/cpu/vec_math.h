@@ -70,22 +70,25 @@ inline float vlog_positive(float x) {
   return m + y + e * 0.693359375f;
 }
 
-// cos(x) for x in [0, 2*pi] (Box-Muller angles).
-inline float vcos_angle(float x) {
+// sin(x) and cos(x) for x in [0, 2*pi] (Box-Muller angles), Cephes' sinf/cosf reduction:
+// one octant reduction and both polynomials serve both results.
+inline void vsincos_angle(float x, float& sin_out, float& cos_out) {
   int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // x / (pi/4), x >= 0
   j = (j + 1) & ~1;
   const float y = static_cast<float>(j);
   const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
   j &= 7;
-  float sign = 1.0f;
-  sign = j > 3 ? -sign : sign;
   const int32_t jj = j > 3 ? j - 4 : j;
-  sign = jj > 1 ? -sign : sign;
+  const bool swap = jj == 1 || jj == 2;  // octants where sin and cos trade polynomials
+  float sign_c = j > 3 ? -1.0f : 1.0f;
+  sign_c = jj > 1 ? -sign_c : sign_c;
+  const float sign_s = j > 3 ? -1.0f : 1.0f;
   const float z = r * r;
   const float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
                   0.5f * z + 1.0f;
   const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
-  return sign * ((jj == 1 || jj == 2) ? s : c);
+  cos_out = sign_c * (swap ? s : c);
+  sin_out = sign_s * (swap ? c : s);
 }
 
 // The kernels' exp: vectorisable for float, libm for double (not performance-critical).

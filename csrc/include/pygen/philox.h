@@ -1,12 +1,16 @@
 // Philox4x32-10 counter-based RNG and the normal draw shared by every pygen backend.
 //
-// One scheme everywhere: the normal draw for counter `ctr` under key `seed` equals
-// Triton's `tl.randn(seed, ctr)` (uint32 counter path): Philox4x32-10 with
-// counter = (lo32(ctr), hi32(ctr), 0, 0) and key = (lo32(seed), hi32(seed)); the first
-// two words become uniforms with Triton's conversion; Box-Muller's cosine branch.
-// The same function runs on the host (C++ backend) and the device (CUDA backend), and
-// the pure-torch reference (pygen/_rng.py) and the Triton helper (kernels/philox.py)
-// implement the same steps. Keep all four in step.
+// The stream (the same on every backend; documented in pygen/_rng.py): the normal of
+// element counter g under key `seed` comes from Philox4x32-10 block b = g / 4, i.e. counter
+// (lo32(b), hi32(b), 0, 0) and key (lo32(seed), hi32(seed)). Its four words become four
+// uniforms (Triton's conversion); words (0, 1) and (2, 3) are two Box-Muller pairs, each
+// giving a cosine and a sine normal, so counters 4b .. 4b + 3 take
+//   r_A cos(th_A), r_A sin(th_A), r_B cos(th_B), r_B sin(th_B)
+// = Triton's tl.randn4x(seed, b). One Philox block serves four elements (it used to serve
+// one, keeping two of its four words). The same function runs on the host and the device;
+// the CPU kernels draw whole blocks at once (csrc/cpu/noise.h), the pure-torch reference
+// (pygen/_rng.py) and the Triton helper (kernels/philox.py) implement the same steps. Keep
+// all four in step.
 #pragma once
 #include <cstdint>
 #include <cmath>
@@ -66,16 +70,17 @@ PYGEN_HD float uint_to_uniform(uint32_t bits) {
 
 // Standard normal for element counter `ctr` (64-bit) under `seed` (64-bit key).
 PYGEN_HD float philox_normal(uint64_t seed, uint64_t ctr) {
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32), 0u,
-                                  0u, static_cast<uint32_t>(seed),
-                                  static_cast<uint32_t>(seed >> 32));
-  float u1 = uint_to_uniform(r.x[0]);
-  const float u2 = uint_to_uniform(r.x[1]);
+  const uint64_t block = ctr >> 2;
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), 0u, 0u,
+                                  static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  const bool second_pair = (ctr & 2u) != 0;
+  float u1 = uint_to_uniform(second_pair ? r.x[2] : r.x[0]);
+  const float u2 = uint_to_uniform(second_pair ? r.x[3] : r.x[1]);
   u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;  // Triton clamps u1 so that log(u1) stays finite
   const float th = 6.283185307179586f * u2;
-  // Full-precision logf/cosf (not the __logf/__cosf intrinsics): the draw must agree
+  // Full-precision logf/sinf/cosf (not the __logf/__cosf intrinsics): the draw must agree
   // with the host and Triton to a few ulp.
-  return sqrtf(-2.0f * logf(u1)) * cosf(th);
+  return sqrtf(-2.0f * logf(u1)) * ((ctr & 1u) != 0 ? sinf(th) : cosf(th));
 }
 
 }  // namespace pygen
