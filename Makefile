@@ -70,10 +70,10 @@ isa-check:
 	  if [ -n "$$weak" ]; then echo "isa-check: $$f defines weak symbols:"; echo "$$weak"; exit 1; fi; \
 	done; rm -rf $$tmp; echo "isa-check: per-ISA CPU kernels define no shared (weak) symbols"
 
-# The CPU suites (about 8 minutes on 2 cores): JSON per suite in $(BENCH_OUT), then the
+# The CPU suites (about 12 minutes on 2 cores; schedulers about 4): JSON per suite in $(BENCH_OUT), then the
 # Markdown tables. One suite: make bench BENCH_SUITES=diffusion
 BENCH_OUT ?= /tmp/pygen-bench
-BENCH_SUITES ?= gaussian diffusion coupling
+BENCH_SUITES ?= gaussian diffusion coupling schedulers
 bench: build
 	@mkdir -p $(BENCH_OUT)
 	@for s in $(BENCH_SUITES); do \

@@ -36,12 +36,24 @@ image shapes instead (--diffusion-shapes, default 256x3x64x64 (the issue's), 102
 ops' sizes unless a diffusion op comes first in --ops): the steps forward only, the loss
 (q_sample + diffusion_mse) in every mode, its backward w.r.t. model_output alone. eager is
 the unfused chain (coefficients gathered per sample on the device, torch.randn_like
-noise, pygen.diffusion.steps' reference step), compile is torch.compile of it. An op that
+noise, pygen.ops.diffusion' reference step), compile is torch.compile of it. An op that
 this build of pygen.ops lacks is listed as unavailable, not run. The summary ends with the
 issue's goal for the DDIM step (85% of copy bandwidth, 5x the eager chain).
 
+Scheduler loops (after the ops; bench_schedulers.py's loop and checks, which see): a whole
+50-step sampling loop (set_timesteps(50, device=...), scale_model_input, step; the model
+excluded: one fixed precomputed model_output tensor) of pygen.diffusion's schedulers
+against diffusers' of the same name and config, per --schedulers (default all five; ''
+for none), --scheduler-configs (default, readme, sd) and --scheduler-shapes (default
+1x4x32x32,16x4x32x32,8x4x64x64,64x4x32x32,256x4x32x32; dry run 1x4x8x8,2x4x8x8), float32,
+a torch.Generator on the device re-seeded every loop (the stochastic schedulers draw their
+noise: pygen in-kernel, diffusers with torch.randn). Timed with the same timer as the ops;
+speedup = diffusers / pygen. Without diffusers the pygen loops are timed alone. A failed
+check of pygen's loop is an error; of diffusers' a warning (time kept, flagged).
+
 Writes a JSON with metadata (device, versions, date; no hostname) and one record per
-(op, variant, mode, size, dtype, provider), and prints a table per configuration and a summary.
+(op, variant, mode, size, dtype, provider) ("results"; the scheduler loops in
+"scheduler_loops"), and prints a table per configuration and a summary.
 """
 
 from __future__ import annotations
@@ -161,6 +173,13 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="start no new configuration after this many seconds (the rest is listed as skipped)")
     p.add_argument("--compile-dynamic", action="store_true", help="torch.compile(dynamic=None) instead of False")
+    p.add_argument("--schedulers", default=None,
+                   help="scheduler loops: comma list of pygen.diffusion scheduler classes (default all five; '' for none)")
+    p.add_argument("--scheduler-configs", default="default,readme,sd",
+                   help="scheduler loops: configs from default,readme,sd (sd: DDPM and DDIM only); default all")
+    p.add_argument("--scheduler-shapes", default=None,
+                   help="scheduler loops: sample shapes (default 1x4x32x32,16x4x32x32,8x4x64x64,64x4x32x32,"
+                        "256x4x32x32; dry run 1x4x8x8,2x4x8x8)")
     p.add_argument("--no-check", action="store_true", help="skip the output/gradient sanity checks")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU smoke test: tiny sizes, backend cpp, perf_counter timer")
@@ -186,6 +205,21 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown dtype {e}; choose from {sorted(DTYPES)}")
     args.ops = parse_list(args.ops)
     args.modes = parse_list(args.modes)
+    from bench_schedulers import CONFIGS as SCHED_CONFIGS
+    from bench_schedulers import SCHEDULERS
+    from bench_schedulers import SHAPES as SCHED_SHAPES
+
+    args.schedulers = list(SCHEDULERS) if args.schedulers is None else parse_list(args.schedulers)
+    args.scheduler_configs = parse_list(args.scheduler_configs)
+    try:
+        args.scheduler_shapes = parse_shapes(args.scheduler_shapes or ("1x4x8x8,2x4x8x8" if args.dry_run
+                                                                       else ",".join(SCHED_SHAPES)))
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--scheduler-shapes: {e}")
+    for name, values, allowed in (("--schedulers", args.schedulers, SCHEDULERS),
+                                  ("--scheduler-configs", args.scheduler_configs, SCHED_CONFIGS)):
+        if bad := [v for v in values if v not in allowed]:
+            p.error(f"{name}: unknown {bad}; choose from {list(allowed)}")
     args.bins = parse_list(args.bins, int)
     if any(k < 2 for k in args.bins):
         p.error(f"--bins: K must be >= 2, got {args.bins}")
@@ -524,8 +558,10 @@ def main(argv=None) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()
 
+    loops = scheduler_loops(args, device, timer, t_start, errors, warnings, skipped, unavailable)
     summary(results, providers)
     goals(results)
+    loop_summary(loops)
     if unavailable:
         print(f"\nunavailable in this build, not run: {', '.join(f'{op} ({why})' for op, why in unavailable.items())}")
     if warnings:
@@ -538,10 +574,110 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump({"metadata": meta, "results": results, "errors": errors, "warnings": warnings, "skipped": skipped,
-                       "unavailable": unavailable}, fh, indent=1)
-        print(f"\nwrote {args.out} ({len(results)} records, {meta['elapsed_s']:.0f} s)")
+            json.dump({"metadata": meta, "results": results, "scheduler_loops": loops, "errors": errors,
+                       "warnings": warnings, "skipped": skipped, "unavailable": unavailable}, fh, indent=1)
+        print(f"\nwrote {args.out} ({len(results)} records, {len(loops)} scheduler loops, {meta['elapsed_s']:.0f} s)")
     return 1 if errors else 0
+
+
+def scheduler_loops(args, device: str, timer, t_start: float, errors: list, warnings: list, skipped: list,
+                    unavailable: dict) -> list[dict]:
+    """The scheduler-loop section: pygen vs diffusers, one record per scheduler/config/shape/impl."""
+    if not args.schedulers:
+        return []
+    from bench_schedulers import (
+        GOAL_SHAPE,
+        GOAL_SPEEDUP,
+        MODEL_OUTPUT,
+        SEED,
+        STEPS,
+        STOCHASTIC,
+        check_pair,
+        configs_for,
+        loop_inputs,
+        make_schedulers,
+        sampling_loop,
+        scheduler_setup,
+    )
+
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+        unavailable["diffusers"] = "not installed: scheduler loops of pygen timed alone"
+        print("scheduler loops: diffusers is not installed, pygen's loops are timed alone")
+    print(f"\nscheduler loops ({STEPS} steps, model excluded) of {args.schedulers}, configs {args.scheduler_configs}, "
+          f"shapes {[shape_label(s) for s in args.scheduler_shapes]}, diffusers {diffusers_version}")
+    out = []
+    for shape in args.scheduler_shapes:
+        mo, x_T = loop_inputs(shape, device)
+        for name in args.schedulers:
+            for config in (c for c in configs_for(name) if c in args.scheduler_configs):
+                label = f"loop/{name}/{config}/{shape_label(shape)}"
+                if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
+                    skipped.append(label)
+                    continue
+                ctor, step = scheduler_setup(name, config)
+                rows = []
+                try:
+                    scheds = make_schedulers(name, config)
+                    chk = {} if args.no_check else check_pair(name, config, mo, x_T, make_schedulers(name, config))
+                    for impl, sched in scheds.items():
+                        rec = {"scheduler": name, "config": config, "ctor_kwargs": ctor, "step_kwargs": step,
+                               "impl": impl, "provider": impl, "shape": list(shape), "numel": math.prod(shape),
+                               "dtype": "float32", "steps": STEPS, "stochastic": name in STOCHASTIC,
+                               "model_output": MODEL_OUTPUT, "max_rel_diff": chk.get("max_rel_diff"),
+                               "noise_check": chk.get("noise_check"), "goal": [GOAL_SHAPE, GOAL_SPEEDUP],
+                               "diffusers_version": diffusers_version}
+                        if err := chk.get(impl):
+                            rec["check"] = err
+                            if impl == "pygen":
+                                errors.append(f"{label} pygen: check failed: {err}")
+                            else:
+                                warnings.append(f"{label} {impl}: check failed (time kept, flagged): {err}")
+                        if impl == "pygen" and err:  # a broken loop is not timed
+                            rows.append(rec)
+                            continue
+                        gen = torch.Generator(device=device)
+                        q = timer(lambda sched=sched, gen=gen: sampling_loop(sched, mo, x_T, gen, seed=SEED,
+                                                                             step_kwargs=step))
+                        rec.update(median_ms=q[0], q20_ms=q[1], q80_ms=q[2])
+                        rows.append(rec)
+                except Exception as e:  # record and go on
+                    errors.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    traceback.print_exc(limit=3)
+                by = {r["impl"]: r for r in rows}
+                p, d = by.get("pygen", {}), by.get("diffusers", {})
+                sp = d["median_ms"] / p["median_ms"] if p.get("median_ms") and d.get("median_ms") else None
+                if p:
+                    p["speedup_vs_diffusers"] = sp
+                print(f"{label:<60} pygen {fmt_ms(p.get('median_ms')):>10} ms  diffusers {fmt_ms(d.get('median_ms')):>10} ms"
+                      f"  {(f'{sp:.2f}x' if sp else '-'):>7}" + "".join(f"  CHECK {r['impl']}: {r['check']}"
+                                                                       for r in rows if "check" in r))
+                out.extend(rows)
+        del mo, x_T
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def loop_summary(loops: list[dict]) -> None:
+    """One line per scheduler/config/shape: both medians and diffusers / pygen."""
+    if not loops:
+        return
+    print("\n== scheduler loops: median ms of a whole loop (! = failed its sanity check), speedup = diffusers / pygen")
+    by: dict[str, dict[str, dict]] = {}
+    for r in loops:
+        by.setdefault(f"{r['scheduler']}/{r['config']}/{shape_label(r['shape'])}", {})[r["impl"]] = r
+    width = max(50, *(len(k) + 1 for k in by))
+    print(f"{'scheduler/config/shape':<{width}}{'pygen':>12}{'diffusers':>12}{'speedup':>9}")
+    for key, rows in by.items():
+        p, d = rows.get("pygen", {}), rows.get("diffusers", {})
+        sp = p.get("speedup_vs_diffusers")
+        print(f"{key:<{width}}{fmt_ms(p.get('median_ms')) + ('!' if 'check' in p else ''):>12}"
+              f"{fmt_ms(d.get('median_ms')) + ('!' if 'check' in d else ''):>12}{(f'{sp:.2f}x' if sp else '-'):>9}")
 
 
 def planned(args, numel_nominal: int, ops: list[str] | None = None) -> list[tuple[str, dict, str]]:

@@ -9,6 +9,10 @@ size (/ dtype): each provider's median time, then the fastest pygen provider's G
 fraction of copy bandwidth and speedups. The direction and K columns appear when the file
 has coupling ops. A time marked "!" failed its sanity check (gpu_bench.py keeps and flags
 a broken baseline's time; the CPU suite does not time it).
+
+Scheduler loops (bench_schedulers.py's JSON, or gpu_bench.py's "scheduler_loops"): one row
+per scheduler / config / shape with pygen's and diffusers' median time of a 50-step loop,
+diffusers / pygen, and the issue's goal (>= 1.5x at 64x4x32x32) where that shape ran.
 """
 
 from __future__ import annotations
@@ -43,10 +47,65 @@ def rows_from(data: dict) -> tuple[list[dict], float, str]:
     return recs, meta["copy_bandwidth"]["gbps"], f"gpu_bench.py, {meta['device']}"
 
 
+def scheduler_rows(data: dict) -> tuple[list[dict], str]:
+    """Scheduler-loop records: {scheduler, config, shape, impl, median_ms, other_cores, check}."""
+    if "benchmarks" in data:
+        recs = []
+        for b in data["benchmarks"]:
+            e = b.get("extra_info", {})
+            if "scheduler" not in e or not b.get("stats"):
+                continue
+            recs.append({"scheduler": e["scheduler"], "config": e["config"], "shape": "x".join(map(str, e["shape"])),
+                         "impl": e["impl"], "median_ms": b["stats"]["median"] * 1e3,
+                         "other_cores": e.get("other_cores"), "steps": e.get("steps"), "goal": e.get("goal")})
+        return recs, "pytest-benchmark, CPU"
+    recs = [r for r in data.get("scheduler_loops") or [] if r.get("median_ms") is not None]
+    return recs, f"gpu_bench.py, {data['metadata']['device']}" if recs else ""
+
+
+def scheduler_table(path: str, data: dict) -> bool:
+    """Print the scheduler-loop table; False when the file has no scheduler loops."""
+    recs, source = scheduler_rows(data)
+    if not recs:
+        return False
+    steps = recs[0].get("steps", 50)
+    goal_shape, goal_speedup = recs[0].get("goal") or (None, None)  # bench_schedulers.GOAL_SHAPE, GOAL_SPEEDUP
+    table: dict[tuple, dict[str, dict]] = {}
+    for r in recs:
+        table.setdefault((r["scheduler"], r["config"], r["shape"]), {})[r["impl"]] = r
+    print(f"Source: `{path}` ({source}). Median time of a whole {steps}-step loop (set_timesteps, "
+          "scale_model_input and step; the model excluded: a fixed model_output tensor), ms; "
+          "speedup = diffusers / pygen. busy: the most cores other processes kept busy during either "
+          "side (> 0.1: suspect). ! = failed its sanity check.\n")
+    print("| scheduler | config | shape | pygen ms | diffusers ms | pygen us/step | speedup | busy |")
+    print("|---|---|---|---|---|---|---|---|")
+    goal = []
+    for (name, config, shape), by in table.items():
+        p, d = by.get("pygen"), by.get("diffusers")
+        cells = [f"{r['median_ms']:.3f}" + (" !" if r.get("check") else "") if r else "-" for r in (p, d)]
+        us = f"{p['median_ms'] * 1e3 / steps:.1f}" if p else "-"
+        sp = d["median_ms"] / p["median_ms"] if p and d else None
+        busy = [r["other_cores"] for r in (p, d) if r and r.get("other_cores") is not None]
+        print(f"| {name} | {config} | {shape} | {cells[0]} | {cells[1]} | {us} | "
+              f"{f'{sp:.2f}x' if sp else '-'} | {f'{max(busy):.2f}' if busy else '-'} |")
+        if shape == goal_shape and sp:
+            goal.append((name, config, sp))
+    if goal and goal_speedup:
+        met = [g for g in goal if g[2] >= goal_speedup]
+        print(f"\nGoal (>= {goal_speedup}x diffusers at {goal_shape}): met by {len(met)} of {len(goal)}; not met: "
+              + (", ".join(f"{n} ({c}) {s:.2f}x" for n, c, s in goal if s < goal_speedup) or "none"))
+    return True
+
+
 def main(path: str) -> None:
     with open(path) as fh:
         data = json.load(fh)
+    had_loops = scheduler_table(path, data)
     recs, copy_gbps, source = rows_from(data)
+    if had_loops:
+        if not recs:
+            return
+        print()
     providers = list(dict.fromkeys(r["provider"] for r in recs))
     variants = any(r.get("direction") or r.get("bins") for r in recs)
     table: dict[tuple, dict[str, dict]] = {}
