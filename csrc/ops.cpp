@@ -93,6 +93,21 @@ void check_seed(const Tensor& seed, const Tensor& mu) {
 struct Rows {
   int64_t rows, cols;
 };
+
+// A (rows, cols) input read in place when each row's elements are contiguous (any row
+// stride, even 0): the halves of a chunk()ed (B, 2D) or (B, 2C, H, W) tensor, a batch-
+// broadcast view. Anything else is copied. Returns the tensor to read and its row stride.
+std::pair<Tensor, int64_t> row_contiguous(const Tensor& t) {
+  int64_t expected = 1;
+  bool ok = true;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) ok = false;
+    expected *= t.size(d);
+  }
+  if (ok && t.size(0) > 1) return {t, t.stride(0)};
+  if (ok) return {t, expected};
+  return {t.contiguous(), expected};
+}
 Rows rows_of(const Tensor& mu) {
   const int64_t rows = mu.size(0);
   int64_t cols = 1;
@@ -171,7 +186,8 @@ void as_one_row(Args& a) {
 
 void run_forward(GaussianFwdArgs& a, const Tensor& mu) {
   if (a.rows * a.cols == 0 && a.kl == nullptr) return;
-  if (a.kl == nullptr) as_one_row(a);
+  // (one long row needs rows laid end to end)
+  if (a.kl == nullptr && a.mu_stride_row == a.cols && a.lv_stride_row == a.cols) as_one_row(a);
   const bool cuda = !mu.device().is_cpu();
   launch(mu, a, &cpu::gaussian_forward, &cuda::gaussian_forward,
          cuda ? cuda::gaussian_forward_workspace_bytes(a) : 0);
@@ -179,7 +195,7 @@ void run_forward(GaussianFwdArgs& a, const Tensor& mu) {
 
 void run_backward(GaussianBwdArgs& a, const Tensor& like) {
   if (a.rows * a.cols == 0) return;
-  if (a.grad_kl == nullptr) as_one_row(a);
+  if (a.grad_kl == nullptr && a.lv_stride_row == a.cols) as_one_row(a);  // mu is not read then
   launch(like, a, &cpu::gaussian_backward, &cuda::gaussian_backward);
 }
 
@@ -191,7 +207,8 @@ std::tuple<Tensor, Tensor> sample_forward(const Tensor& mu_in, const Tensor& lv_
   check_like(lv_in, mu_in, "logvar");
   check_seed(seed, mu_in);
   TORCH_CHECK(offset >= 0, "pygen: offset must be >= 0, got ", offset);
-  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous();
+  const auto [mu, mu_sr] = row_contiguous(mu_in);
+  const auto [lv, lv_sr] = row_contiguous(lv_in);
   const Rows rc = rows_of(mu);
   const Tensor seed_c = seed.contiguous();
   Tensor z = new_output(mu.sizes(), mu);
@@ -202,6 +219,8 @@ std::tuple<Tensor, Tensor> sample_forward(const Tensor& mu_in, const Tensor& lv_
   a.dtype = dtype_of(mu);
   a.mu = mu.const_data_ptr();
   a.logvar = lv.const_data_ptr();
+  a.mu_stride_row = mu_sr;
+  a.lv_stride_row = lv_sr;
   a.seed = seed_c.const_data_ptr<int64_t>();
   a.offset = static_cast<uint64_t>(offset);
   a.z = z.data_ptr();
@@ -225,7 +244,8 @@ Tensor gaussian_kl(const Tensor& mu_in, const Tensor& lv_in, const std::optional
   check_like(lv_in, mu_in, "logvar");
   TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
               "pygen: pass prior_mu and prior_logvar together (the Python API fills in a missing one)");
-  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous();
+  const auto [mu, mu_sr] = row_contiguous(mu_in);
+  const auto [lv, lv_sr] = row_contiguous(lv_in);
   const Rows rc = rows_of(mu);
   Tensor kl = new_row_output(rc.rows, mu);
   GaussianFwdArgs a;
@@ -234,6 +254,8 @@ Tensor gaussian_kl(const Tensor& mu_in, const Tensor& lv_in, const std::optional
   a.dtype = dtype_of(mu);
   a.mu = mu.const_data_ptr();
   a.logvar = lv.const_data_ptr();
+  a.mu_stride_row = mu_sr;
+  a.lv_stride_row = lv_sr;
   a.kl = kl.data_ptr();
   Tensor pm, pl;
   if (prior_mu.has_value()) {
@@ -256,7 +278,8 @@ Tensor reparameterize_backward(const Tensor& grad_z, const Tensor& lv_in, const 
   check_float(lv_in, "logvar");
   check_like(grad_z, lv_in, "grad_z");
   check_seed(seed, lv_in);
-  const Tensor lv = lv_in.contiguous(), gz = grad_z.contiguous(), seed_c = seed.contiguous();
+  const auto [lv, lv_sr] = row_contiguous(lv_in);
+  const Tensor gz = grad_z.contiguous(), seed_c = seed.contiguous();
   const Rows rc = rows_of(lv);
   Tensor glv = new_output(lv.sizes(), lv);
   GaussianBwdArgs a;
@@ -264,6 +287,7 @@ Tensor reparameterize_backward(const Tensor& grad_z, const Tensor& lv_in, const 
   a.cols = rc.cols;
   a.dtype = dtype_of(lv);
   a.logvar = lv.const_data_ptr();
+  a.lv_stride_row = lv_sr;
   a.seed = seed_c.const_data_ptr<int64_t>();
   a.offset = static_cast<uint64_t>(offset);
   a.grad_z = gz.const_data_ptr();
@@ -279,8 +303,9 @@ std::tuple<Tensor, Tensor> reparameterize_kl_backward(const Tensor& grad_z, cons
   check_like(lv_in, mu_in, "logvar");
   check_like(grad_z, mu_in, "grad_z");
   check_seed(seed, mu_in);
-  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous(), gz = grad_z.contiguous();
-  const Tensor seed_c = seed.contiguous();
+  const auto [mu, mu_sr] = row_contiguous(mu_in);
+  const auto [lv, lv_sr] = row_contiguous(lv_in);
+  const Tensor gz = grad_z.contiguous(), seed_c = seed.contiguous();
   const Rows rc = rows_of(mu);
   const Tensor gkl = row_grad(grad_kl, rc.rows, mu, "grad_kl");
   Tensor gmu = new_output(mu.sizes(), mu), glv = new_output(mu.sizes(), mu);
@@ -290,6 +315,8 @@ std::tuple<Tensor, Tensor> reparameterize_kl_backward(const Tensor& grad_z, cons
   a.dtype = dtype_of(mu);
   a.mu = mu.const_data_ptr();
   a.logvar = lv.const_data_ptr();
+  a.mu_stride_row = mu_sr;
+  a.lv_stride_row = lv_sr;
   a.seed = seed_c.const_data_ptr<int64_t>();
   a.offset = static_cast<uint64_t>(offset);
   a.grad_z = gz.const_data_ptr();
@@ -300,13 +327,15 @@ std::tuple<Tensor, Tensor> reparameterize_kl_backward(const Tensor& grad_z, cons
   return {gmu, glv};
 }
 
+// [grad_mu, grad_logvar] (+ [grad_prior_mu, grad_prior_logvar] with a prior and prior_grads).
 std::vector<Tensor> gaussian_kl_backward(const Tensor& grad_kl, const Tensor& mu_in, const Tensor& lv_in,
                                          const std::optional<Tensor>& prior_mu,
-                                         const std::optional<Tensor>& prior_logvar) {
+                                         const std::optional<Tensor>& prior_logvar, bool prior_grads) {
   check_float(mu_in, "mu");
   check_like(lv_in, mu_in, "logvar");
   TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(), "pygen: pass prior_mu and prior_logvar together");
-  const Tensor mu = mu_in.contiguous(), lv = lv_in.contiguous();
+  const auto [mu, mu_sr] = row_contiguous(mu_in);
+  const auto [lv, lv_sr] = row_contiguous(lv_in);
   const Rows rc = rows_of(mu);
   const Tensor gkl = row_grad(grad_kl, rc.rows, mu, "grad_kl");
   std::vector<Tensor> out = {new_output(mu.sizes(), mu), new_output(mu.sizes(), mu)};
@@ -316,6 +345,8 @@ std::vector<Tensor> gaussian_kl_backward(const Tensor& grad_kl, const Tensor& mu
   a.dtype = dtype_of(mu);
   a.mu = mu.const_data_ptr();
   a.logvar = lv.const_data_ptr();
+  a.mu_stride_row = mu_sr;
+  a.lv_stride_row = lv_sr;
   a.grad_kl = gkl.const_data_ptr();
   a.grad_mu = out[0].data_ptr();
   a.grad_logvar = out[1].data_ptr();
@@ -323,16 +354,18 @@ std::vector<Tensor> gaussian_kl_backward(const Tensor& grad_kl, const Tensor& mu
   if (prior_mu.has_value()) {
     pm = prior_view(*prior_mu, mu, rc, "prior_mu");
     pl = prior_view(*prior_logvar, mu, rc, "prior_logvar");
-    out.push_back(new_output(mu.sizes(), mu));
-    out.push_back(new_output(mu.sizes(), mu));
     a.prior_mu = pm.const_data_ptr();
     a.prior_logvar = pl.const_data_ptr();
     a.pmu_stride_row = pm.stride(0);
     a.pmu_stride_col = pm.stride(1);
     a.plv_stride_row = pl.stride(0);
     a.plv_stride_col = pl.stride(1);
-    a.grad_prior_mu = out[2].data_ptr();
-    a.grad_prior_logvar = out[3].data_ptr();
+    if (prior_grads) {
+      out.push_back(new_output(mu.sizes(), mu));
+      out.push_back(new_output(mu.sizes(), mu));
+      a.grad_prior_mu = out[2].data_ptr();
+      a.grad_prior_logvar = out[3].data_ptr();
+    }
   }
   run_backward(a, mu);
   return out;
@@ -351,7 +384,13 @@ AffineInputs affine_inputs(const Tensor& x, const Tensor& shift, const Tensor& l
   check_like(shift, x, "shift");
   check_like(log_scale, x, "log_scale");
   TORCH_CHECK(soft_clamp >= 0, "pygen: soft_clamp must be >= 0 (0: none), got ", soft_clamp);
-  AffineInputs in{x.contiguous(), shift.contiguous(), log_scale.contiguous(), Tensor(), rows_of(x)};
+  auto [xc, x_sr] = row_contiguous(x);
+  auto [tc, t_sr] = row_contiguous(shift);
+  auto [lc, l_sr] = row_contiguous(log_scale);
+  AffineInputs in{xc, tc, lc, Tensor(), rows_of(x)};
+  a.x_stride_row = x_sr;
+  a.shift_stride_row = t_sr;
+  a.ls_stride_row = l_sr;
   a.rows = in.rc.rows;
   a.cols = in.rc.cols;
   a.dtype = dtype_of(x);
@@ -659,7 +698,7 @@ Tensor q_sample(const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t,
 std::tuple<Tensor, Tensor> diffusion_mse_impl(const std::optional<Tensor>& grad_loss, const Tensor& model_output,
                                               const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t,
                                               const Tensor& seed, int64_t offset, int64_t prediction,
-                                              double snr_gamma) {
+                                              double snr_gamma, bool write_grad_x0) {
   LossArgs a;
   const Rows rc = loss_args(x0, alphas_cumprod, t, seed, offset, a);
   check_like(model_output, x0, "model_output");
@@ -677,10 +716,10 @@ std::tuple<Tensor, Tensor> diffusion_mse_impl(const std::optional<Tensor>& grad_
   if (grad_loss.has_value()) {
     gl = row_grad(*grad_loss, rc.rows, x, "grad_loss");
     first = new_output(x.sizes(), x);
-    second = new_output(x.sizes(), x);
+    second = write_grad_x0 ? new_output(x.sizes(), x) : new_output({0}, x);  // empty: not asked for
     a.grad_loss = gl.const_data_ptr();
     a.grad_model_output = first.data_ptr();
-    a.grad_x0 = second.data_ptr();
+    a.grad_x0 = write_grad_x0 ? second.data_ptr() : nullptr;
     if (rc.rows * rc.cols > 0) launch(x, a, &cpu::diffusion_mse, &cuda::diffusion_mse);
   } else {
     first = new_row_output(rc.rows, x);
@@ -697,13 +736,15 @@ std::tuple<Tensor, Tensor> diffusion_mse_impl(const std::optional<Tensor>& grad_
 Tensor diffusion_mse(const Tensor& model_output, const Tensor& x0, const Tensor& alphas_cumprod, const Tensor& t,
                      const Tensor& seed, int64_t offset, int64_t prediction, double snr_gamma) {
   return std::get<0>(
-      diffusion_mse_impl(std::nullopt, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma));
+      diffusion_mse_impl(std::nullopt, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma, false));
 }
 
 std::tuple<Tensor, Tensor> diffusion_mse_backward(const Tensor& grad_loss, const Tensor& model_output, const Tensor& x0,
                                                   const Tensor& alphas_cumprod, const Tensor& t, const Tensor& seed,
-                                                  int64_t offset, int64_t prediction, double snr_gamma) {
-  return diffusion_mse_impl(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma);
+                                                  int64_t offset, int64_t prediction, double snr_gamma,
+                                                  bool write_grad_x0) {
+  return diffusion_mse_impl(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma,
+                            write_grad_x0);
 }
 
 }  // namespace
@@ -718,7 +759,7 @@ TORCH_LIBRARY(pygen, m) {
   m.def("gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
   m.def(
       "gaussian_kl_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, "
-      "Tensor? prior_logvar) -> Tensor[]");
+      "Tensor? prior_logvar, bool prior_grads=True) -> Tensor[]");
   m.def(
       "affine_coupling(Tensor x, Tensor shift, Tensor log_scale, Tensor? mask, bool inverse, float soft_clamp) "
       "-> (Tensor, Tensor)");
@@ -746,7 +787,7 @@ TORCH_LIBRARY(pygen, m) {
       "int prediction, float snr_gamma) -> Tensor");
   m.def(
       "diffusion_mse_backward(Tensor grad_loss, Tensor model_output, Tensor x0, Tensor alphas_cumprod, Tensor t, "
-      "Tensor seed, int offset, int prediction, float snr_gamma) -> (Tensor, Tensor)");
+      "Tensor seed, int offset, int prediction, float snr_gamma, bool write_grad_x0=True) -> (Tensor, Tensor)");
 }
 
 #define PYGEN_REGISTER_IMPLS(m)                                      \

@@ -93,10 +93,12 @@ def rows_cols(x: torch.Tensor) -> tuple[int, int]:
     return rows, cols
 
 
-def prior_2d(p: torch.Tensor | None, rows: int, cols: int):
+def view_2d(p: torch.Tensor | None, rows: int, cols: int):
+    """(p as (rows, cols), row stride, col stride): a view, read in place, whenever the strides
+    allow it (a row-strided half of a split, a broadcast prior or mask); else a copy."""
     if p is None:
         return None, 0, 0
-    p2 = p.reshape(rows, cols)  # a view when the broadcast strides allow it
+    p2 = p.reshape(rows, cols)
     return p2, p2.stride(0), p2.stride(1)
 
 

@@ -258,8 +258,8 @@ def _q_sample_kernel(x0_ptr, table_ptr, t_ptr, seed_ptr, xt_ptr, rows, cols, off
 @triton.jit
 def _mse_kernel(mo_ptr, x0_ptr, table_ptr, t_ptr, seed_ptr, gl_ptr, loss_ptr, part_ptr, gmo_ptr, gx0_ptr,
                 rows, cols, offset, n_table, t_stride, gamma: tl.float64, chunks,
-                PRED: tl.constexpr, SNR: tl.constexpr, BACKWARD: tl.constexpr, ACC_F64: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                PRED: tl.constexpr, SNR: tl.constexpr, BACKWARD: tl.constexpr, WRITE_GX0: tl.constexpr,
+                ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c, r1, r, c, inb, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
     rmask = r1 < rows
     sa, sb, w = _loss_row(table_ptr, t_ptr, t_stride, n_table, r1, rmask, PRED, SNR, gamma, ACC_F64)
@@ -281,7 +281,8 @@ def _mse_kernel(mo_ptr, x0_ptr, table_ptr, t_ptr, seed_ptr, gl_ptr, loss_ptr, pa
         g = load_acc(gl_ptr, r, r < rows, ACC_F64)
         gm = g * scale * 2.0 * d
         tl.store(gmo_ptr + idx, gm.to(gmo_ptr.dtype.element_ty), mask=inb)
-        tl.store(gx0_ptr + idx, (-gm * dt).to(gx0_ptr.dtype.element_ty), mask=inb)
+        if WRITE_GX0:  # only when x0 needs a gradient
+            tl.store(gx0_ptr + idx, (-gm * dt).to(gx0_ptr.dtype.element_ty), mask=inb)
     else:
         total = tl.sum(tl.where(inb, d * d * scale, 0.0), axis=1)
         if chunks == 1:
@@ -307,14 +308,17 @@ def q_sample(x0, alphas_cumprod, t, seed, offset) -> torch.Tensor:
     return xt
 
 
-def diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma):
+def diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma,
+                  write_grad_x0=True):
     """Forward (grad_loss None): the (B,) loss in float32 (float64 for float64). Backward:
-    (grad_model_output, grad_x0); grad_loss may come in float32 for float16/bfloat16 inputs."""
+    (grad_model_output, grad_x0), grad_x0 empty (0,) unless ``write_grad_x0``; grad_loss may
+    come in float32 for float16/bfloat16 inputs."""
     x0, mo = x0.contiguous(), model_output.contiguous()
     rows, cols = rows_cols(x0)
     backward = grad_loss is not None
     acc = reduction_dtype(x0.dtype)
-    outs = (empty(x0.shape, x0), empty(x0.shape, x0)) if backward else (empty((rows,), x0, acc),)
+    outs = ((empty(x0.shape, x0), empty(x0.shape if write_grad_x0 else (0,), x0)) if backward
+            else (empty((rows,), x0, acc),))
     if rows == 0 or (backward and cols == 0):
         return outs
     if cols == 0:
@@ -326,9 +330,11 @@ def diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, 
     _mse_kernel[grid](
         mo, x0, _table_for(x0, alphas_cumprod), t.contiguous(), seed,
         grad_loss.contiguous() if backward else dummy, dummy if backward else outs[0],
-        part if part is not None else dummy, outs[0] if backward else dummy, outs[1] if backward else dummy,
+        part if part is not None else dummy, outs[0] if backward else dummy,
+        outs[1] if backward and write_grad_x0 else dummy,
         rows, cols, offset, alphas_cumprod.shape[0], _stride(t), float(snr_gamma), chunks,
-        PRED=prediction, SNR=snr_gamma > 0, BACKWARD=backward, ACC_F64=acc == torch.float64,
+        PRED=prediction, SNR=snr_gamma > 0, BACKWARD=backward, WRITE_GX0=backward and write_grad_x0,
+        ACC_F64=acc == torch.float64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     if part is not None:

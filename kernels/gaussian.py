@@ -19,7 +19,7 @@ from .philox import randn_at
 from ._rowwise import empty as _empty
 from ._rowwise import exp_m1_m_x, expm1
 from ._rowwise import load_acc as _load
-from ._rowwise import prior_2d as _prior_2d
+from ._rowwise import view_2d as _view_2d
 from ._rowwise import reduction_dtype
 from ._rowwise import rows_cols as _rows_cols
 from ._rowwise import tile
@@ -29,13 +29,13 @@ from ._rowwise import tiles as _tiles
 @triton.jit
 def _gaussian_fwd_kernel(
     mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, part_ptr,
-    rows, cols, offset, pmu_sr, pmu_sc, plv_sr, plv_sc, chunks,
+    rows, cols, offset, mu_sr, mu_sc, lv_sr, lv_sc, pmu_sr, pmu_sc, plv_sr, plv_sc, chunks,
     SAMPLE: tl.constexpr, KL: tl.constexpr, PRIOR: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c, r1, r, c, mask, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
-    m = _load(mu_ptr, idx, mask, ACC_F64)
-    lv = _load(lv_ptr, idx, mask, ACC_F64)
+    m = _load(mu_ptr, r * mu_sr + c * mu_sc, mask, ACC_F64)
+    lv = _load(lv_ptr, r * lv_sr + c * lv_sc, mask, ACC_F64)
     if SAMPLE:
         seed = tl.load(seed_ptr)
         eps = randn_at(seed, offset + idx).to(m.dtype)
@@ -60,12 +60,12 @@ def _gaussian_fwd_kernel(
 def _gaussian_bwd_kernel(
     mu_ptr, lv_ptr, pmu_ptr, plv_ptr, seed_ptr, gz_ptr, gkl_ptr,
     gmu_ptr, glv_ptr, gpmu_ptr, gplv_ptr,
-    rows, cols, offset, pmu_sr, pmu_sc, plv_sr, plv_sc,
-    GZ: tl.constexpr, GKL: tl.constexpr, PRIOR: tl.constexpr, WRITE_GMU: tl.constexpr,
+    rows, cols, offset, mu_sr, mu_sc, lv_sr, lv_sc, pmu_sr, pmu_sc, plv_sr, plv_sc,
+    GZ: tl.constexpr, GKL: tl.constexpr, PRIOR: tl.constexpr, WRITE_GMU: tl.constexpr, WRITE_PRIOR: tl.constexpr,
     ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c, r1, r, c, mask, idx = tile(rows, cols, BLOCK_R, BLOCK_C)
-    lv = _load(lv_ptr, idx, mask, ACC_F64)
+    lv = _load(lv_ptr, r * lv_sr + c * lv_sc, mask, ACC_F64)
     g_mu = lv * 0.0
     g_lv = lv * 0.0
     if GZ:
@@ -76,7 +76,7 @@ def _gaussian_bwd_kernel(
         g_lv += 0.5 * g * tl.exp(0.5 * lv) * eps
     if GKL:
         gk = _load(gkl_ptr, r, r < rows, ACC_F64)
-        m = _load(mu_ptr, idx, mask, ACC_F64)
+        m = _load(mu_ptr, r * mu_sr + c * mu_sc, mask, ACC_F64)
         if PRIOR:
             pl = _load(plv_ptr, r * plv_sr + c * plv_sc, mask, ACC_F64)
             d = m - _load(pmu_ptr, r * pmu_sr + c * pmu_sc, mask, ACC_F64)
@@ -85,9 +85,10 @@ def _gaussian_bwd_kernel(
             dm = gk * d * inv_pvar
             g_mu += dm
             g_lv += 0.5 * gk * ratio_m1
-            tl.store(gpmu_ptr + idx, (-dm).to(gpmu_ptr.dtype.element_ty), mask=mask)
-            gpl = -0.5 * gk * (ratio_m1 + d * d * inv_pvar)
-            tl.store(gplv_ptr + idx, gpl.to(gplv_ptr.dtype.element_ty), mask=mask)
+            if WRITE_PRIOR:  # prior gradients only when asked for
+                tl.store(gpmu_ptr + idx, (-dm).to(gpmu_ptr.dtype.element_ty), mask=mask)
+                gpl = -0.5 * gk * (ratio_m1 + d * d * inv_pvar)
+                tl.store(gplv_ptr + idx, gpl.to(gplv_ptr.dtype.element_ty), mask=mask)
         else:
             g_mu += gk * m
             g_lv += 0.5 * gk * expm1(lv)
@@ -107,10 +108,11 @@ def gaussian_forward(
     kl: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """z (shape of mu) when ``sample``, per-row KL (B,) in float32 (float64 for float64) when
-    ``kl``. Priors are expanded to mu (any strides)."""
-    mu = mu.contiguous()
-    logvar = logvar.contiguous()
+    ``kl``. mu and logvar are read in place through (row, col) strides when their (B, N) view
+    is one (the halves of a chunk()ed encoder output); priors are expanded to mu (any strides)."""
     rows, cols = _rows_cols(mu)
+    mu2, mu_sr, mu_sc = _view_2d(mu, rows, cols)
+    lv2, lv_sr, lv_sc = _view_2d(logvar, rows, cols)
     acc = reduction_dtype(mu.dtype)
     z = _empty(mu.shape, mu) if sample else None
     kl_out = _empty((rows,), mu, acc) if kl else None
@@ -118,13 +120,13 @@ def gaussian_forward(
         return z, kl_out
     block_r, block_c, chunks, grid = _tiles(rows, cols)
     part = _empty((rows, chunks), mu, acc) if kl and chunks > 1 else None
-    pmu, pmu_sr, pmu_sc = _prior_2d(prior_mu, rows, cols)
-    plv, plv_sr, plv_sc = _prior_2d(prior_logvar, rows, cols)
+    pmu, pmu_sr, pmu_sc = _view_2d(prior_mu, rows, cols)
+    plv, plv_sr, plv_sc = _view_2d(prior_logvar, rows, cols)
     _gaussian_fwd_kernel[grid](
-        mu, logvar, pmu if pmu is not None else mu, plv if plv is not None else mu,
-        seed if seed is not None else mu, z if z is not None else mu,
-        kl_out if kl_out is not None else mu, part if part is not None else mu,
-        rows, cols, offset, pmu_sr, pmu_sc, plv_sr, plv_sc, chunks,
+        mu2, lv2, pmu if pmu is not None else mu2, plv if plv is not None else mu2,
+        seed if seed is not None else mu2, z if z is not None else mu2,
+        kl_out if kl_out is not None else mu2, part if part is not None else mu2,
+        rows, cols, offset, mu_sr, mu_sc, lv_sr, lv_sc, pmu_sr, pmu_sc, plv_sr, plv_sc, chunks,
         SAMPLE=sample, KL=kl, PRIOR=pmu is not None, ACC_F64=acc == torch.float64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
@@ -143,32 +145,35 @@ def gaussian_backward(
     seed: torch.Tensor | None,
     offset: int,
     write_grad_mu: bool,
+    prior_grads: bool = True,
 ) -> list[torch.Tensor]:
-    """[grad_mu (if write_grad_mu), grad_logvar, grad_prior_mu, grad_prior_logvar (if prior)].
+    """[grad_mu (if write_grad_mu), grad_logvar, grad_prior_mu, grad_prior_logvar (if prior and prior_grads)].
     grad_kl may come in float32 for float16/bfloat16 inputs (the KL's dtype): loads convert."""
-    logvar = logvar.contiguous()
     rows, cols = _rows_cols(logvar)
     has_prior = prior_mu is not None
-    outs = [_empty(logvar.shape, logvar) for _ in range(int(write_grad_mu) + 1 + 2 * int(has_prior))]
+    write_prior = has_prior and prior_grads
+    outs = [_empty(logvar.shape, logvar) for _ in range(int(write_grad_mu) + 1 + 2 * int(write_prior))]
     if rows * cols == 0:
         return outs
     gmu = outs[0] if write_grad_mu else None
     glv = outs[int(write_grad_mu)]
-    gpmu, gplv = (outs[-2], outs[-1]) if has_prior else (None, None)
+    gpmu, gplv = (outs[-2], outs[-1]) if write_prior else (None, None)
     block_r, block_c, _, grid = _tiles(rows, cols)
-    pmu, pmu_sr, pmu_sc = _prior_2d(prior_mu, rows, cols)
-    plv, plv_sr, plv_sc = _prior_2d(prior_logvar, rows, cols)
-    mu_c = mu.contiguous() if mu is not None else logvar
-    dummy = logvar
+    pmu, pmu_sr, pmu_sc = _view_2d(prior_mu, rows, cols)
+    plv, plv_sr, plv_sc = _view_2d(prior_logvar, rows, cols)
+    lv2, lv_sr, lv_sc = _view_2d(logvar, rows, cols)  # read in place where the strides allow
+    mu2, mu_sr, mu_sc = _view_2d(mu, rows, cols) if mu is not None else (lv2, lv_sr, lv_sc)
+    dummy = lv2
     _gaussian_bwd_kernel[grid](
-        mu_c, logvar, pmu if pmu is not None else dummy, plv if plv is not None else dummy,
+        mu2, lv2, pmu if pmu is not None else dummy, plv if plv is not None else dummy,
         seed if seed is not None else dummy,
         grad_z.contiguous() if grad_z is not None else dummy,
         grad_kl.contiguous() if grad_kl is not None else dummy,
         gmu if gmu is not None else dummy, glv,
         gpmu if gpmu is not None else dummy, gplv if gplv is not None else dummy,
-        rows, cols, offset, pmu_sr, pmu_sc, plv_sr, plv_sc,
+        rows, cols, offset, mu_sr, mu_sc, lv_sr, lv_sc, pmu_sr, pmu_sc, plv_sr, plv_sc,
         GZ=grad_z is not None, GKL=grad_kl is not None, PRIOR=has_prior, WRITE_GMU=write_grad_mu,
+        WRITE_PRIOR=write_prior,
         ACC_F64=logvar.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return outs

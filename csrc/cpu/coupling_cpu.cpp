@@ -34,9 +34,9 @@ void forward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
                         [&](int64_t r, int64_t c0, int64_t c1) {
                           LaneSum<T> logdet;
                           const int64_t i0 = r * cols + c0;
-                          const T* __restrict xr = x + i0;
-                          const T* __restrict tr = sh + i0;
-                          const T* __restrict lr = ls + i0;
+                          const T* __restrict xr = x + r * a.x_stride_row + c0;
+                          const T* __restrict tr = sh + r * a.shift_stride_row + c0;
+                          const T* __restrict lr = ls + r * a.ls_stride_row + c0;
                           T* __restrict yr = y + i0;
                           logdet.add(c1 - c0, [&](int64_t j) {
                             const T m = MASK ? mk[r * a.mask_stride_row + (c0 + j) * a.mask_stride_col] : T(1);
@@ -87,8 +87,9 @@ void backward_kernel(const AffineArgs& a, const ParallelFor& parallel_for) {
     const T* mrow = MASK ? mk + r * a.mask_stride_row + c0 * a.mask_stride_col : nullptr;
     T* gtr = WRITE_GSHIFT ? gt + i0 : nullptr;
     const auto segment = [&](int64_t mstride) {
-      backward_segment<T, INVERSE, CLAMP, MASK, WRITE_GSHIFT>(n, c, gld[r], x + i0, sh + i0, ls + i0, gy + i0, mrow,
-                                                              mstride, gx + i0, gtr, gls + i0);
+      backward_segment<T, INVERSE, CLAMP, MASK, WRITE_GSHIFT>(
+          n, c, gld[r], x + r * a.x_stride_row + c0, sh + r * a.shift_stride_row + c0, ls + r * a.ls_stride_row + c0,
+          gy + i0, mrow, mstride, gx + i0, gtr, gls + i0);
     };
     // a literal stride lets the common mask layouts (contiguous, broadcast) vectorise
     if (!MASK || a.mask_stride_col == 1) {

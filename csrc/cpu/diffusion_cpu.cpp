@@ -135,7 +135,7 @@ void mse_kernel(const LossArgs& a, const ParallelFor& parallel_for) {
         if (gl != nullptr) {
           const T gm = g * scale * T(2) * d;
           gmo[i0 + j] = gm;
-          gx0[i0 + j] = -gm * dt;
+          if (gx0 != nullptr) gx0[i0 + j] = -gm * dt;  // only when x0 needs a gradient
         }
         return d * d;
       });

@@ -36,8 +36,8 @@ void forward_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
     for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
       const int64_t n = b0 + kBlock < c1 ? kBlock : c1 - b0;
       const int64_t i0 = r * cols + b0;
-      const T* __restrict m = mu + i0;
-      const T* __restrict l = lv + i0;
+      const T* __restrict m = mu + r * a.mu_stride_row + b0;
+      const T* __restrict l = lv + r * a.lv_stride_row + b0;
       if constexpr (SAMPLE) {
         fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
         T* __restrict zo = z + i0;
@@ -75,13 +75,15 @@ void backward_kernel(const GaussianBwdArgs& a, const ParallelFor& parallel_for) 
   for_each_row_chunk<T, T>(a.rows, cols, parallel_for, nullptr, T(0), [&](int64_t r, int64_t c0, int64_t c1) {
     alignas(64) float eps[kBlock];
     const T gk = GKL ? gkl[r] : T(0);
+    const T* __restrict mur = mu + r * a.mu_stride_row;
+    const T* __restrict lvr = lv + r * a.lv_stride_row;
     for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
       const int64_t n = b0 + kBlock < c1 ? kBlock : c1 - b0;
       const int64_t i0 = r * cols + b0;
       if constexpr (GZ) fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t i = i0 + j;
-        const T l = lv[i];
+        const T l = lvr[b0 + j];
         T g_mu = 0, g_lv = 0;
         if constexpr (GZ) {
           g_mu = gz[i];
@@ -91,10 +93,15 @@ void backward_kernel(const GaussianBwdArgs& a, const ParallelFor& parallel_for) 
           T k_mu, k_lv;
           if constexpr (PRIOR) {
             const int64_t c = b0 + j;
-            kl_grad_prior(gk, mu[i], l, pmu[r * a.pmu_stride_row + c * a.pmu_stride_col],
-                          plv[r * a.plv_stride_row + c * a.plv_stride_col], k_mu, k_lv, gpmu[i], gplv[i], CExp{});
+            T p_mu, p_lv;
+            kl_grad_prior(gk, mur[b0 + j], l, pmu[r * a.pmu_stride_row + c * a.pmu_stride_col],
+                          plv[r * a.plv_stride_row + c * a.plv_stride_col], k_mu, k_lv, p_mu, p_lv, CExp{});
+            if (gpmu != nullptr) {  // prior gradients only when asked for (loop-invariant)
+              gpmu[i] = p_mu;
+              gplv[i] = p_lv;
+            }
           } else {
-            kl_grad_standard(gk, mu[i], l, k_mu, k_lv, CExp{});
+            kl_grad_standard(gk, mur[b0 + j], l, k_mu, k_lv, CExp{});
           }
           g_mu += k_mu;
           g_lv += k_lv;

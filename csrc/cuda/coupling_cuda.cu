@@ -27,7 +27,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = r * a.cols + col;
       const A m = MASK ? to_acc(mk[r * a.mask_stride_row + col * a.mask_stride_col]) : A(1);
       A s;
-      y[i] = from_acc<T>(affine_element<INVERSE, CLAMP>(c, to_acc(x[i]), to_acc(sh[i]), to_acc(ls[i]), m, s, FExp{}));
+      y[i] = from_acc<T>(affine_element<INVERSE, CLAMP>(c, to_acc(x[r * a.x_stride_row + col]), to_acc(sh[r * a.shift_stride_row + col]),
+        to_acc(ls[r * a.ls_stride_row + col]), m, s, FExp{}));
       acc += s;
     }
   }
@@ -57,7 +58,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = r * a.cols + col;
     const A m = MASK ? to_acc(mk[r * a.mask_stride_row + col * a.mask_stride_col]) : A(1);
     A g_x, g_t, g_ls;
-    affine_element_backward<INVERSE, CLAMP>(c, to_acc(x[i]), to_acc(sh[i]), to_acc(ls[i]), m, to_acc(gy[i]), g_logdet,
+    affine_element_backward<INVERSE, CLAMP>(c, to_acc(x[r * a.x_stride_row + col]), to_acc(sh[r * a.shift_stride_row + col]),
+        to_acc(ls[r * a.ls_stride_row + col]), m, to_acc(gy[i]), g_logdet,
                                             g_x, g_t, g_ls, FExp{});
     gx[i] = from_acc<T>(g_x);
     if constexpr (WRITE_GSHIFT) gt[i] = from_acc<T>(g_t);

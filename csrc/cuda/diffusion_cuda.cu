@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) mse_kernel(LossArgs a, int group, in
       if constexpr (BACKWARD) {
         const A gm = g * scale * A(2) * d;
         static_cast<T*>(a.grad_model_output)[i] = from_acc<T>(gm);
-        static_cast<T*>(a.grad_x0)[i] = from_acc<T>(-gm * dt);
+        if (a.grad_x0 != nullptr) static_cast<T*>(a.grad_x0)[i] = from_acc<T>(-gm * dt);
       }
       acc += d * d;
     }

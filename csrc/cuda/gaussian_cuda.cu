@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 4
     for (int64_t c = tk.c0 + tk.lane; c < tk.c1; c += group) {
       const int64_t i = r * a.cols + c;
-      const A m = to_acc(mu[i]), l = to_acc(lv[i]);
+      const A m = to_acc(mu[r * a.mu_stride_row + c]), l = to_acc(lv[r * a.lv_stride_row + c]);
       if constexpr (SAMPLE) {
         const A eps = static_cast<A>(philox_normal(seed, a.offset + static_cast<uint64_t>(i)));
         z[i] = from_acc<T>(reparam_sample(m, l, eps, FExp{}));
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 4
   for (int64_t c = tk.c0 + tk.lane; c < tk.c1; c += group) {
     const int64_t i = r * a.cols + c;
-    const A l = to_acc(lv[i]);
+    const A l = to_acc(lv[r * a.lv_stride_row + c]);
     A g_mu = 0, g_lv = 0;
     if constexpr (GZ) {
       const A g = to_acc(gz[i]);
@@ -77,14 +77,16 @@ __global__ void __launch_bounds__(kThreads)
       g_lv = reparam_grad_logvar(g, l, eps, FExp{});
     }
     if constexpr (GKL) {
-      const A m = to_acc(mu[i]);
+      const A m = to_acc(mu[r * a.mu_stride_row + c]);
       A k_mu, k_lv;
       if constexpr (PRIOR) {
         A k_pmu, k_plv;
         kl_grad_prior(gk, m, l, to_acc(pmu[r * a.pmu_stride_row + c * a.pmu_stride_col]),
                       to_acc(plv[r * a.plv_stride_row + c * a.plv_stride_col]), k_mu, k_lv, k_pmu, k_plv, FExp{});
-        gpmu[i] = from_acc<T>(k_pmu);
-        gplv[i] = from_acc<T>(k_plv);
+        if (gpmu != nullptr) {  // prior gradients only when asked for
+          gpmu[i] = from_acc<T>(k_pmu);
+          gplv[i] = from_acc<T>(k_plv);
+        }
       } else {
         kl_grad_standard(gk, m, l, k_mu, k_lv, FExp{});
       }

@@ -93,9 +93,19 @@ def affine_coupling(
     op = _pick(_AFFINE_OPS, "affine_coupling", backend, x, kt)
     if op is None:
         return affine_coupling_ref(x, shift, log_scale, inverse=inverse, soft_clamp=soft_clamp, mask=mask)
-    m = mask.to(kt).expand(x.shape) if mask is not None else None
+    m = _mask_rows(mask, x, kt) if mask is not None else None
     y, logdet = op(cast(x, kt), cast(shift, kt), cast(log_scale, kt), m, inverse, float(soft_clamp or 0.0))
     return y.to(dt), logdet
+
+
+def _mask_rows(mask: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask as a view of x's shape for the kernels. A mask shared by every sample (Glow's
+    per-channel (C, 1, 1), a checkerboard (1, C, H, W)) is materialised as one row of N
+    elements and read with row stride 0, never as a B x N tensor."""
+    if mask.dim() < x.dim() or mask.shape[0] == 1:
+        row = torch.broadcast_to(mask.to(dtype), (1, *x.shape[1:])).contiguous()
+        return row.expand(x.shape)
+    return mask.to(dtype).expand(x.shape)
 
 
 def _pick(ops: dict, op_name: str, backend: str | None, x: Tensor, dtype: torch.dtype):

@@ -737,8 +737,9 @@ if "triton" in _backend.available_backends():
     @torch.library.custom_op("pygen::triton_diffusion_mse_backward", mutates_args=())
     def _triton_diffusion_mse_backward(grad_loss: Tensor, model_output: Tensor, x0: Tensor, alphas_cumprod: Tensor,
                                        t: Tensor, seed: Tensor, offset: int, prediction: int,
-                                       snr_gamma: float) -> tuple[Tensor, Tensor]:
-        return _tkd.diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma)
+                                       snr_gamma: float, write_grad_x0: bool = True) -> tuple[Tensor, Tensor]:
+        return _tkd.diffusion_mse(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma,
+                                  write_grad_x0)
 
     _TRAIN_OPS["triton"] = (torch.ops.pygen.triton_q_sample, torch.ops.pygen.triton_diffusion_mse,
                             torch.ops.pygen.triton_diffusion_mse_backward)
@@ -757,8 +758,8 @@ def _register_train(prefix: str) -> None:
         return x0.new_empty(x0.shape[:1], dtype=row_dtype(x0.dtype))
 
     @torch.library.register_fake(f"pygen::{prefix}diffusion_mse_backward")
-    def _(grad_loss, model_output, x0, *args):
-        return x0.new_empty(x0.shape), x0.new_empty(x0.shape)
+    def _(grad_loss, model_output, x0, alphas_cumprod, t, seed, offset, prediction, snr_gamma, write_grad_x0=True):
+        return x0.new_empty(x0.shape), x0.new_empty(x0.shape if write_grad_x0 else (0,))
 
     # q_sample: d x_t / d x0 = sqrt(ab_t); eps is not needed.
     def q_setup(ctx, inputs, output):
@@ -787,8 +788,9 @@ def _register_train(prefix: str) -> None:
             grads = grads_via_reference(lambda m, x: diffusion_mse_ref(m, x, t, ac, eps, pred, snr_gamma or None),
                                         (mo, x0), ctx.needs_input_grad[:2], (grad,))
             return (*grads, None, None, None, None, None, None)
-        g_mo, g_x0 = bwd(grad, mo, x0, ac, t, seed, *ctx.rest)
-        return g_mo, g_x0 if ctx.needs_input_grad[1] else None, None, None, None, None, None, None
+        need_x0 = ctx.needs_input_grad[1]  # grad_x0 is not even written unless x0 needs it
+        g_mo, g_x0 = bwd(grad, mo, x0, ac, t, seed, *ctx.rest, need_x0)
+        return g_mo, g_x0 if need_x0 else None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"pygen::{prefix}diffusion_mse", mse_backward, setup_context=mse_setup)
 

@@ -121,8 +121,8 @@ def _register_fakes_and_autograd(prefix: str) -> None:
         return mu.new_empty(mu.shape[:1], dtype=row_dtype(mu.dtype))
 
     @torch.library.register_fake(qual("gaussian_kl_backward"))
-    def _(grad_kl, mu, logvar, prior_mu, prior_logvar):
-        return [mu.new_empty(mu.shape) for _ in range(2 if prior_mu is None else 4)]
+    def _(grad_kl, mu, logvar, prior_mu, prior_logvar, prior_grads=True):
+        return [mu.new_empty(mu.shape) for _ in range(4 if prior_mu is not None and prior_grads else 2)]
 
     # reparameterize: dz/dmu = 1, dz/dlogvar = sigma * eps / 2 with eps regenerated from
     # (seed, offset): only logvar (an input) and the 8-byte seed are kept for backward.
@@ -176,9 +176,9 @@ def _register_fakes_and_autograd(prefix: str) -> None:
         if wants_graph():
             return tuple(grads_via_reference(gaussian_kl_ref, (mu, logvar, prior_mu, prior_logvar),
                                              ctx.needs_input_grad, (grad_kl,)))
-        grads = op("gaussian_kl_backward")(grad_kl, mu, logvar, prior_mu, prior_logvar)
-        if prior_mu is None:
-            return grads[0], grads[1], None, None
+        prior_grads = prior_mu is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        grads = op("gaussian_kl_backward")(grad_kl, mu, logvar, prior_mu, prior_logvar, prior_grads)
+        grads = list(grads) + [None] * (4 - len(grads))  # no prior gradients written unless asked for
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
     torch.library.register_autograd(qual("gaussian_kl"), backward_kl, setup_context=setup_kl)
@@ -229,9 +229,11 @@ if "triton" in _backend.available_backends():
 
     @torch.library.custom_op("pygen::triton_gaussian_kl_backward", mutates_args=())
     def _triton_gaussian_kl_backward(
-        grad_kl: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None
+        grad_kl: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
+        prior_grads: bool = True,
     ) -> list[Tensor]:
-        return _tk.gaussian_backward(None, grad_kl, mu, logvar, prior_mu, prior_logvar, None, 0, write_grad_mu=True)
+        return _tk.gaussian_backward(None, grad_kl, mu, logvar, prior_mu, prior_logvar, None, 0, write_grad_mu=True,
+                                     prior_grads=prior_grads)
 
     _register_fakes_and_autograd("triton_")
     _OPS["triton"] = SimpleNamespace(

@@ -1,6 +1,7 @@
 // Coupling transforms of normalizing flows: argument blocks shared by the CPU and CUDA
 // backends (raw pointers, no torch types). Same (rows, cols) = (B, prod(other dims))
-// view as pygen/gaussian.h; x, shift, log_scale, y and the gradients are contiguous; the
+// view as pygen/gaussian.h; y and the gradients are contiguous; x, shift and log_scale are
+// row-contiguous with their own row strides (the halves of a split read in place); the
 // optional mask is a broadcast view with its own strides, in x's dtype.
 #pragma once
 #include <cstdint>
@@ -19,6 +20,7 @@ struct AffineArgs {
   const void* log_scale = nullptr;
   const void* mask = nullptr;  // null: every element is transformed
   int64_t mask_stride_row = 0, mask_stride_col = 0;
+  int64_t x_stride_row = 0, shift_stride_row = 0, ls_stride_row = 0;  // cols when contiguous
   // forward outputs
   void* y = nullptr;
   void* logdet = nullptr;     // (rows,)

@@ -1,9 +1,11 @@
 // Diagonal-Gaussian ops shared by the CPU and CUDA backends: the argument blocks the
 // torch binding fills in (raw pointers, no torch types) and the per-element math.
 //
-// Layout: every tensor is viewed as (rows, cols) = (B, prod(other dims)). mu, logvar,
-// z, grad_z and the gradients are contiguous; the prior may be a broadcast view, so it
-// carries its own (row, col) strides (0 for a broadcast dim).
+// Layout: every tensor is viewed as (rows, cols) = (B, prod(other dims)). z, grad_z and
+// the gradients are contiguous; mu and logvar are row-contiguous (each row's elements
+// contiguous) with their own row strides, so the halves of a chunk()ed encoder output are
+// read in place; the prior may be a broadcast view, so it carries its own (row, col)
+// strides (0 for a broadcast dim).
 #pragma once
 #include <cstdint>
 #include "pygen/philox.h"
@@ -20,6 +22,7 @@ struct GaussianFwdArgs {
   const void* prior_mu = nullptr;      // null: standard-normal prior
   const void* prior_logvar = nullptr;  // set together with prior_mu
   int64_t pmu_stride_row = 0, pmu_stride_col = 0, plv_stride_row = 0, plv_stride_col = 0;
+  int64_t mu_stride_row = 0, lv_stride_row = 0;  // row strides of mu and logvar (cols: contiguous)
   const int64_t* seed = nullptr;  // host pointer on CPU, device pointer on CUDA
   uint64_t offset = 0;            // counter of element (r, c) is offset + r * cols + c
   void* z = nullptr;              // null: do not sample
@@ -35,14 +38,15 @@ struct GaussianBwdArgs {
   const void* prior_mu = nullptr;
   const void* prior_logvar = nullptr;
   int64_t pmu_stride_row = 0, pmu_stride_col = 0, plv_stride_row = 0, plv_stride_col = 0;
+  int64_t mu_stride_row = 0, lv_stride_row = 0;  // row strides of mu and logvar (cols: contiguous)
   const int64_t* seed = nullptr;  // needed for the sampling term only
   uint64_t offset = 0;
   const void* grad_z = nullptr;   // null: z had no gradient
   const void* grad_kl = nullptr;  // null: kl had no gradient; else (rows,)
   void* grad_mu = nullptr;        // null: caller uses grad_z as grad_mu
   void* grad_logvar = nullptr;
-  void* grad_prior_mu = nullptr;      // full (rows, cols); caller reduces broadcast dims
-  void* grad_prior_logvar = nullptr;
+  void* grad_prior_mu = nullptr;      // full (rows, cols), or null: not asked for; caller reduces broadcast dims
+  void* grad_prior_logvar = nullptr;  // set together with grad_prior_mu
   void* workspace = nullptr;  // unused: the backward needs no scratch
 };
 
