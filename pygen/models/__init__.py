@@ -1,0 +1,14 @@
+"""Generative models behind one interface (:class:`GenerativeModel`), and :func:`load`.
+
+>>> import torch, pygen.models
+>>> model = pygen.models.Flow("realnvp", (2,), hidden=16, n_layers=2)
+>>> model.loss(torch.randn(8, 2))["loss"].shape
+torch.Size([])
+>>> model.sample(4, seed=0).shape
+torch.Size([4, 2])
+"""
+
+from pygen.models.base import GenerativeModel, families, load
+from pygen.models.flow import Flow
+
+__all__ = ["GenerativeModel", "Flow", "load", "families"]

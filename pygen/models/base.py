@@ -1,0 +1,257 @@
+"""The interface every generative model of pygen implements, and :func:`load`.
+
+A model is an ``nn.Module`` with a JSON-serialisable ``config`` (``type(model)(**config)``
+rebuilds it) and a family name registered by subclassing::
+
+    class Flow(GenerativeModel, family="flow"): ...
+
+Required: ``loss(batch) -> {"loss": scalar, ...named terms}`` and ``sample(n, *, seed=,
+generator=, offset=, **cond) -> (n, *data_shape)``. The trainer (:func:`pygen.train.fit`)
+calls only the methods below, so a new family needs no trainer change:
+
+- ``setup(batch)``: once, on a fresh run, with the first global batch, before DDP wraps the
+  model (data-dependent initialisation such as ActNorm: every rank sees the same batch).
+- ``configure_optimizers(lr) -> list[Optimizer]`` (or ``(optimizers, schedulers)``).
+- ``training_step(batch, step, optimizers, *, forward, grad_clip) -> dict``: one update; a GAN
+  overrides it to alternate D and G. ``forward`` is the trainer's wrapper of ``self``
+  (DistributedDataParallel, torch.compile): call it instead of ``self.loss`` so that
+  gradients are all-reduced. ``model.forward(*a, **k)`` is ``model.loss(*a, **k)``.
+- ``ema_decay``: a float makes the trainer keep an EMA of the weights.
+- ``evaluate_step(batch) -> dict``: the loss terms without gradient by default.
+
+Files: :meth:`GenerativeModel.save` writes ``{"family", "config", "model", "versions"}``;
+the trainer's checkpoints (``ckpt-<step>.pt``) hold the same keys and more (``"ema"``,
+optimizer and RNG states). :func:`load` reads either, or a training directory (the
+checkpoint its ``latest`` file names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "GenerativeModel",
+    "load",
+    "families",
+    "save_atomic",
+    "write_text_atomic",
+    "checkpoints",
+    "resolve_checkpoint",
+    "versions",
+]
+
+_REGISTRY: dict[str, type[GenerativeModel]] = {}
+LATEST = "latest"  # the file in a training directory naming its newest checkpoint
+_CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+
+Batch = Any  # a Tensor, or a tuple (x, labels): what the trainer hands to loss()
+
+
+class GenerativeModel(nn.Module):
+    """Base class of pygen's generative models (see the module docstring for the contract).
+
+    Subclasses set ``self.config`` in ``__init__`` (JSON-serialisable keyword arguments of
+    their constructor) and register with ``class X(GenerativeModel, family="name")``. A
+    subclass without ``family=`` is saved under its parent's family and loads as the parent.
+    """
+
+    family: ClassVar[str]
+    default_lr: ClassVar[float] = 1e-3
+    config: dict[str, Any]
+    ema_decay: float | None = None
+
+    def __init_subclass__(cls, family: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if family is None:
+            return
+        old = _REGISTRY.get(family)
+        # the same class re-imported (e.g. module reload) may re-register; another may not
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"model family {family!r} is already registered by {old.__module__}.{old.__qualname__}")
+        cls.family = family
+        _REGISTRY[family] = cls
+
+    # ---- required -------------------------------------------------------------------
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """Named loss terms of a batch; ``"loss"`` is the scalar to minimise."""
+        raise NotImplementedError
+
+    def sample(
+        self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, offset: int = 0, **cond: Any
+    ) -> Tensor:
+        """(n, *data_shape) samples in the data's range; sample i depends on (seed, offset + i) only."""
+        raise NotImplementedError
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        # DDP and torch.compile wrap forward: routing loss through it is what makes them apply
+        return self.loss(*args, **kwargs)
+
+    # ---- optional hooks used by the trainer -------------------------------------------
+    def setup(self, batch: Batch) -> None:
+        """Data-dependent initialisation from the first global batch (fresh runs only). Default: none."""
+
+    def configure_optimizers(self, lr: float | None = None) -> list[torch.optim.Optimizer]:
+        """One Adam over all parameters (``lr`` or the class's ``default_lr``)."""
+        return [torch.optim.Adam(self.parameters(), lr=self.default_lr if lr is None else lr)]
+
+    def training_step(
+        self,
+        batch: Batch,
+        step: int,
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        forward: Callable[..., dict[str, Tensor]] | None = None,
+        grad_clip: float | None = None,
+    ) -> dict[str, Tensor]:
+        """One update (step is 0-based): zero_grad, loss backward, clip the grad norm, step.
+
+        Returns the detached loss terms, plus ``"grad_norm"`` (before clipping) when clipping.
+        """
+        terms = (self if forward is None else forward)(batch)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        out = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
+        if grad_clip is not None:
+            out["grad_norm"] = nn.utils.clip_grad_norm_(self.parameters(), grad_clip)
+        for opt in optimizers:
+            opt.step()
+        return out
+
+    @torch.no_grad()
+    def evaluate_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Loss terms of a held-out batch, without gradient (the trainer averages them)."""
+        return self.loss(batch)
+
+    # ---- files ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``{"family", "config", "model", "versions"}`` to ``path`` atomically (temp file + rename)."""
+        save_atomic(
+            {"family": self.family, "config": _json_config(self), "model": self.state_dict(), "versions": versions()},
+            path,
+        )
+
+
+def _json_config(model: GenerativeModel) -> dict[str, Any]:
+    """model.config through a JSON round trip: fails early if it is not serialisable, and
+    normalises tuples to lists so that configs compare equal after a save/load."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        raise TypeError(f"{type(model).__name__}.config must be a dict of constructor arguments")
+    try:
+        return json.loads(json.dumps(config))
+    except TypeError as e:
+        raise TypeError(f"{type(model).__name__}.config is not JSON-serialisable: {e}") from None
+
+
+def families() -> dict[str, type[GenerativeModel]]:
+    """The registered families: name -> class."""
+    return dict(_REGISTRY)
+
+
+def versions() -> dict[str, str]:
+    import pygen  # the package root, to read its version (nothing above models is imported)
+
+    return {"pygen": str(pygen.__version__), "torch": str(torch.__version__)}  # plain str: weights_only loads
+
+
+# ---- atomic files ---------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    # the rename itself is durable only once the directory entry is on disk (POSIX)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
+    """Write via a temp file in the same directory, fsync, then os.replace: ``path`` is
+    always either its old complete content or the new one, whatever happens in between."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: leave no temp file behind
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, atomically."""
+    _write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text), "w")
+
+
+def checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The ``ckpt-<step>.pt`` files of a directory as (step, path), oldest first."""
+    d = Path(directory)
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT_RE.match(p.name))] if d.is_dir() else []
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
+    """A checkpoint file: ``path`` itself, or for a directory the one its ``latest`` names
+    (the newest ``ckpt-*.pt`` when there is no ``latest``); None for a directory without one."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint or directory at {path}")
+        return path
+    latest = path / LATEST
+    if latest.exists():
+        name = latest.read_text().strip()
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{latest} names {name!r}, which does not exist")
+        return path / name
+    found = checkpoints(path)
+    return found[-1][1] if found else None
+
+
+def load(path: str | os.PathLike, *, ema: bool = True, map_location: str | torch.device = "cpu") -> GenerativeModel:
+    """Rebuild a model from a file written by :meth:`GenerativeModel.save` or the trainer, or
+    from a training directory (its latest checkpoint).
+
+    ema=True takes the EMA weights when the checkpoint has them (the raw weights otherwise).
+    The model is returned in eval mode on ``map_location``.
+    """
+    file = resolve_checkpoint(path)
+    if file is None:
+        raise FileNotFoundError(f"{path} holds no checkpoint (no {LATEST} file, no ckpt-*.pt)")
+    ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    family = ckpt.get("family")
+    if family not in _REGISTRY:
+        import pygen.models  # noqa: F401  registers the built-in families
+
+    if family not in _REGISTRY:
+        raise ValueError(f"{file}: unknown model family {family!r}; registered: {sorted(_REGISTRY)}")
+    model = _REGISTRY[family](**ckpt["config"])
+    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(state)
+    return model.to(map_location).eval()

@@ -1,0 +1,403 @@
+"""The training loop: :func:`fit`."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import default_collate
+
+from pygen.models.base import GenerativeModel, _json_config, versions, write_text_atomic
+from pygen.train import ddp
+from pygen.train.checkpoint import (
+    describe,
+    is_run_directory,
+    read_checkpoint,
+    remove_temp_files,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+
+__all__ = ["fit", "TrainingDiverged", "BatchOrder", "as_tensors"]
+
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss term became NaN or inf. ``step`` (1-based) is the step that produced it and
+    ``checkpoint`` the last good checkpoint written (None if none was)."""
+
+    def __init__(self, message: str, *, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+# ---- data -----------------------------------------------------------------------------
+
+
+def as_tensors(data: Any) -> tuple[Tensor, Tensor | None]:
+    """(x (N, ...), labels (N,) or None) from a tensor, an (x, labels) pair, an object with
+    ``.data`` [and ``.labels``] tensor fields (pygen.data's data sets), or a map-style Dataset
+    (its items are collated into memory)."""
+    if isinstance(data, Tensor):
+        x, labels = data, None
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, labels = data
+    elif isinstance(getattr(data, "data", None), Tensor):
+        x, labels = data.data, getattr(data, "labels", None)
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = default_collate([data[i] for i in range(len(data))])
+        x, labels = (items, None) if isinstance(items, Tensor) else (items[0], items[1] if len(items) > 1 else None)
+    else:
+        raise TypeError(
+            f"data must be a tensor, (tensor, labels), an object with .data, or a Dataset; got {type(data).__name__}"
+        )
+    if x.dim() == 0 or len(x) == 0:
+        raise ValueError(f"data must be a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
+    if labels is not None and len(labels) != len(x):
+        raise ValueError(f"{len(labels)} labels for {len(x)} examples")
+    return x, labels
+
+
+class BatchOrder:
+    """The global batch of step k (0-based) as a pure function of (seed, k).
+
+    Examples are an endless stream of epochs, epoch e being the permutation drawn from
+    (seed, e) (not from a running generator, so a resumed run needs no data state); batch k
+    holds stream positions [k B, (k + 1) B). Rank r of W takes the slice [r B/W, (r+1) B/W).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:  # a batch spans at most a few epochs: keep the cache small
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = torch.from_numpy(rng.permutation(self.n))
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> Tensor:
+        """(batch_size,) int64 example indices of the global batch at ``step``."""
+        pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epoch = pos // self.n
+        out = torch.empty_like(pos)
+        for e in epoch.unique().tolist():
+            m = epoch == e
+            out[m] = self._perm(e)[pos[m] % self.n]
+        return out
+
+
+def _batch(x: Tensor, labels: Tensor | None, idx: Tensor | slice, device: torch.device) -> Any:
+    xb = x[idx].to(device, non_blocking=True)
+    return xb if labels is None else (xb, labels[idx].to(device, non_blocking=True))
+
+
+# ---- helpers --------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    # one stream per rank (dequantisation noise, dropout differ across shards); weights are
+    # rank 0's anyway (DDP broadcasts them)
+    s = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def _optimizers(model: GenerativeModel, lr: float | None) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+    got = model.configure_optimizers(lr)
+    if isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], (list, tuple)):
+        return list(got[0]), list(got[1])
+    return (list(got) if isinstance(got, (list, tuple)) else [got]), []
+
+
+def _check_resumable(model: GenerativeModel, ckpt: dict[str, Any], path: Path, train: dict[str, int]) -> None:
+    config = _json_config(model)
+    if ckpt.get("family") != model.family or ckpt.get("config") != config:
+        old = ckpt.get("config") or {}
+        keys = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise ValueError(
+            f"cannot resume from {path}: it holds a {ckpt.get('family')!r} model with config {old}, "
+            f"this is a {model.family!r} model with config {config} (differs in {keys}). "
+            f"Use the same model, or another out directory."
+        )
+    for key, value in train.items():
+        if ckpt.get("train", {}).get(key) != value:
+            warnings.warn(
+                f"resuming {path} with {key}={value} (the run used {ckpt.get('train', {}).get(key)}): "
+                f"the continuation will not equal an uninterrupted run",
+                stacklevel=3,
+            )
+
+
+def _scalars(terms: dict[str, Any], device: torch.device) -> Tensor:
+    return torch.stack(
+        [torch.as_tensor(v.detach() if isinstance(v, Tensor) else v, device=device).float().mean() for v in terms.values()]
+    )
+
+
+@torch.no_grad()
+def _evaluate(
+    model: GenerativeModel, x: Tensor, labels: Tensor | None, batch_size: int, device: torch.device, seed: int
+) -> dict[str, float]:
+    """Example-weighted means of ``evaluate_step`` over the whole eval set.
+
+    Runs on a forked, fixed-seed RNG: the same noise (dequantisation) at every evaluation,
+    and the training stream is left untouched (exact resume does not depend on eval_every).
+    """
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for i in range(0, len(x), batch_size):
+            sl = slice(i, min(i + batch_size, len(x)))
+            terms = model.evaluate_step(_batch(x, labels, sl, device))
+            for k, v in zip(terms, _scalars(terms, device).tolist()):
+                sums[k] = sums.get(k, 0.0) + v * (sl.stop - sl.start)
+    model.train(was_training)
+    return {k: v / len(x) for k, v in sums.items()}
+
+
+def _training_state(
+    model: GenerativeModel, ema: AveragedModel | None, optimizers: list[torch.optim.Optimizer], schedulers: list[Any]
+) -> dict[str, Any]:
+    """The model, EMA, optimizer and scheduler parts of a checkpoint."""
+    return {
+        "family": model.family,
+        "config": _json_config(model),
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+        "optimizers": [o.state_dict() for o in optimizers],
+        "schedulers": [s.state_dict() for s in schedulers],
+    }
+
+
+def _rewrite_metrics(path: Path, upto: int) -> None:
+    """Keep the records of steps <= upto: a killed run may have logged past its last checkpoint."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= upto:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            pass
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+# ---- the loop -------------------------------------------------------------------------
+
+
+def fit(
+    model: GenerativeModel,
+    data: Any,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 100,
+    eval_every: int = 1000,
+    eval_data: Any = None,
+    checkpoint_every: int = 1000,
+    keep: int = 2,
+    grad_clip: float | None = None,
+    compile: bool | str = False,
+    device: str | torch.device | None = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` for ``steps`` optimizer steps (in total, counting resumed ones).
+
+    Args:
+        data: x (N, ...), (x, labels), an object with ``.data``/``.labels``, or a Dataset;
+            held in memory, batched in a seeded order that is a pure function of (seed, step).
+        batch_size: the global batch; under torchrun each of W ranks takes a disjoint
+            batch_size / W slice of it.
+        lr: passed to ``model.configure_optimizers`` (None: the model's default).
+        seed: seeds python, numpy and torch (per rank) and fixes the data order. It does not
+            touch the model's initialisation, which happened before: seed that yourself.
+        out: the run directory: ``ckpt-<step>.pt`` (every ``checkpoint_every`` steps and at
+            the end; the newest ``keep`` kept, all if keep <= 0), ``latest``, ``metrics.jsonl``.
+            A directory
+            that already holds a run needs ``resume=True``.
+        resume: continue from ``out/latest`` (weights, EMA, optimizers, schedulers, step,
+            RNG states): the result equals an uninterrupted run bitwise on CPU with the same
+            threads. Starts fresh if ``out`` holds no checkpoint yet. Refuses a checkpoint of
+            another model config.
+        log_every, eval_every: steps between records (mean loss terms over the window,
+            lr, steps/s, samples/s) and between evaluations of ``eval_data`` ("eval/<term>",
+            "eval_ema/<term>" with an EMA). Both also happen at the last step.
+        grad_clip: max grad norm, passed to the model's ``training_step``.
+        compile: torch.compile the model's forward (= loss); a string picks the backend.
+        device: default ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (NCCL on
+    CUDA, gloo on CPU); rank 0 writes checkpoints and metrics and evaluates.
+
+    Returns the records (also written to ``out/metrics.jsonl``): dicts with "step" (steps
+    completed) and float values. Raises :class:`TrainingDiverged` on a NaN/inf loss term.
+    """
+    if not isinstance(model, GenerativeModel):
+        raise TypeError(f"model must be a pygen.models.GenerativeModel, got {type(model).__name__}")
+    counts = {"steps": steps, "batch_size": batch_size, "log_every": log_every, "eval_every": eval_every}
+    for name, v in {**counts, "checkpoint_every": checkpoint_every, "seed": seed}.items():
+        lowest = 0 if name in ("steps", "seed") else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+            raise ValueError(f"{name} must be an int >= {lowest}, got {v!r}")
+    info = ddp.setup(device)
+    try:
+        return _fit(
+            model, data, info, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, resume=resume,
+            progress=progress, log_every=log_every, eval_every=eval_every, eval_data=eval_data,
+            checkpoint_every=checkpoint_every, keep=keep, grad_clip=grad_clip, compile=compile,
+        )  # fmt: skip
+    finally:
+        ddp.teardown(info)
+
+
+def _fit(
+    model: GenerativeModel, data: Any, info: ddp.DistInfo, *, steps: int, batch_size: int, lr: float | None,
+    seed: int, out: str | Path | None, resume: bool, progress: bool, log_every: int, eval_every: int,
+    eval_data: Any, checkpoint_every: int, keep: int, grad_clip: float | None, compile: bool | str,
+) -> list[dict[str, float]]:  # fmt: skip
+    device, rank, world = info.device, info.rank, info.world_size
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the number of ranks ({world})")
+    x, labels = as_tensors(data)
+    ev = as_tensors(eval_data) if eval_data is not None else None
+    order, local = BatchOrder(len(x), batch_size, seed), batch_size // world
+    train_settings = {"seed": seed, "batch_size": batch_size, "world_size": world}
+    _seed_everything(seed, rank)
+    model.to(device).train()
+
+    out_dir = Path(out) if out is not None else None
+    found = None
+    if out_dir is not None:
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_temp_files(out_dir)
+        if resume:
+            found = read_checkpoint(out_dir, map_location=device)
+        elif out_dir.is_dir() and is_run_directory(out_dir):
+            raise FileExistsError(f"{out_dir} already holds a training run: pass resume=True to continue it, or another out")
+
+    start, last_ckpt = 0, None
+    if found is not None:
+        ckpt, last_ckpt = found
+        _check_resumable(model, ckpt, last_ckpt, train_settings)
+        model.load_state_dict(ckpt["model"])
+        start = int(ckpt["step"])
+    else:
+        # the same (global) batch on every rank: data-dependent init agrees across ranks
+        model.setup(_batch(x, labels, order.indices(0), device))
+    optimizers, schedulers = _optimizers(model, lr)
+    ema = None
+    if model.ema_decay is not None:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(model.ema_decay), use_buffers=True)
+    if found is not None:
+        if len(ckpt["optimizers"]) != len(optimizers) or len(ckpt.get("schedulers", [])) != len(schedulers):
+            raise ValueError(f"cannot resume from {last_ckpt}: the model configures other optimizers/schedulers")
+        for o, s in zip(optimizers, ckpt["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(schedulers, ckpt.get("schedulers", [])):
+            sch.load_state_dict(s)
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.module.load_state_dict(ckpt["ema"])
+            ema.n_averaged.fill_(int(ckpt["ema_n_averaged"]))
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+
+    engine: nn.Module = ddp.wrap(model, info)
+    if compile:
+        engine = torch.compile(engine, backend="inductor" if compile is True else compile)
+
+    metrics = out_dir / METRICS if out_dir is not None and info.is_main else None
+    if metrics is not None:
+        _rewrite_metrics(metrics, start)
+    pbar = None
+    if progress and info.is_main and start < steps:
+        from tqdm.auto import tqdm  # the 'models' extra
+
+        pbar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+
+    history: list[dict[str, float]] = []
+    window: dict[str, float] = {}
+    window_n, t_last = 0, time.perf_counter()
+    try:
+        for step in range(start, steps):
+            k = step + 1  # steps completed after this one
+            batch = _batch(x, labels, order.indices(step)[rank * local : (rank + 1) * local], device)
+            terms = model.training_step(batch, step, optimizers, forward=engine, grad_clip=grad_clip)
+            for sch in schedulers:
+                sch.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            # one all-reduce: the global mean, so that all ranks log the same and stop together
+            values = dict(zip(terms, ddp.mean_over_ranks(_scalars(terms, device), info).tolist()))
+            bad = [name for name, v in values.items() if not math.isfinite(v)]
+            if bad:
+                found_bad = ", ".join(f"{n}={values[n]}" for n in bad)
+                raise TrainingDiverged(
+                    f"non-finite loss terms ({found_bad}) at training step {k}; "
+                    f"last good checkpoint: {describe(last_ckpt)}",
+                    step=k,
+                    checkpoint=last_ckpt,
+                )
+            for name, v in values.items():
+                window[name] = window.get(name, 0.0) + v
+            window_n += 1
+            if pbar is not None:
+                pbar.update(1)
+
+            record: dict[str, float] = {}
+            if k % log_every == 0 or k == steps:
+                rate = window_n / max(time.perf_counter() - t_last, 1e-9)
+                record.update({name: v / window_n for name, v in window.items()})
+                record.update(lr=optimizers[0].param_groups[0]["lr"], steps_per_s=rate, samples_per_s=rate * batch_size)
+                window, window_n = {}, 0
+                if pbar is not None:
+                    shown = {n: f"{v:.4g}" for n, v in record.items() if n in terms}
+                    pbar.set_postfix(shown | {"samples/s": f"{rate * batch_size:.4g}"})
+            if ev is not None and info.is_main and (k % eval_every == 0 or k == steps):
+                for prefix, module in (("eval", model), ("eval_ema", ema.module if ema is not None else None)):
+                    if module is not None:
+                        terms_ev = _evaluate(module, *ev, batch_size, device, seed)
+                        record.update({f"{prefix}/{n}": v for n, v in terms_ev.items()})
+            if out_dir is not None and (k % checkpoint_every == 0 or k == steps):
+                rngs = ddp.gather_objects(rng_state(), info)  # every rank's, for an exact resume
+                last_ckpt = out_dir / f"ckpt-{k}.pt"
+                if info.is_main:
+                    state = _training_state(model, ema, optimizers, schedulers)
+                    payload = {**state, "step": k, "rng": rngs, "train": train_settings, "versions": versions()}
+                    last_ckpt = write_checkpoint(out_dir, payload, keep)
+            if record:
+                record = {"step": k, **record}
+                history.append(record)
+                if metrics is not None:
+                    with open(metrics, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if "steps_per_s" in record:
+                t_last = time.perf_counter()  # eval and checkpoint time stays out of the rate
+    finally:
+        if pbar is not None:
+            pbar.close()
+    return history
