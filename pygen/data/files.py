@@ -1,0 +1,343 @@
+"""``load(spec)``: one entry point from a name or a path to tensors in memory.
+
+Built-in names: "digits", "digits16", "digits32", the :data:`~pygen.data.datasets.TOY2D`
+names and "patches". Paths: a folder of images, an .npz / .npy array, or MNIST-style IDX
+files. Every failure to read data is one :class:`DataError` (a ValueError) whose message
+names the file and what was expected, so a command-line tool can print it as one line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pygen.data.datasets import SPLITS, TOY2D, digits, patches, toy2d
+
+__all__ = ["DataError", "Data", "NAMES", "load", "train_test"]
+
+NAMES = ("digits", "digits16", "digits32", *TOY2D, "patches")
+#: points drawn for a toy2d name: train, and test (a different seed: seed + _TOY_TEST_SEED)
+_TOY_N = {"train": 10_000, "test": 2_000}
+_TOY_TEST_SEED = 1_000_003
+_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataError(ValueError):
+    """Data that could not be read: a missing, empty or malformed file, or an unknown name."""
+
+
+@dataclass(frozen=True)
+class Data:
+    """A data set in memory.
+
+    data: (N, C, H, W) float32 in [0, 1] for images, (N, D) float32 for points.
+    labels: (N,) int64 or None.  name: the spec it came from.  split: "train", "test" or "all".
+    ``lr`` is set for super-resolution data ("patches") only: the low-resolution inputs
+    (N, 3, h, w) of the images in ``data`` (the high-resolution targets).
+    """
+
+    data: Tensor
+    labels: Tensor | None
+    name: str
+    split: str = "all"
+    lr: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one example (no batch dim)."""
+        return tuple(self.data.shape[1:])
+
+    @property
+    def kind(self) -> str:
+        """"image" for (N, C, H, W) data, "points" for (N, D)."""
+        return "image" if self.data.dim() == 4 else "points"
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+def _fail(path: os.PathLike | str, what: str) -> DataError:
+    return DataError(f"{os.fspath(path)}: {what}")
+
+
+# ---------------------------------------------------------------------------------------
+# arrays -> images / points
+
+
+def _as_float(arr: np.ndarray, path: Path) -> Tensor:
+    """An array of images or points -> float32 tensor, images scaled to [0, 1]."""
+    if arr.dtype == np.uint8:
+        return torch.from_numpy(arr.astype(np.float32) / 255.0)
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise _fail(path, f"integer data must be 0..255 pixel values, got range [{arr.min()}, {arr.max()}]")
+        return torch.from_numpy(arr.astype(np.float32) / 255.0)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise _fail(path, f"expected a numeric array, got dtype {arr.dtype}")
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not torch.isfinite(t).all():
+        raise _fail(path, "array holds NaN or infinite values")
+    return t
+
+
+def _to_data(arr: np.ndarray, labels: np.ndarray | None, path: Path, split: str) -> Data:
+    """Shape rules: (N, D) points; (N, H, W) grayscale; (N, C, H, W) or (N, H, W, C) images
+    (channels-last when the last dim is 1, 3 or 4 and dim 1 is not); float images must lie in
+    [0, 1]; integer images are 0..255 and get divided by 255."""
+    if arr.ndim not in (2, 3, 4) or arr.shape[0] == 0:
+        raise _fail(
+            path,
+            f"expected (N, D) points or (N, H, W) / (N, C, H, W) / (N, H, W, C) images, N > 0; got shape {arr.shape}",
+        )
+    is_int = not np.issubdtype(arr.dtype, np.floating)
+    x = _as_float(arr, path)
+    if arr.ndim == 2:
+        if is_int:  # integer (N, D) data: ambiguous, treat as points but keep raw values
+            x = torch.from_numpy(arr.astype(np.float32))
+    else:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        elif x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.permute(0, 3, 1, 2)
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            lo, hi = float(x.min()), float(x.max())
+            raise _fail(path, f"float images must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+        x = x.contiguous()
+    y = None
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != x.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+            raise _fail(path, f"labels must be {x.shape[0]} integers, got shape {labels.shape} dtype {labels.dtype}")
+        y = torch.from_numpy(labels.astype(np.int64))
+    return Data(x, y, str(path), split)
+
+
+def _load_npy(path: Path, split: str) -> Data:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise _fail(path, f"not a readable .npy array ({e})") from None
+    return _to_data(arr, None, path, split)
+
+
+def _load_npz(path: Path, split: str) -> Data:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise _fail(path, f"not a readable .npz archive ({e})") from None
+    key = next((k for k in ("images", "x") if k in arrays), None)
+    if key is None:
+        if len(arrays) != 1:
+            want = "expected one array or keys 'images'/'x' (+ optional 'labels'/'y')"
+            raise _fail(path, f"{want}, found keys {sorted(arrays)}")
+        key = next(iter(arrays))
+    labels = next((arrays[k] for k in ("labels", "y") if k in arrays), None)
+    return _to_data(arrays[key], labels, path, split)
+
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _is_idx(path: Path) -> bool:
+    try:
+        with _open(path) as f:
+            head = f.read(4)
+    except (OSError, EOFError):
+        return False
+    return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES and head[3] >= 1
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """The IDX format of MNIST: magic (0, 0, dtype code, ndim), ndim big-endian int32 dims, data."""
+    try:
+        with _open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise _fail(path, f"not a readable IDX file ({e})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] < 1:
+        raise _fail(path, "expected an IDX file (magic bytes 00 00 <dtype> <ndim>)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise _fail(path, "IDX header is truncated")
+    dims = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
+    dt = np.dtype(_IDX_DTYPES[raw[2]])
+    count = int(np.prod(dims))
+    body = raw[4 + 4 * ndim :]
+    if len(body) != count * dt.itemsize:
+        raise _fail(path, f"IDX header says {dims} ({count * dt.itemsize} bytes of data), file has {len(body)}")
+    return np.frombuffer(body, dtype=dt).reshape(dims).astype(dt.newbyteorder("="))
+
+
+def _idx_labels_path(path: Path) -> Path | None:
+    """train-images-idx3-ubyte[.gz] -> train-labels-idx1-ubyte[.gz] (either compression)."""
+    name = path.name
+    if "images" not in name:
+        return None
+    stem = name.replace("images", "labels").replace("idx3", "idx1")
+    base = stem[:-3] if stem.endswith(".gz") else stem
+    for cand in (base, base + ".gz"):
+        if (path.parent / cand).is_file():
+            return path.parent / cand
+    return None
+
+
+def _load_idx(path: Path, split: str) -> Data:
+    arr = _read_idx(path)
+    if arr.ndim not in (3, 4):
+        raise _fail(path, f"expected IDX images (N, H, W), got shape {arr.shape}")
+    lp = _idx_labels_path(path)
+    labels = _read_idx(lp) if lp is not None else None
+    if labels is not None and labels.shape[0] != arr.shape[0]:
+        raise _fail(lp, f"has {labels.shape[0]} labels for {arr.shape[0]} images in {path.name}")
+    return _to_data(arr, labels, path, split)
+
+
+def _load_folder(path: Path, split: str) -> Data:
+    """Images in the folder (sorted by name), or in its sub-folders, one class each (labels:
+    the sorted sub-folder names' indices). All must have the same size: nothing is resized.
+    All grayscale -> 1 channel; otherwise RGB (alpha dropped)."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXT)
+    labels: list[int] | None = None
+    if not files:
+        classes = sorted(p for p in path.iterdir() if p.is_dir())
+        labels = []
+        for i, c in enumerate(classes):
+            found = sorted(p for p in c.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXT)
+            files += found
+            labels += [i] * len(found)
+    if not files:
+        raise _fail(path, f"folder holds no images (expected files ending in {sorted(_IMAGE_EXT)})")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except (OSError, UnidentifiedImageError) as e:
+            raise _fail(f, f"not a readable image ({e})") from None
+    gray = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in images)
+    arrays = []
+    for f, im in zip(files, images):
+        if gray:
+            a = np.asarray(im.convert("F"), dtype=np.float32)
+            a = a / (65535.0 if im.mode in ("I", "I;16") else 255.0)  # "F": assume 0..255 too
+            a = a[None]
+        else:
+            a = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        if arrays and a.shape != arrays[0].shape:
+            first = f"{arrays[0].shape[1:]} of {files[0].name}"
+            raise _fail(f, f"image size {a.shape[1:]} differs from {first}: all images must have one size")
+        arrays.append(a)
+    x = torch.from_numpy(np.stack(arrays)).clamp_(0, 1)
+    y = torch.tensor(labels, dtype=torch.int64) if labels is not None else None
+    return Data(x, y, str(path), split)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _seeded_split(d: Data, split: str, seed: int, test_fraction: float) -> Data:
+    """A fixed random held-out split of a file's data: a permutation from (seed)."""
+    if split == "all":
+        return d
+    n = len(d)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    n_test = max(1, round(n * test_fraction)) if n > 1 else 0
+    idx = perm[:n_test] if split == "test" else perm[n_test:]
+    idx = idx.sort().values  # keep the file's order within a split
+    labels = d.labels[idx] if d.labels is not None else None
+    lr = d.lr[idx] if d.lr is not None else None
+    return Data(d.data[idx], labels, d.name, split, lr)
+
+
+def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fraction: float = 0.2) -> Data:
+    """Load a data set by name or path -> :class:`Data` (tensors in memory, CPU).
+
+    Names (fixed splits, see each function): "digits" / "digits16" / "digits32"
+    (:func:`digits` at size 8 / 16 / 32, with labels); the :data:`TOY2D` names (``seed``
+    draws 10000 "train" points, 2000 "test" ones from seed + 1000003, "all" is train);
+    "patches" (:func:`patches` 32 px, scale 4: data = the 32 px targets, lr = 8 px inputs).
+
+    Paths:
+
+    - a folder of images (PNG, JPEG, ... via Pillow), directly inside it or one sub-folder
+      per class (labels = sorted sub-folder index). All images must have the same size (no
+      resizing: an odd one out is an error). All grayscale -> 1 channel, else RGB;
+    - ``.npy``: one array; ``.npz``: one array, or keys "images"/"x" and optional "labels"/"y";
+    - IDX files (MNIST's format, optionally .gz): the images file, e.g.
+      ``train-images-idx3-ubyte``; a labels file beside it (``train-labels-idx1-ubyte``)
+      is read when present.
+
+    Arrays: uint8 (or other integers 0..255) are divided by 255; (N, D) is points, (N, H, W)
+    grayscale images, (N, C, H, W) or channels-last (N, H, W, C) images; float images must
+    be in [0, 1]. File data is split ("train" / "test") by a permutation from ``seed``,
+    ``test_fraction`` held out. Anything unreadable raises :class:`DataError`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    s = os.fspath(spec)
+    if s in ("digits", "digits16", "digits32"):
+        x, y = digits(split, size={"digits": 8, "digits16": 16, "digits32": 32}[s])
+        return Data(x, y, s, split)
+    if s in TOY2D:
+        tsplit = "test" if split == "test" else "train"
+        tseed = seed + _TOY_TEST_SEED if tsplit == "test" else seed
+        return Data(toy2d(s, _TOY_N[tsplit], seed=tseed), None, s, split)
+    if s == "patches":
+        hr, lr = patches(32, 4, split)
+        return Data(hr, None, s, split, lr=lr)
+    path = Path(s)
+    if not path.exists():
+        raise _fail(
+            path,
+            f"no such file or folder; expected a data set name ({', '.join(NAMES)}) "
+            "or a path to a folder of images, .npz, .npy or IDX file",
+        )
+    if path.is_dir():
+        d = _load_folder(path, split)
+    elif path.stat().st_size == 0:
+        raise _fail(path, "file is empty")
+    elif path.suffix.lower() == ".npy":
+        d = _load_npy(path, split)
+    elif path.suffix.lower() == ".npz":
+        d = _load_npz(path, split)
+    elif _is_idx(path):
+        d = _load_idx(path, split)
+    else:
+        raise _fail(path, "unrecognised format: expected a folder of images, an .npz or .npy array, or an IDX file")
+    return _seeded_split(d, split, seed, test_fraction)
+
+
+def train_test(data: Data | str, *, seed: int = 0, test_fraction: float = 0.2) -> tuple[Data, Data]:
+    """The (train, test) pair of a data set.
+
+    Built-in names use their fixed splits (toy2d: train / test drawn with seeds ``seed`` /
+    ``seed + 1000003``), whatever split ``data`` holds. Other data: a ``split="all"`` Data is
+    split in memory by the seeded permutation :func:`load` uses; a train or test Data is
+    re-loaded from its path (its name) to get the other part.
+    """
+    if isinstance(data, str) or data.name in NAMES:
+        name = data if isinstance(data, str) else data.name
+        return load(name, "train", seed=seed), load(name, "test", seed=seed)
+    if data.split == "all":
+        return _seeded_split(data, "train", seed, test_fraction), _seeded_split(data, "test", seed, test_fraction)
+    if not Path(data.name).exists():
+        raise DataError(
+            f"{data.name}: a {data.split!r} split with no file to re-load the other part from; pass split='all' data"
+        )
+    kw = dict(seed=seed, test_fraction=test_fraction)
+    return load(data.name, "train", **kw), load(data.name, "test", **kw)

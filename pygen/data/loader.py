@@ -1,0 +1,127 @@
+"""Batches from tensors kept in memory, in an order that is a pure function of (seed, epoch).
+
+A trainer resumed at step k must see exactly the batches an uninterrupted run sees at step
+k. A running generator cannot give that without saving its state; here each epoch's
+permutation is drawn from a fresh generator seeded by (seed, epoch), so the position
+(epoch, batch) is all there is to restore: ``loader.batches_from(step)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["TensorData", "InMemoryLoader", "epoch_permutation"]
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio): spreads (seed, epoch) apart
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """A permutation of range(n) (int64, CPU) fixed by (seed, epoch) alone."""
+    s = (int(seed) * _MIX + int(epoch)) % (1 << 63)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(s))
+
+
+class TensorData(Dataset):
+    """A map-style Dataset over tensors sharing their first dim: item i is (t[i] for t in tensors)."""
+
+    def __init__(self, *tensors: Tensor) -> None:
+        if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors):
+            raise ValueError(f"TensorData needs tensors with one first dim, got {[tuple(t.shape) for t in tensors]}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
+        return tuple(t[i] for t in self.tensors)
+
+
+class InMemoryLoader:
+    """Shuffled batches from tensors in memory, resumable at any step, sharded over ranks.
+
+    ``tensors``: one tensor or a sequence sharing dim 0 (e.g. (images, labels)); a batch is
+    a tuple of slices (a single tensor when one was given), on the tensors' device.
+
+    Order: epoch e uses the permutation :func:`epoch_permutation` (N, seed, e) (identity when
+    ``shuffle=False``), the same on every rank. With ``world_size`` W > 1 (DDP) rank r takes
+    positions r, r + W, r + 2W, ... of the first W * (N // W) entries, so ranks get disjoint
+    index sets of equal size (they cover the data when W divides N; otherwise each epoch drops
+    N mod W of it, a different part every epoch), and every rank runs the same number of
+    steps. ``batch_size`` is per rank. ``drop_last`` drops an incomplete last batch.
+
+    Iterating yields one epoch (from the position :meth:`set_epoch` gave, else the start of
+    the current epoch) and then moves on to the next epoch. :meth:`batches_from` (step) is
+    the endless stream a trainer resumed at global step ``step`` uses: step k is batch
+    k mod len(self) of epoch k // len(self), whatever happened before.
+    """
+
+    def __init__(
+        self,
+        tensors: Tensor | Sequence[Tensor],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self._single = isinstance(tensors, Tensor)
+        self.tensors: tuple[Tensor, ...] = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
+        if not self.tensors or any(t.shape[0] != self.tensors[0].shape[0] for t in self.tensors):
+            raise ValueError(f"tensors must share their first dim, got {[tuple(t.shape) for t in self.tensors]}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+        self.n = self.tensors[0].shape[0]
+        self.per_rank = self.n // world_size
+        if self.per_rank < (batch_size if drop_last else 1):
+            raise ValueError(f"{self.n} examples over {world_size} rank(s) leave fewer than one batch of {batch_size}")
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return -(-self.per_rank // self.batch_size)
+
+    def indices(self, epoch: int) -> Tensor:
+        """This rank's example indices for ``epoch``, in order (int64, CPU)."""
+        order = epoch_permutation(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
+        return order[: self.per_rank * self.world_size][self.rank :: self.world_size]
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        """Make the next iteration yield ``epoch`` from batch ``position`` on."""
+        if not 0 <= position <= len(self):
+            raise ValueError(f"position must be in [0, {len(self)}], got {position}")
+        self.epoch, self.position = int(epoch), int(position)
+
+    def _batch(self, idx: Tensor) -> Tensor | tuple[Tensor, ...]:
+        out = tuple(t[idx.to(t.device)] for t in self.tensors)
+        return out[0] if self._single else out
+
+    def _epoch(self, epoch: int, start: int) -> Iterator[Tensor | tuple[Tensor, ...]]:
+        idx = self.indices(epoch)
+        for b in range(start, len(self)):
+            yield self._batch(idx[b * self.batch_size : (b + 1) * self.batch_size])
+
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, ...]]:
+        epoch, start = self.epoch, self.position
+        self.epoch, self.position = epoch + 1, 0  # the next iteration is the next epoch
+        yield from self._epoch(epoch, start)
+
+    def batches_from(self, step: int = 0) -> Iterator[Tensor | tuple[Tensor, ...]]:
+        """Endless batches starting at global step ``step`` (epoch step // len, batch step % len)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, start = divmod(int(step), len(self))
+        while True:
+            yield from self._epoch(epoch, start)
+            epoch, start = epoch + 1, 0

@@ -1,0 +1,40 @@
+"""Quality indicators for generative models: likelihoods, sample quality, a digits feature net.
+
+>>> from pygen.metrics import evaluate, format_table
+>>> print(format_table(evaluate(model, "digits")))   # model: anything with sample(n, *, seed)
+
+Sample metrics take (N, D) features (real first) and return floats; see each function for
+what a better value is. :func:`evaluate` reports them beside two baselines (the held-out
+data: the floor; a fitted Gaussian: the bar).
+"""
+
+from pygen.metrics.evaluate import METRICS, evaluate, feature_space, format_table
+from pygen.metrics.features import DigitsFeatures
+from pygen.metrics.likelihood import bits_per_dim, dataset_log_likelihood, logmeanexp
+from pygen.metrics.sample_quality import (
+    density_coverage,
+    feature_moments,
+    frechet_distance,
+    frechet_distance_from_moments,
+    kid,
+    mmd,
+    precision_recall,
+)
+
+__all__ = [
+    "logmeanexp",
+    "bits_per_dim",
+    "dataset_log_likelihood",
+    "feature_moments",
+    "frechet_distance",
+    "frechet_distance_from_moments",
+    "kid",
+    "precision_recall",
+    "density_coverage",
+    "mmd",
+    "DigitsFeatures",
+    "evaluate",
+    "feature_space",
+    "format_table",
+    "METRICS",
+]
