@@ -8,7 +8,8 @@ torch.Size([])
 torch.Size([4, 2])
 """
 
-from pygen.models.base import GenerativeModel, families, load
+from pygen.models.base import GenerativeModel, TrainingDiverged, families, load
 from pygen.models.flow import Flow
+from pygen.models.gan import GAN
 
-__all__ = ["GenerativeModel", "Flow", "load", "families"]
+__all__ = ["GenerativeModel", "TrainingDiverged", "Flow", "GAN", "load", "families"]

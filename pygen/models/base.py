@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "GenerativeModel",
+    "TrainingDiverged",
     "load",
     "families",
     "save_atomic",
@@ -50,6 +51,17 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[GenerativeModel]] = {}
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss term became NaN or inf, or a model judged its losses to have exploded. ``step``
+    (1-based) is the step that produced it and ``checkpoint`` the last good checkpoint written
+    (None if none was; :func:`pygen.train.fit` fills it in). Defined here, below both the
+    models that raise it and the trainer that reports it."""
+
+    def __init__(self, message: str, *, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 LATEST = "latest"  # the file in a training directory naming its newest checkpoint
 _CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
 

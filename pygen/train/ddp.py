@@ -64,7 +64,10 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     and all-reduces gradients in backward), else the model itself."""
     if not info.distributed:
         return model
-    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    # a model whose step runs sub-networks in separate forward calls (a GAN's D and G phases)
+    # leaves parameters unused in each call: it says so with ddp_find_unused_parameters
+    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                   find_unused_parameters=getattr(model, "ddp_find_unused_parameters", False))
 
 
 def mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

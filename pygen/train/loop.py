@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import default_collate
 
-from pygen.models.base import GenerativeModel, _json_config, versions, write_text_atomic
+from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions, write_text_atomic
 from pygen.train import ddp
 from pygen.train.checkpoint import (
     describe,
@@ -31,15 +31,6 @@ from pygen.train.checkpoint import (
 __all__ = ["fit", "TrainingDiverged", "BatchOrder", "as_tensors"]
 
 METRICS = "metrics.jsonl"
-
-
-class TrainingDiverged(FloatingPointError):
-    """A loss term became NaN or inf. ``step`` (1-based) is the step that produced it and
-    ``checkpoint`` the last good checkpoint written (None if none was)."""
-
-    def __init__(self, message: str, *, step: int, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -346,7 +337,13 @@ def _fit(
         for step in range(start, steps):
             k = step + 1  # steps completed after this one
             batch = _batch(x, labels, order.indices(step)[rank * local : (rank + 1) * local], device)
-            terms = model.training_step(batch, step, optimizers, forward=engine, grad_clip=grad_clip)
+            try:
+                terms = model.training_step(batch, step, optimizers, forward=engine, grad_clip=grad_clip)
+            except TrainingDiverged as e:  # raised by the model (an exploding GAN loss): name the checkpoint
+                if e.checkpoint is not None:
+                    raise
+                raise TrainingDiverged(f"{e}; last good checkpoint: {describe(last_ckpt)}", step=e.step,
+                                       checkpoint=last_ckpt) from e
             for sch in schedulers:
                 sch.step()
             if ema is not None:
