@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from pygen._io import write_atomic
 
 
 def make_grid(images: Tensor, nrow: int | None = None, *, pad: int = 1, scale: int = 1) -> Tensor:
@@ -33,8 +34,8 @@ def make_grid(images: Tensor, nrow: int | None = None, *, pad: int = 1, scale: i
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, *, pad: int = 1,
               scale: int = 1) -> Path:
-    """Write :func:`make_grid` of ``images`` to ``path`` as PNG (temp file + rename: a reader
-    never sees half a file). 1 channel -> grayscale, 3 -> RGB. Returns the path."""
+    """Write :func:`make_grid` of ``images`` to ``path`` as PNG, atomically (a reader never
+    sees half a file). 1 channel -> grayscale, 3 -> RGB. Returns the path."""
     from PIL import Image
 
     grid = make_grid(images, nrow, pad=pad, scale=scale)
@@ -45,20 +46,8 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, 
         img = Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
     else:
         raise ValueError(f"images must have 1 or 3 channels, got {arr.shape[0]}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    write_atomic(path, lambda f: img.save(f, format="PNG"), "wb")
+    return Path(path)
 
 
 __all__ = ["make_grid", "save_grid"]

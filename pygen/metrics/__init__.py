@@ -11,6 +11,19 @@ data: the floor; a fitted Gaussian: the bar).
 from pygen.metrics.evaluate import METRICS, evaluate, feature_space, format_table
 from pygen.metrics.features import DigitsFeatures
 from pygen.metrics.likelihood import bits_per_dim, dataset_log_likelihood, logmeanexp
+from pygen.metrics.vae import (
+    active_units,
+    aggregate_posterior_mismatch,
+    aggregate_posterior_samples,
+    elbo_terms,
+    encode_dataset,
+    gaussian_kl_to_prior,
+    image_variance,
+    kl_per_dim,
+    latent_report,
+    posterior_mean_variance,
+    variance_loss,
+)
 from pygen.metrics.sample_quality import (
     density_coverage,
     feature_moments,
@@ -37,4 +50,16 @@ __all__ = [
     "feature_space",
     "format_table",
     "METRICS",
+    # the VAE's four problems, measured
+    "active_units",
+    "kl_per_dim",
+    "latent_report",
+    "posterior_mean_variance",
+    "aggregate_posterior_mismatch",
+    "aggregate_posterior_samples",
+    "gaussian_kl_to_prior",
+    "variance_loss",
+    "image_variance",
+    "elbo_terms",
+    "encode_dataset",
 ]

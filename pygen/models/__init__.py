@@ -11,5 +11,6 @@ torch.Size([4, 2])
 from pygen.models.base import GenerativeModel, TrainingDiverged, families, load
 from pygen.models.flow import Flow
 from pygen.models.gan import GAN
+from pygen.models.vae import VAE
 
-__all__ = ["GenerativeModel", "TrainingDiverged", "Flow", "GAN", "load", "families"]
+__all__ = ["GenerativeModel", "TrainingDiverged", "Flow", "GAN", "VAE", "load", "families"]

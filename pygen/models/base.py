@@ -30,13 +30,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from pygen._io import write_atomic
 
 __all__ = [
     "GenerativeModel",
@@ -179,46 +180,13 @@ def versions() -> dict[str, str]:
 # ---- atomic files ---------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    # the rename itself is durable only once the directory entry is on disk (POSIX)
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
-    """Write via a temp file in the same directory, fsync, then os.replace: ``path`` is
-    always either its old complete content or the new one, whatever happens in between."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: leave no temp file behind
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, atomically."""
-    _write_atomic(path, lambda f: torch.save(obj, f), "wb")
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text), "w")
+    write_atomic(path, lambda f: f.write(text), "w")
 
 
 def checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -1,0 +1,669 @@
+"""Variational autoencoders: :class:`VAE` (optionally conditional on a class label).
+
+Q(z|X) = N(mu(X), diag e^logvar(X)) from an encoder (:func:`pygen.models.networks.encoder`:
+conv for (C, H, W) images, MLP for vectors), z drawn through
+:class:`pygen.nn.GaussianReparameterize` (the fused reparameterize + KL kernel: what trains),
+P(X|z) from a decoder (:func:`~pygen.models.networks.decoder`), prior P(z) = N(0, I).
+
+Likelihoods (``likelihood=``):
+
+- ``"bernoulli"``: the decoder emits logits; -log P(x|z) = sum BCE-with-logits (data in [0, 1]).
+- ``"gaussian"``: N(x; m(z), gamma^2 I) with a decoder standard deviation gamma that is
+  ``gamma="fixed"`` (``gamma_init``), ``"learned"`` (a scalar parameter log gamma, Dai &
+  Wipf 2019) or ``"running"`` (Asperti & Trentin 2020: gamma^2 is a running MSE, updated
+  after each training batch as ``mse <- min(mse, 0.99 mse + 0.01 mse_batch)`` with no
+  gradient; a buffer, so it is saved in the state dict). -log P(x|z) = ||x - m||^2 /
+  (2 gamma^2) + D log gamma + D/2 log 2 pi. The mean m is sigmoid-squashed for images
+  (``output="auto"``), unbounded for vectors.
+
+All likelihood numbers are per example in nats: sums over the data dims, averaged over the
+batch.
+
+The remedies of the four classic VAE problems are switches of the constructor (the
+measurements live in :mod:`pygen.metrics.vae`):
+
+1. reconstruction vs KL balance: ``beta``, ``kl_warmup_steps`` (the KL weight rises
+   linearly from 0 at step 0 to ``beta`` at step ``kl_warmup_steps``; the trainer's
+   ``training_step`` tells the model its step), ``gamma="running"``;
+2. variable collapse: ``free_bits`` (lambda per latent dimension: the KL term is
+   sum_u max(lambda, mean over the batch of KL_u)) and the warm-up;
+3. aggregate posterior vs prior mismatch: :meth:`VAE.fit_second_stage` fits a Gaussian mixture
+   or a small NSF flow to Q(z) after training; :meth:`VAE.sample` then draws latents from it;
+4. blurriness: :meth:`VAE.calibrate_variance` + ``sample(..., renormalize=True)`` rescales
+   each generated image's deviation from its own mean by one stored factor, so that the
+   average per-image variance of the samples matches the data's.
+
+Samples depend on (seed, index) only: the latent of sample i is pygen's Philox stream at
+positions [(offset + i) D, (offset + i + 1) D); a mixture's component choice and random
+labels of a conditional model read derived seeds with the offset rule (one position per
+sample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pygen.models.base import Batch, GenerativeModel
+from pygen.models.flow import Flow
+from pygen.models.networks import decoder, encoder, is_image
+from pygen.nn.gaussian import GaussianReparameterize
+from pygen.ops.gaussian import gaussian_kl, randn
+
+__all__ = ["VAE", "LIKELIHOODS", "GAMMAS", "derive_seed", "counter_uniform"]
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+GAMMAS = ("fixed", "learned", "running")
+_LOG_2PI = math.log(2 * math.pi)
+_SEED_MOD = 2**63
+# elements of a chunk of importance samples (k_chunk * B * data numel) in log_likelihood
+_IWAE_CHUNK_ELEMENTS = 1 << 22
+
+
+def derive_seed(seed: int, stream: int) -> int:
+    """A seed for a separate noise stream of ``seed`` (a splitmix64 step), in [0, 2^63)."""
+    z = (int(seed) + 0x9E3779B97F4A7C15 * (int(stream) + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % _SEED_MOD
+
+
+def counter_uniform(n: int, *, seed: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """(n,) float64 uniforms in (0, 1); element i is a function of (seed, offset + i) only.
+
+    Phi(eps) of pygen's Philox normal at stream position offset + i (the normal CDF of a
+    standard normal is uniform).
+    """
+    eps = randn(n, seed=seed, offset=offset, device=device).double()
+    return (0.5 * torch.erfc(-eps / math.sqrt(2))).clamp(1e-12, 1 - 1e-12)
+
+
+def _as_tensors(data: Any) -> tuple[Tensor, Tensor | None]:
+    """(x, labels or None) from a tensor, an (x, labels) pair or an object with .data [.labels]."""
+    if isinstance(data, Tensor):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        return data[0], data[1]
+    if isinstance(getattr(data, "data", None), Tensor):
+        return data.data, getattr(data, "labels", None)
+    raise TypeError(f"data must be a tensor, (x, labels) or an object with .data, got {type(data).__name__}")
+
+
+class VAE(GenerativeModel, family="vae"):
+    """A VAE with Bernoulli or Gaussian likelihood (see the module docstring).
+
+    Args:
+        data_shape: one example's shape: (C, H, W) images (H = W a power of two >= 4) or (D,).
+        latent_dim: D, the number of latent variables.
+        likelihood: "bernoulli" (data in [0, 1]) or "gaussian".
+        gamma: the Gaussian decoder's standard deviation: "fixed", "learned" or "running".
+        gamma_init: gamma's value ("fixed"), initial value ("learned"), or sqrt of the
+            initial running MSE ("running").
+        output: the Gaussian mean's link: "auto" (sigmoid for images, identity for vectors),
+            "sigmoid" or "identity".
+        network: "auto" (conv for images, MLP for vectors), "conv" or "mlp".
+        width, hidden, act, norm: passed to :func:`~pygen.models.networks.encoder` /
+            ``decoder`` (conv base width, MLP width, activation, conv normalisation).
+        num_classes: condition on one-hot labels (concatenated to the encoder input as
+            constant channels / features, and to the decoder's latent); batches are
+            (x, labels).
+        beta: the KL weight after warm-up.
+        kl_warmup_steps: linear KL warm-up from 0 to ``beta`` over this many steps (0: none).
+        free_bits: lambda, the per-dimension KL floor in nats (0: none).
+        logvar_range: optional (low, high) clamp of the encoder's logvar.
+        ema_decay: the trainer keeps an EMA of the weights with this decay when set.
+        second_stage: set by :meth:`fit_second_stage` (``{"kind": "gmm", "components": K}``
+            or ``{"kind": "flow", ...flow kwargs}``) so that :func:`pygen.models.load`
+            rebuilds it; leave None when constructing.
+    """
+
+    default_lr = 1e-3
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 8, 8),
+        latent_dim: int = 16,
+        *,
+        likelihood: str = "bernoulli",
+        gamma: str = "fixed",
+        gamma_init: float = 1.0,
+        output: str = "auto",
+        network: str = "auto",
+        width: int = 32,
+        hidden: int = 256,
+        act: str = "silu",
+        norm: str | None = "group",
+        num_classes: int | None = None,
+        beta: float = 1.0,
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
+        logvar_range: Sequence[float] | None = None,
+        ema_decay: float | None = None,
+        second_stage: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in data_shape)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if gamma not in GAMMAS:
+            raise ValueError(f"gamma must be one of {GAMMAS}, got {gamma!r}")
+        if not gamma_init > 0:
+            raise ValueError(f"gamma_init must be > 0, got {gamma_init}")
+        if output not in ("auto", "sigmoid", "identity"):
+            raise ValueError(f"output must be 'auto', 'sigmoid' or 'identity', got {output!r}")
+        if network not in ("auto", "conv", "mlp"):
+            raise ValueError(f"network must be 'auto', 'conv' or 'mlp', got {network!r}")
+        if network == "conv" and not is_image(shape):
+            raise ValueError(f"network='conv' needs (C, H, W) data, got data_shape {shape}")
+        if not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
+        if beta < 0 or free_bits < 0 or kl_warmup_steps < 0:
+            raise ValueError("beta, free_bits and kl_warmup_steps must be >= 0")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")
+        self.config = {
+            "data_shape": list(shape), "latent_dim": latent_dim, "likelihood": likelihood, "gamma": gamma,
+            "gamma_init": float(gamma_init), "output": output, "network": network, "width": width,
+            "hidden": hidden, "act": act, "norm": norm, "num_classes": num_classes, "beta": float(beta),
+            "kl_warmup_steps": int(kl_warmup_steps), "free_bits": float(free_bits),
+            "logvar_range": list(logvar_range) if logvar_range is not None else None,
+            "ema_decay": ema_decay, "second_stage": None,
+        }  # fmt: skip
+        self.data_shape, self.latent_dim, self.likelihood, self.gamma_mode = shape, latent_dim, likelihood, gamma
+        self.num_classes, self.beta, self.kl_warmup_steps = num_classes, float(beta), int(kl_warmup_steps)
+        self.free_bits, self.ema_decay = float(free_bits), ema_decay
+        self.image = is_image(shape)
+        self.sigmoid_mean = output == "sigmoid" or (output == "auto" and self.image)
+        self.step: int | None = None  # the trainer's step (training_step sets it): drives the warm-up
+
+        k = num_classes or 0
+        conv = self.image and network != "mlp"
+        kw = dict(width=width, hidden=hidden, act=act, norm=norm)
+        if conv:
+            enc_shape: tuple[int, ...] = (shape[0] + k, *shape[1:])
+        else:  # flattened (MLP); labels appended as features
+            enc_shape = (math.prod(shape) + k,)
+        self._conv = conv
+        self.encoder = encoder(enc_shape, 2 * latent_dim, **kw)
+        self.decoder = decoder(latent_dim + k, shape if conv else (math.prod(shape),), **kw)
+        self.reparam = GaussianReparameterize(logvar_range=tuple(logvar_range) if logvar_range is not None else None)
+
+        if likelihood == "gaussian" and gamma == "learned":
+            self.log_gamma = nn.Parameter(torch.tensor(math.log(gamma_init)))
+        if likelihood == "gaussian" and gamma == "running":
+            self.register_buffer("running_mse", torch.tensor(float(gamma_init) ** 2))
+        # variance renormalisation factor of generated images (calibrate_variance sets it)
+        self.register_buffer("var_scale", torch.tensor(1.0))
+        self.prior_flow: Flow | None = None
+        if second_stage is not None:
+            self._build_second_stage(dict(second_stage))
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, (tuple, list)):
+            return batch[0], batch[1] if len(batch) > 1 else None
+        return batch, None
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.parameters())
+        return p.device, p.dtype
+
+    def _onehot(self, labels: Tensor | int | None, n: int) -> Tensor | None:
+        """(n, num_classes) one-hot labels, or None for an unconditional model."""
+        if not self.num_classes:
+            return None
+        if labels is None:
+            raise ValueError(f"this VAE is conditional (num_classes={self.num_classes}): pass labels")
+        device, dtype = self._device_dtype()
+        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(n)
+        if labels.numel() != n:
+            raise ValueError(f"{labels.numel()} labels for {n} examples")
+        return F.one_hot(labels, self.num_classes).to(dtype)
+
+    def _check_x(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(f"expected x of shape (B, {', '.join(map(str, self.data_shape))}), got {tuple(x.shape)}")
+
+    # ---- encoder / decoder --------------------------------------------------------------
+    def _encoder_params(self, x: Tensor, labels: Tensor | int | None = None) -> Tensor:
+        """(B, 2D) encoder output (mu first, then logvar)."""
+        self._check_x(x)
+        onehot = self._onehot(labels, x.shape[0])
+        if self._conv:
+            h = x
+            if onehot is not None:
+                h = torch.cat([h, onehot[:, :, None, None].expand(-1, -1, *x.shape[2:])], 1)
+        else:
+            h = x.flatten(1)
+            if onehot is not None:
+                h = torch.cat([h, onehot], 1)
+        return self.encoder(h)
+
+    def encode(self, x: Tensor, labels: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, *data_shape) -> (mu, logvar), each (B, latent_dim): Q(z|x)'s parameters."""
+        mu, logvar = self._encoder_params(x, labels).chunk(2, dim=1)
+        if self.reparam.logvar_range is not None:
+            logvar = logvar.clamp(*self.reparam.logvar_range)
+        return mu, logvar
+
+    def decoder_output(self, z: Tensor, labels: Tensor | int | None = None) -> Tensor:
+        """z (B, D) -> the decoder's raw output (B, *data_shape): logits (Bernoulli) or the
+        mean before its link (Gaussian)."""
+        onehot = self._onehot(labels, z.shape[0])
+        h = z if onehot is None else torch.cat([z, onehot.to(z.dtype)], 1)
+        return self.decoder(h).reshape(z.shape[0], *self.data_shape)
+
+    def _mean(self, out: Tensor) -> Tensor:
+        if self.likelihood == "bernoulli" or self.sigmoid_mean:
+            return torch.sigmoid(out)
+        return out
+
+    def decode(self, z: Tensor, labels: Tensor | int | None = None) -> Tensor:
+        """z (B, D) -> the mean of P(x|z) in data space, (B, *data_shape)."""
+        return self._mean(self.decoder_output(z, labels))
+
+    # ---- likelihood ---------------------------------------------------------------------
+    def gamma(self) -> Tensor:
+        """The Gaussian decoder's standard deviation gamma (a 0-dim tensor; learned: with grad)."""
+        if self.likelihood != "gaussian":
+            raise ValueError("gamma belongs to the Gaussian likelihood")
+        if self.gamma_mode == "learned":
+            return self.log_gamma.exp()
+        if self.gamma_mode == "running":
+            return self.running_mse.sqrt()
+        return torch.tensor(self.config["gamma_init"], device=self.var_scale.device)
+
+    def _log_gamma(self) -> Tensor:
+        if self.gamma_mode == "learned":
+            return self.log_gamma
+        return self.gamma().log()
+
+    def reconstruction_nll(self, x: Tensor, out: Tensor) -> Tensor:
+        """-log P(x|z) per example (B,) in nats, from the decoder's raw output ``out``."""
+        if self.likelihood == "bernoulli":
+            return F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
+        d = x[0].numel()
+        sq = (x - self._mean(out)).pow(2).flatten(1).sum(1)
+        log_g = self._log_gamma()
+        return 0.5 * sq * torch.exp(-2 * log_g) + d * log_g + 0.5 * d * _LOG_2PI
+
+    def kl_weight(self, step: int | None = None) -> float:
+        """The KL weight in use at ``step`` (None: the model's ``step``; unset: after warm-up, ``beta``)."""
+        step = self.step if step is None else step
+        if self.kl_warmup_steps <= 0 or step is None:
+            return self.beta
+        return self.beta * min(1.0, max(int(step), 0) / self.kl_warmup_steps)
+
+    # ---- the interface ----------------------------------------------------------------
+    def training_step(self, batch: Batch, step: int, optimizers, **kwargs: Any) -> dict[str, Tensor]:
+        """The default update, after telling the model its (0-based) step for the KL warm-up."""
+        self.step = int(step)
+        return super().training_step(batch, step, optimizers, **kwargs)
+
+    def loss(self, batch: Batch, step: int | None = None) -> dict[str, Tensor]:
+        """batch: x or (x, labels) -> {"loss", "recon", "kl", "kl_term", "elbo", "mse", "beta",
+        "kl_weight"[, "gamma"]}, per-example sums averaged over the batch (nats).
+
+        loss = recon + kl_weight * kl_term, where recon = -log P(x|z) (z ~ Q(z|x), one draw),
+        kl = KL(Q(z|x) || N(0, I)) and kl_term = kl, or with free bits sum_u max(lambda,
+        mean_batch KL_u). In training mode a running gamma is updated after the terms are
+        computed (the batch sees the gamma from before its own update).
+        """
+        x, labels = self._split(batch)
+        if self.likelihood == "bernoulli" and bool((x.min() < 0) | (x.max() > 1)):
+            raise ValueError("the Bernoulli likelihood needs x in [0, 1]")
+        mu, logvar = self._encoder_params(x, labels).chunk(2, dim=1)
+        b, d = mu.shape
+        if self.free_bits > 0:
+            # one element per "sample": the fused op returns the per-dimension KL (B * D,)
+            # with the same noise counters as the (B, D) layout
+            z, kl_u = self.reparam(mu.reshape(-1, 1), logvar.reshape(-1, 1))
+            z, kl_u = z.reshape(b, d), kl_u.reshape(b, d)
+            kl = kl_u.sum(1)
+            kl_term = kl_u.mean(0).clamp_min(self.free_bits).sum()
+        else:
+            z, kl = self.reparam(mu, logvar)
+            kl_term = kl.mean()
+        out = self.decoder_output(z, labels)
+        nll = self.reconstruction_nll(x, out)
+        recon = nll.mean()
+        weight = self.kl_weight(step)
+        with torch.no_grad():
+            mse = (x - self._mean(out)).pow(2).mean()
+        terms = {
+            "loss": recon + weight * kl_term,
+            "recon": recon,
+            "kl": kl.mean(),
+            "kl_term": kl_term,
+            "elbo": -(nll + kl).mean().detach(),
+            "mse": mse,
+            "beta": torch.tensor(self.beta),
+            "kl_weight": torch.tensor(float(weight)),
+        }
+        if self.likelihood == "gaussian":
+            terms["gamma"] = self.gamma().detach()
+            if self.gamma_mode == "running" and self.training:
+                self.update_running_mse(mse)
+        return terms
+
+    @torch.no_grad()
+    def update_running_mse(self, mse_batch: Tensor | float) -> None:
+        """Asperti & Trentin's rule: mse <- min(mse, 0.99 mse + 0.01 mse_batch) (no gradient)."""
+        m = self.running_mse
+        m.copy_(torch.minimum(m, 0.99 * m + 0.01 * torch.as_tensor(mse_batch, dtype=m.dtype, device=m.device)))
+
+    @torch.no_grad()
+    def evaluate_step(self, batch: Batch) -> dict[str, Tensor]:
+        return self.loss(batch)
+
+    def elbo(
+        self, x: Tensor, labels: Tensor | int | None = None, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(B,) the evidence lower bound log P(x|z) - KL(Q(z|x) || P(z)) in nats, one z ~ Q(z|x)
+        (the KL in closed form). No gradient is taken away: wrap in no_grad to evaluate."""
+        mu, logvar = self.encode(x, labels)
+        eps = randn(*mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return -(self.reconstruction_nll(x, self.decoder_output(z, labels)) + gaussian_kl(mu, logvar))
+
+    @torch.no_grad()
+    def log_likelihood(
+        self, x: Tensor, k: int = 100, labels: Tensor | int | None = None, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(B,) the importance-weighted bound log (1/k) sum_j P(x, z_j) / Q(z_j|x), z_j ~ Q(z|x)
+        (Burda et al.'s IWAE bound) in nats.
+
+        A lower bound on log P(x) that equals the ELBO at k = 1 in expectation and rises with
+        k. The k samples are processed in chunks of about 4M data elements, so memory stays
+        bounded for any k; their noise is one Philox stream (seeded from ``generator``), so the
+        chunking does not change the result.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        mu, logvar = self.encode(x, labels)
+        b, d = mu.shape
+        std = torch.exp(0.5 * logvar)
+        chunk = max(1, min(k, _IWAE_CHUNK_ELEMENTS // max(1, b * x[0].numel())))
+        onehot_labels = None
+        if self.num_classes:
+            onehot_labels = torch.as_tensor(labels, device=mu.device).long().reshape(-1).expand(b)
+        seed = self._resolve_seed(None, generator)  # one stream: the chunking does not change the draws
+        parts = []
+        for j in range(0, k, chunk):
+            kc = min(chunk, k - j)
+            eps = randn(kc, b, d, seed=seed, offset=j * b * d, device=mu.device, dtype=mu.dtype)
+            z = mu + std * eps  # (kc, B, D)
+            zf = z.reshape(kc * b, d)
+            lab = onehot_labels.repeat(kc) if onehot_labels is not None else None
+            xr = x.unsqueeze(0).expand(kc, *x.shape).reshape(kc * b, *x.shape[1:])
+            log_px = -self.reconstruction_nll(xr, self.decoder_output(zf, lab)).reshape(kc, b)
+            log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
+            log_qz = -0.5 * (eps.pow(2) + _LOG_2PI + logvar).sum(-1)
+            parts.append(log_px + log_pz - log_qz)
+        logw = torch.cat(parts).double()  # (k, B)
+        # logmeanexp (pygen.metrics.logmeanexp; not imported: models sit below metrics)
+        return (torch.logsumexp(logw, 0) - math.log(k)).to(mu.dtype)
+
+    # ---- sampling ---------------------------------------------------------------------
+    def _resolve_seed(self, seed: int | Tensor | None, generator: torch.Generator | None) -> int:
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass either seed= or generator=, not both")
+            seed = int(seed.item()) if isinstance(seed, Tensor) else int(seed)
+            if not 0 <= seed < _SEED_MOD:
+                raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+            return seed
+        device = generator.device if generator is not None else torch.device("cpu")
+        return int(torch.randint(0, _SEED_MOD - 1, (1,), generator=generator, device=device).item())
+
+    def latents(
+        self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, offset: int = 0,
+        second_stage: bool | None = None,
+    ) -> Tensor:  # fmt: skip
+        """(n, D) latents of samples offset .. offset + n - 1: from the second stage when it is
+        fitted (and ``second_stage`` is not False), else from the prior N(0, I)."""
+        s = self._resolve_seed(seed, generator)
+        device, dtype = self._device_dtype()
+        kind = (self.config["second_stage"] or {}).get("kind")
+        if second_stage is None:
+            second_stage = kind is not None
+        if second_stage and kind is None:
+            raise ValueError("no second stage fitted: call fit_second_stage first")
+        d = self.latent_dim
+        if not second_stage:
+            return randn(n, d, seed=s, offset=offset * d, device=device, dtype=dtype)
+        if kind == "flow":
+            return self.prior_flow.sample(n, seed=s, offset=offset)
+        # a Gaussian mixture: component from a uniform of a derived stream, then mean + L eps
+        u = counter_uniform(n, seed=derive_seed(s, 1), offset=offset, device=device)
+        cdf = self.gmm_weights.double().cumsum(0)
+        comp = torch.searchsorted(cdf / cdf[-1], u).clamp_(max=len(cdf) - 1)
+        eps = randn(n, d, seed=s, offset=offset * d, device=device, dtype=dtype)
+        return self.gmm_means[comp] + torch.einsum("nij,nj->ni", self.gmm_chol[comp], eps)
+
+    def random_labels(self, n: int, *, seed: int, offset: int = 0) -> Tensor:
+        """(n,) int64 labels uniform over the classes; label i is a function of (seed, offset + i)."""
+        device, _ = self._device_dtype()
+        u = counter_uniform(n, seed=derive_seed(seed, 2), offset=offset, device=device)
+        return (u * self.num_classes).long().clamp_(max=self.num_classes - 1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        offset: int = 0,
+        labels: Tensor | int | None = None,
+        second_stage: bool | None = None,
+        renormalize: bool = False,
+    ) -> Tensor:
+        """(n, *data_shape) decoded means of latents drawn from the second stage when fitted
+        (``second_stage=False``: the prior N(0, I)); sample i depends on (seed, offset + i)
+        only (up to the network's float rounding at different batch sizes).
+
+        A conditional model samples class ``labels`` (an int or (n,)), or, when None, labels
+        drawn uniformly from a derived stream with the same offset rule. ``renormalize``
+        rescales each image's deviation from its own mean by the calibrated factor
+        (:meth:`calibrate_variance`) and clamps to [0, 1].
+        """
+        s = self._resolve_seed(seed, generator)
+        z = self.latents(n, seed=s, offset=offset, second_stage=second_stage)
+        if self.num_classes and labels is None:
+            labels = self.random_labels(n, seed=s, offset=offset)
+        x = self.decode(z, labels)
+        return self.renormalize_variance(x) if renormalize else x
+
+    def renormalize_variance(self, x: Tensor, scale: Tensor | float | None = None) -> Tensor:
+        """x' = m + scale (x - m), m each image's own mean (scale: the calibrated factor by
+        default); clamped to [0, 1] for images."""
+        scale = self.var_scale if scale is None else scale
+        m = x.flatten(1).mean(1).reshape(-1, *([1] * (x.dim() - 1)))
+        y = m + scale * (x - m)
+        return y.clamp(0, 1) if self.image else y
+
+    @torch.no_grad()
+    def calibrate_variance(
+        self, data: Any, *, n: int | None = None, seed: int = 0, second_stage: bool | None = None,
+        batch_size: int = 500,
+    ) -> float:  # fmt: skip
+        """Set the renormalisation factor so that the mean per-image variance of ``n`` samples
+        (default len(data); ``seed``; the sampler ``second_stage`` selects) after
+        :meth:`renormalize_variance` equals that of ``data``: sqrt of the variance ratio for
+        vectors; for images found by bisection, so that the clamp to [0, 1] is accounted for.
+        Returns the factor. Calibrate again after :meth:`fit_second_stage`."""
+        x, _ = _as_tensors(data)
+        n = len(x) if n is None else n
+        target = float(x.flatten(1).double().var(1, unbiased=False).mean())
+        gen = torch.cat([
+            self.sample(min(batch_size, n - i), seed=seed, offset=i, second_stage=second_stage)
+            for i in range(0, n, batch_size)
+        ]).double()  # fmt: skip
+
+        def var(scale: float) -> float:
+            return float(self.renormalize_variance(gen, scale).flatten(1).var(1, unbiased=False).mean())
+
+        scale = math.sqrt(target / max(var(1.0), 1e-300))
+        if self.image:  # the clamp lowers the variance: bisect var(s) = target on [0, hi]
+            lo, hi = 0.0, max(1.0, scale)
+            while var(hi) < target and hi < 1e6:
+                lo, hi = hi, 2 * hi
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if var(mid) < target else (lo, mid)
+            scale = 0.5 * (lo + hi)
+        self.var_scale.fill_(scale)
+        return scale
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, labels: Tensor | int | None = None) -> Tensor:
+        """The decoded posterior mean: decode(mu(x)), (B, *data_shape)."""
+        mu, _ = self.encode(x, labels)
+        return self.decode(mu, labels)
+
+    @torch.no_grad()
+    def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 8, labels: Tensor | int | None = None) -> Tensor:
+        """Decodes of the straight line between the posterior means of x1 and x2.
+
+        x1, x2: one example (*data_shape) -> (steps, *data_shape); or (B, *data_shape) ->
+        (B, steps, *data_shape). The end points are the reconstructions of x1 and x2.
+        """
+        single = x1.dim() == len(self.data_shape)
+        if single:
+            x1, x2 = x1.unsqueeze(0), x2.unsqueeze(0)
+        b = x1.shape[0]
+        lab = None
+        if labels is not None:
+            lab = torch.as_tensor(labels, device=x1.device).long().reshape(-1).expand(b)
+        mu, _ = self.encode(torch.cat([x1, x2]), None if lab is None else lab.repeat(2))
+        t = torch.linspace(0, 1, steps, device=mu.device, dtype=mu.dtype).reshape(1, steps, 1)
+        z = (mu[:b, None] * (1 - t) + mu[b:, None] * t).reshape(b * steps, -1)
+        out = self.decode(z, None if lab is None else lab.repeat_interleave(steps)).reshape(b, steps, *self.data_shape)
+        return out[0] if single else out
+
+    # ---- the second stage -------------------------------------------------------------
+    def _build_second_stage(self, spec: dict[str, Any]) -> None:
+        """Create the (empty) second-stage buffers / flow that ``spec`` describes."""
+        kind = spec.get("kind")
+        d = self.latent_dim
+        if kind == "gmm":
+            k = int(spec["components"])
+            like = {"device": self.var_scale.device, "dtype": self.var_scale.dtype}
+            self.register_buffer("gmm_weights", torch.full((k,), 1.0 / k, **like))
+            self.register_buffer("gmm_means", torch.zeros(k, d, **like))
+            self.register_buffer("gmm_chol", torch.eye(d, **like).repeat(k, 1, 1))
+        elif kind == "flow":
+            flow_kwargs = {key: v for key, v in spec.items() if key != "kind"}
+            self.prior_flow = Flow("nsf", (d,), **flow_kwargs).to(self.var_scale.device)
+        else:
+            raise ValueError(f"second_stage kind must be 'gmm' or 'flow', got {kind!r}")
+        self.config["second_stage"] = dict(spec)
+
+    def _clear_second_stage(self) -> None:
+        for name in ("gmm_weights", "gmm_means", "gmm_chol"):
+            if name in self._buffers:
+                del self._buffers[name]
+        self.prior_flow = None
+        self.config["second_stage"] = None
+
+    @torch.no_grad()
+    def encode_data(self, data: Any, *, batch_size: int = 500) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of every example of ``data`` (x, (x, labels) or .data/.labels), in eval mode."""
+        x, labels = _as_tensors(data)
+        device, _ = self._device_dtype()
+        was = self.training
+        self.eval()
+        try:
+            mus, lvs = [], []
+            for i in range(0, len(x), batch_size):
+                lab = labels[i : i + batch_size].to(device) if labels is not None and self.num_classes else None
+                mu, lv = self.encode(x[i : i + batch_size].to(device), lab)
+                mus.append(mu)
+                lvs.append(lv)
+        finally:
+            self.train(was)
+        return torch.cat(mus), torch.cat(lvs)
+
+    def fit_second_stage(
+        self,
+        data: Any,
+        kind: str = "gmm",
+        *,
+        components: int = 10,
+        latents: str = "sample",
+        draws: int = 4,
+        steps: int = 1500,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        seed: int = 0,
+        **flow_kwargs: Any,
+    ) -> VAE:
+        """Fit a density to the aggregate posterior Q(z) of ``data``; :meth:`sample` then uses it.
+
+        kind="gmm": scikit-learn's GaussianMixture (``components``, full covariances) on
+        ``draws`` draws z ~ Q(z|x) per example (``latents="sample"``) or on the posterior means
+        (``"mean"``); stored as buffers (weights, means, Cholesky factors of the covariances).
+        kind="flow": a pygen NSF (:class:`pygen.models.Flow`, ``flow_kwargs`` e.g. hidden,
+        n_layers, n_bins) trained by maximum likelihood with Adam for ``steps`` steps on fresh
+        draws z ~ Q(z|x) (or the means). Deterministic given ``seed``. Returns self.
+        """
+        if kind not in ("gmm", "flow"):
+            raise ValueError(f"kind must be 'gmm' or 'flow', got {kind!r}")
+        if latents not in ("sample", "mean"):
+            raise ValueError(f"latents must be 'sample' or 'mean', got {latents!r}")
+        mu, logvar = self.encode_data(data)
+        std = torch.exp(0.5 * logvar)
+        device, dtype = self._device_dtype()
+        self._clear_second_stage()
+        if kind == "gmm":
+            from sklearn.mixture import GaussianMixture  # the 'models' extra
+
+            if latents == "sample":
+                eps = randn(draws, *mu.shape, seed=seed, device=device, dtype=dtype)
+                z = (mu + std * eps).reshape(-1, mu.shape[1])
+            else:
+                z = mu
+            gm = GaussianMixture(components, covariance_type="full", reg_covar=1e-5, random_state=seed, max_iter=500)
+            gm.fit(z.double().cpu().numpy())
+            self._build_second_stage({"kind": "gmm", "components": int(components)})
+            cov = torch.as_tensor(gm.covariances_, dtype=torch.float64)
+            self.gmm_weights.copy_(torch.as_tensor(gm.weights_))
+            self.gmm_means.copy_(torch.as_tensor(gm.means_))
+            self.gmm_chol.copy_(torch.linalg.cholesky(cov))
+            return self
+        flow_kwargs = {"hidden": 64, "n_layers": 4, **flow_kwargs}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self._build_second_stage({"kind": "flow", **flow_kwargs})
+        flow = self.prior_flow.to(device)
+        g = torch.Generator(device=device).manual_seed(seed)
+        n = mu.shape[0]
+
+        def batch() -> Tensor:
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=g, device=device)
+            if latents == "mean":
+                return mu[idx]
+            eps = randn(len(idx), mu.shape[1], generator=g, device=device, dtype=dtype)
+            return mu[idx] + std[idx] * eps
+
+        flow.train()
+        flow.setup(batch())
+        opt = torch.optim.Adam(flow.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+        for _ in range(steps):
+            loss = flow.loss(batch())["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(flow.parameters(), 10.0)
+            opt.step()
+            sched.step()
+        flow.eval()
+        return self
