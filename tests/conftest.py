@@ -32,3 +32,14 @@ def backend_device(request):
 @pytest.fixture(params=COMPILED, ids=lambda p: f"{p[0]}-{p[1]}")
 def compiled_backend(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny models: faster, and immune to OpenMP threads that wait
+    for a busy core on a shared machine (a tiny matmul then took milliseconds). Kernel tests
+    keep the default thread count, so the CPU kernels' parallel paths stay covered."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ from pygen.models.gan import (
 from pygen.train import TrainingDiverged, fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster (and immune to OpenMP waits on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def image_gan(**kw) -> GAN:
@@ -354,3 +348,44 @@ def test_training_on_8_gaussians_moves_samples_towards_the_data():
     assert after < 0.1 * before and after_raw < 0.1 * before, (before, after, after_raw)
     for key in ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "r1"):
         assert key in history[-1]
+
+
+GAN_DDP_SCRIPT = '''
+import os, sys
+import torch
+from pygen.models import GAN
+from pygen.train import fit
+out, dump = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+x = torch.randn(256, 2) * 0.5 + 1.0
+model = GAN((2,), z_dim=4, loss="hinge", n_dis=2, r1_gamma=0.1, r1_every=2, g_hidden=16, d_hidden=16)
+hist = fit(model, x, steps=4, batch_size=32, lr=1e-3, out=out, log_every=1, checkpoint_every=2, progress=False)
+torch.save({k: v for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k},
+           os.path.join(dump, "rank" + os.environ["RANK"] + ".pt"))
+'''
+
+
+def test_torchrun_two_processes_train_a_gan(tmp_path):
+    """The alternating D/G steps under DDP (gloo, 2 ranks): D and G phases leave the other
+    network's parameters unused in each forward call, which DDP accepts only with
+    find_unused_parameters (the model's ddp_find_unused_parameters). Both ranks end with the
+    same weights and rank 0 writes the checkpoints."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "ddp_gan.py"
+    script.write_text(GAN_DDP_SCRIPT)
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    dump.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
+           str(out), str(dump)]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, v in r0.items():
+        assert torch.equal(v, r1[name]), name
+    assert (out / "latest").read_text().strip() == "ckpt-4.pt"

@@ -12,23 +12,11 @@ from pygen.models import Flow, GenerativeModel, load
 from pygen.train import fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster (and immune to OpenMP waits on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_train import moons  # noqa: E402  (the same toy data as the trainer tests)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
-def moons(n: int, seed: int = 0) -> torch.Tensor:
-    """(n, 2) two-moons-like data, standardised."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.rand(n, generator=g) * math.pi
-    upper = torch.rand(n, generator=g) < 0.5
-    x = torch.where(upper[:, None], torch.stack([t.cos(), t.sin()], 1), torch.stack([1 - t.cos(), 0.5 - t.sin()], 1))
-    x = x + 0.05 * torch.randn(n, 2, generator=g)
-    return (x - x.mean(0)) / x.std(0)
 
 
 def tiny(kind: str = "realnvp", **kw) -> Flow:

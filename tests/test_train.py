@@ -22,14 +22,7 @@ from pygen.train import BatchOrder, TrainingDiverged, fit
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and on a shared 2-core machine OpenMP threads that
-    wait for a busy core make each matmul take milliseconds instead of microseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def moons(n: int, seed: int = 0) -> torch.Tensor:

@@ -25,13 +25,7 @@ from pygen.ops import reparameterize
 from pygen.train import fit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster (and immune to OpenMP waits on a busy shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def blobs(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
