@@ -22,7 +22,7 @@ from pygen.data.datasets import (
     toy2d_log_prob,
 )
 from pygen.data.files import NAMES, Data, DataError, load, train_test
-from pygen.data.loader import InMemoryLoader, TensorData, epoch_permutation
+from pygen.data.loader import InMemoryLoader, TensorData, as_tensors, epoch_permutation
 
 __all__ = [
     "SPLITS",
@@ -42,4 +42,5 @@ __all__ = [
     "TensorData",
     "InMemoryLoader",
     "epoch_permutation",
+    "as_tensors",
 ]

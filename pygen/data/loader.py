@@ -9,20 +9,45 @@ permutation is drawn from a fresh generator seeded by (seed, epoch), so the posi
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-__all__ = ["TensorData", "InMemoryLoader", "epoch_permutation"]
-
-_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio): spreads (seed, epoch) apart
+__all__ = ["TensorData", "InMemoryLoader", "epoch_permutation", "as_tensors"]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
-    """A permutation of range(n) (int64, CPU) fixed by (seed, epoch) alone."""
-    s = (int(seed) * _MIX + int(epoch)) % (1 << 63)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(s))
+    """A permutation of range(n) (int64, CPU) fixed by (seed, epoch) alone (numpy's PCG64
+    seeded with the pair: the same on every platform). The one epoch order of pygen: this
+    loader and :class:`pygen.train.BatchOrder` both use it."""
+    return torch.from_numpy(np.random.default_rng([int(seed), int(epoch)]).permutation(n))
+
+
+def as_tensors(data: Any) -> tuple[Tensor, Tensor | None]:
+    """(x (N, ...), labels (N,) or None) from a tensor, an (x, labels) pair, an object with
+    ``.data`` [and ``.labels``] tensor fields (:func:`pygen.data.load`'s data sets), or a
+    map-style Dataset (its items are collated into memory)."""
+    if isinstance(data, Tensor):
+        x, labels = data, None
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, labels = data
+    elif isinstance(getattr(data, "data", None), Tensor):
+        x, labels = data.data, getattr(data, "labels", None)
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = default_collate([data[i] for i in range(len(data))])
+        x, labels = (items, None) if isinstance(items, Tensor) else (items[0], items[1] if len(items) > 1 else None)
+    else:
+        raise TypeError(
+            f"data must be a tensor, (tensor, labels), an object with .data, or a Dataset; got {type(data).__name__}"
+        )
+    if x.dim() == 0 or len(x) == 0:
+        raise ValueError(f"data must be a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
+    if labels is not None and len(labels) != len(x):
+        raise ValueError(f"{len(labels)} labels for {len(x)} examples")
+    return x, labels
 
 
 class TensorData(Dataset):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pygen.data.loader import as_tensors
 from pygen.metrics.sample_quality import frechet_distance
 from pygen.ops.gaussian import gaussian_kl, randn
 
@@ -43,16 +44,6 @@ __all__ = [
     "image_variance",
     "variance_loss",
 ]
-
-
-def _tensors(data: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(data, Tensor):
-        return data, None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        return data[0], data[1]
-    if isinstance(getattr(data, "data", None), Tensor):
-        return data.data, getattr(data, "labels", None)
-    raise TypeError(f"data must be a tensor, (x, labels) or an object with .data, got {type(data).__name__}")
 
 
 def _device(model: Any) -> torch.device:
@@ -76,7 +67,7 @@ def _eval(model: Any) -> Iterator[None]:
 
 
 def _batches(model: Any, data: Any, batch_size: int) -> Iterator[tuple[Tensor, Tensor | None]]:
-    x, labels = _tensors(data)
+    x, labels = as_tensors(data)
     device = _device(model)
     conditional = bool(getattr(model, "num_classes", None))
     for i in range(0, len(x), batch_size):
@@ -100,7 +91,7 @@ def elbo_terms(model: Any, data: Any, *, seed: int = 0, batch_size: int = 500) -
     "recon", "kl", "elbo", "mse", ...), with one z ~ Q(z|x) each from a fixed torch seed
     (the global RNG is restored afterwards)."""
     sums: dict[str, float] = {}
-    x, _ = _tensors(data)
+    x, _ = as_tensors(data)
     device = _device(model)
     with _eval(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -190,7 +181,7 @@ def aggregate_posterior_samples(model: Any, data: Any, *, seed: int = 0, batch_s
     prior replaced by the aggregate posterior (the best a second stage could do on this data)."""
     mu, logvar = encode_dataset(model, data, batch_size=batch_size)
     z = mu + torch.exp(0.5 * logvar) * randn(*mu.shape, seed=seed, device=mu.device, dtype=mu.dtype)
-    _, labels = _tensors(data)
+    _, labels = as_tensors(data)
     conditional = bool(getattr(model, "num_classes", None))
     out = []
     with _eval(model):

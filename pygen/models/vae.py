@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pygen.data.loader import as_tensors
 from pygen.models.base import Batch, GenerativeModel
 from pygen.models.flow import Flow
 from pygen.models.networks import decoder, encoder, is_image
@@ -81,17 +82,6 @@ def counter_uniform(n: int, *, seed: int, offset: int = 0, device: torch.device 
     """
     eps = randn(n, seed=seed, offset=offset, device=device).double()
     return (0.5 * torch.erfc(-eps / math.sqrt(2))).clamp(1e-12, 1 - 1e-12)
-
-
-def _as_tensors(data: Any) -> tuple[Tensor, Tensor | None]:
-    """(x, labels or None) from a tensor, an (x, labels) pair or an object with .data [.labels]."""
-    if isinstance(data, Tensor):
-        return data, None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-        return data[0], data[1]
-    if isinstance(getattr(data, "data", None), Tensor):
-        return data.data, getattr(data, "labels", None)
-    raise TypeError(f"data must be a tensor, (x, labels) or an object with .data, got {type(data).__name__}")
 
 
 class VAE(GenerativeModel, family="vae"):
@@ -500,7 +490,7 @@ class VAE(GenerativeModel, family="vae"):
         :meth:`renormalize_variance` equals that of ``data``: sqrt of the variance ratio for
         vectors; for images found by bisection, so that the clamp to [0, 1] is accounted for.
         Returns the factor. Calibrate again after :meth:`fit_second_stage`."""
-        x, _ = _as_tensors(data)
+        x, _ = as_tensors(data)
         n = len(x) if n is None else n
         target = float(x.flatten(1).double().var(1, unbiased=False).mean())
         gen = torch.cat([
@@ -577,7 +567,7 @@ class VAE(GenerativeModel, family="vae"):
     @torch.no_grad()
     def encode_data(self, data: Any, *, batch_size: int = 500) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of every example of ``data`` (x, (x, labels) or .data/.labels), in eval mode."""
-        x, labels = _as_tensors(data)
+        x, labels = as_tensors(data)
         device, _ = self._device_dtype()
         was = self.training
         self.eval()

@@ -7,6 +7,7 @@ process is one rank with one device (``cuda:LOCAL_RANK``, or the CPU).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +55,17 @@ def setup(device: str | torch.device | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), device, owns)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, *, failed: bool = False) -> None:
+    """Destroy the process group we created. After a normal end all ranks meet at a barrier
+    first: a rank that tore gloo down while another was still in its last collective made
+    that one abort ("terminate called without an active exception")."""
     if info.owns_group and dist.is_initialized():
+        # the DDP wrapper (gone with fit's frame, but held by reference cycles until a
+        # collection) must not outlive the group: its reducer, destroyed at interpreter exit
+        # after the group, aborted the process now and then
+        gc.collect()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

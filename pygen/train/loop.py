@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import default_collate
 
+from pygen.data.loader import as_tensors, epoch_permutation
 from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions, write_text_atomic
 from pygen.train import ddp
 from pygen.train.checkpoint import (
@@ -36,30 +36,6 @@ METRICS = "metrics.jsonl"
 # ---- data -----------------------------------------------------------------------------
 
 
-def as_tensors(data: Any) -> tuple[Tensor, Tensor | None]:
-    """(x (N, ...), labels (N,) or None) from a tensor, an (x, labels) pair, an object with
-    ``.data`` [and ``.labels``] tensor fields (pygen.data's data sets), or a map-style Dataset
-    (its items are collated into memory)."""
-    if isinstance(data, Tensor):
-        x, labels = data, None
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        x, labels = data
-    elif isinstance(getattr(data, "data", None), Tensor):
-        x, labels = data.data, getattr(data, "labels", None)
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        items = default_collate([data[i] for i in range(len(data))])
-        x, labels = (items, None) if isinstance(items, Tensor) else (items[0], items[1] if len(items) > 1 else None)
-    else:
-        raise TypeError(
-            f"data must be a tensor, (tensor, labels), an object with .data, or a Dataset; got {type(data).__name__}"
-        )
-    if x.dim() == 0 or len(x) == 0:
-        raise ValueError(f"data must be a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
-    if labels is not None and len(labels) != len(x):
-        raise ValueError(f"{len(labels)} labels for {len(x)} examples")
-    return x, labels
-
-
 class BatchOrder:
     """The global batch of step k (0-based) as a pure function of (seed, k).
 
@@ -76,8 +52,7 @@ class BatchOrder:
         if epoch not in self._perms:
             if len(self._perms) > 2:  # a batch spans at most a few epochs: keep the cache small
                 self._perms.pop(min(self._perms))
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = torch.from_numpy(rng.permutation(self.n))
+            self._perms[epoch] = epoch_permutation(self.n, self.seed, epoch)
         return self._perms[epoch]
 
     def indices(self, step: int) -> Tensor:
@@ -255,14 +230,17 @@ def fit(
         if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
             raise ValueError(f"{name} must be an int >= {lowest}, got {v!r}")
     info = ddp.setup(device)
+    failed = True
     try:
-        return _fit(
+        history = _fit(
             model, data, info, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, resume=resume,
             progress=progress, log_every=log_every, eval_every=eval_every, eval_data=eval_data,
             checkpoint_every=checkpoint_every, keep=keep, grad_clip=grad_clip, compile=compile,
         )  # fmt: skip
+        failed = False
+        return history
     finally:
-        ddp.teardown(info)
+        ddp.teardown(info, failed=failed)
 
 
 def _fit(
