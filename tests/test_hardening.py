@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import pygen
-from pygen.diffusion import schedules as S
 from pygen.ops import (
     affine_coupling,
     affine_coupling_ref,

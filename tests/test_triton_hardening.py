@@ -28,7 +28,6 @@ from pygen.ops import (
     euler_ancestral_step,
     gaussian_kl,
     q_sample,
-    q_sample_ref,
     randn,
     reparameterize,
     rq_spline,

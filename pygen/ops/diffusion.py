@@ -447,12 +447,12 @@ def _alpha_step(kind, model_output, sample, tt, alphas_cumprod, tp, final_alpha_
         z = _rng.philox_normal(seed_t, offset, sample.shape).to(sample.dtype)
     if kind == "ddim":
         prev, x0 = ddim_step_ref(model_output, sample, ab, ab_prev, z, eta=eta, prediction_type=prediction_type,
-                                   clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                                   use_clipped_model_output=clipped_eps)
+                                 clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                                 use_clipped_model_output=clipped_eps)
     else:
         z = z * (tt > 0).to(z.dtype).reshape(-1, *([1] * (sample.dim() - 1)))  # no noise at t = 0
         prev, x0 = ddpm_step_ref(model_output, sample, ab, ab_prev, z, prediction_type=prediction_type,
-                                   variance_type=kind, clip_sample=clip_sample, clip_sample_range=clip_sample_range)
+                                 variance_type=kind, clip_sample=clip_sample, clip_sample_range=clip_sample_range)
     return prev, (x0 if return_x0 else None)
 
 
