@@ -28,6 +28,7 @@ checkpoint its ``latest`` file names).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -38,10 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from pygen._io import write_atomic
+from pygen.ops.gaussian import randn
 
 __all__ = [
     "GenerativeModel",
     "TrainingDiverged",
+    "derive_seed",
+    "counter_uniform",
+    "uniform_labels",
     "load",
     "families",
     "save_atomic",
@@ -67,6 +72,38 @@ LATEST = "latest"  # the file in a training directory naming its newest checkpoi
 _CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
 
 Batch = Any  # a Tensor, or a tuple (x, labels): what the trainer hands to loss()
+
+
+# ---- samples fixed by (seed, index) ------------------------------------------------------
+# Every family draws its noise from pygen's counter-based stream: sample i reads stream
+# positions that depend on (seed, offset + i) only. Extra streams (mixture components,
+# labels) use seeds derived from the sample seed.
+
+
+def derive_seed(seed: int, stream: int) -> int:
+    """A seed for a separate noise stream of ``seed`` (a splitmix64 step), in [0, 2^63)."""
+    z = (int(seed) + 0x9E3779B97F4A7C15 * (int(stream) + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % 2**63
+
+
+def counter_uniform(n: int, *, seed: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """(n,) float64 uniforms in (0, 1); element i is a function of (seed, offset + i) only.
+
+    Phi(eps) of pygen's Philox normal at stream position offset + i (the normal CDF of a
+    standard normal is uniform).
+    """
+    eps = randn(n, seed=seed, offset=offset, device=device).double()
+    return (0.5 * torch.erfc(-eps / math.sqrt(2))).clamp(1e-12, 1 - 1e-12)
+
+
+def uniform_labels(n: int, num_classes: int, *, seed: int, offset: int = 0,
+                   device: torch.device | str | None = None) -> Tensor:
+    """(n,) int64 labels uniform over ``num_classes``; label i is a function of (seed, offset + i)
+    (a conditional model's random labels, batch-size invariant like its latents)."""
+    u = counter_uniform(n, seed=seed, offset=offset, device=device)
+    return (u * num_classes).long().clamp_(max=num_classes - 1)
 
 
 class GenerativeModel(nn.Module):

@@ -52,13 +52,12 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from pygen.models.base import Batch, GenerativeModel, TrainingDiverged
+from pygen.models.base import Batch, GenerativeModel, TrainingDiverged, derive_seed, uniform_labels
 from pygen.models.networks import ConvEncoder, decoder, encoder, is_image
 from pygen.ops import randn
 
@@ -261,10 +260,6 @@ class Discriminator(nn.Module):
 
 
 # ---- the model ----------------------------------------------------------------------------------
-
-
-def _derived_seed(seed: int, stream: int) -> int:
-    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class GAN(GenerativeModel, family="gan"):
@@ -560,10 +555,8 @@ class GAN(GenerativeModel, family="gan"):
             return torch.as_tensor(labels, device=device).long().reshape(-1).expand(n)
         if seed is None:
             return torch.randint(0, self.num_classes, (n,), device=device, generator=generator)
-        # uniform labels from the counter stream of a derived seed: label i depends on (seed, offset + i)
-        u = torch.special.ndtr(randn(n, 1, seed=_derived_seed(seed, 1), offset=offset, device=device,
-                                     dtype=torch.float64)).squeeze(1)
-        return (u * self.num_classes).long().clamp_(0, self.num_classes - 1)
+        # label i depends on (seed, offset + i): a derived stream of the sample seed
+        return uniform_labels(n, self.num_classes, seed=derive_seed(seed, 1), offset=offset, device=device)
 
     @torch.no_grad()
     def sample(self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, offset: int = 0,

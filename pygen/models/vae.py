@@ -50,13 +50,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pygen.data.loader import as_tensors
-from pygen.models.base import Batch, GenerativeModel
+from pygen.models.base import Batch, GenerativeModel, counter_uniform, derive_seed, uniform_labels
 from pygen.models.flow import Flow
 from pygen.models.networks import decoder, encoder, is_image
 from pygen.nn.gaussian import GaussianReparameterize
 from pygen.ops.gaussian import gaussian_kl, randn
 
-__all__ = ["VAE", "LIKELIHOODS", "GAMMAS", "derive_seed", "counter_uniform"]
+__all__ = ["VAE", "LIKELIHOODS", "GAMMAS"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 GAMMAS = ("fixed", "learned", "running")
@@ -64,24 +64,6 @@ _LOG_2PI = math.log(2 * math.pi)
 _SEED_MOD = 2**63
 # elements of a chunk of importance samples (k_chunk * B * data numel) in log_likelihood
 _IWAE_CHUNK_ELEMENTS = 1 << 22
-
-
-def derive_seed(seed: int, stream: int) -> int:
-    """A seed for a separate noise stream of ``seed`` (a splitmix64 step), in [0, 2^63)."""
-    z = (int(seed) + 0x9E3779B97F4A7C15 * (int(stream) + 1)) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) % _SEED_MOD
-
-
-def counter_uniform(n: int, *, seed: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
-    """(n,) float64 uniforms in (0, 1); element i is a function of (seed, offset + i) only.
-
-    Phi(eps) of pygen's Philox normal at stream position offset + i (the normal CDF of a
-    standard normal is uniform).
-    """
-    eps = randn(n, seed=seed, offset=offset, device=device).double()
-    return (0.5 * torch.erfc(-eps / math.sqrt(2))).clamp(1e-12, 1 - 1e-12)
 
 
 class VAE(GenerativeModel, family="vae"):
@@ -441,8 +423,7 @@ class VAE(GenerativeModel, family="vae"):
     def random_labels(self, n: int, *, seed: int, offset: int = 0) -> Tensor:
         """(n,) int64 labels uniform over the classes; label i is a function of (seed, offset + i)."""
         device, _ = self._device_dtype()
-        u = counter_uniform(n, seed=derive_seed(seed, 2), offset=offset, device=device)
-        return (u * self.num_classes).long().clamp_(max=self.num_classes - 1)
+        return uniform_labels(n, self.num_classes, seed=derive_seed(seed, 2), offset=offset, device=device)
 
     @torch.no_grad()
     def sample(
