@@ -25,8 +25,9 @@ library's users pay, and it is kept. The schedulers are built once per benchmark
 Schedulers x configs x shapes x impl {pygen, diffusers}:
 
 - schedulers: DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler,
-  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (both libraries' classes of
-  that name);
+  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+  HeunDiscreteScheduler, LCMScheduler (stochastic), UniPCMultistepScheduler (both libraries'
+  classes of that name; flow matching's fixed model output is then a velocity);
 - configs: ``default`` (no constructor arguments: diffusers' defaults, e.g. DDPM and DDIM with
   clip_sample=True, linear betas); ``readme`` (README.md's ``num_train_timesteps=1000,
   beta_schedule="scaled_linear", timestep_spacing="trailing"``, for every scheduler; DDIM
@@ -59,6 +60,7 @@ check_pair, loop_inputs) for its scheduler-loop section: keep them free of pytes
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -72,8 +74,9 @@ except ImportError:  # imported by gpu_bench.py on a machine without pytest
     pytest = None
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-              "DPMSolverMultistepScheduler")
-STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler")  # in these configs (DDIM eta 0, no churn)
+              "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler",
+              "LCMScheduler", "UniPCMultistepScheduler")
+STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")  # in these configs (DDIM eta 0, no churn)
 CONFIGS = ("default", "readme", "sd")
 README_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "timestep_spacing": "trailing"}
 SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
@@ -147,10 +150,14 @@ def sampling_loop(scheduler, model_output, x_T, generator=None, seed: int = SEED
     if generator is not None:
         generator.manual_seed(seed)
     scheduler.set_timesteps(steps, device=x_T.device)
-    sample = x_T * scheduler.init_noise_sigma
+    sample = x_T * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching has none (1)
+    scale = getattr(scheduler, "scale_model_input", None)  # nor a scale_model_input
+    # Heun's and UniPC's step take no generator (deterministic)
+    takes_gen = "generator" in inspect.signature(scheduler.step).parameters
     for i, t in enumerate(scheduler.timesteps):
-        scheduler.scale_model_input(sample, t)  # what the model would get; the model is excluded
-        extra = per_step(i) if per_step is not None else {"generator": generator}
+        if scale is not None:
+            scale(sample, t)  # what the model would get; the model is excluded
+        extra = per_step(i) if per_step is not None else ({"generator": generator} if takes_gen else {})
         sample = scheduler.step(model_output, t, sample, **step_kwargs, **extra).prev_sample
     return sample
 

@@ -31,7 +31,8 @@ in ``timesteps`` (one host read, as diffusers does), unless ``set_begin_index`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from pygen import ops
 from pygen.diffusion import schedules as S
+from pygen.diffusion.config import ConfigMixin, FrozenConfig
 from pygen.ops import diffusion as R
 
 __all__ = [
@@ -52,28 +54,64 @@ __all__ = [
 ]
 
 
-class SchedulerConfig(dict):
-    """The constructor keywords of a scheduler: a dict with attribute access (like diffusers' FrozenDict)."""
+SchedulerConfig = FrozenConfig  # the name pygen used before the config layer
 
-    def __getattr__(self, name: str) -> Any:
+
+class SchedulerOutput(OrderedDict):
+    """What ``step`` returns, dict-like as diffusers' ``BaseOutput``: ``out.prev_sample``,
+    ``out["prev_sample"]``, ``out[0]``, ``out.to_tuple()``, ``out.keys()`` / ``.values()``.
+
+    Entries that are None are left out (``pred_original_sample`` of a scheduler that has none),
+    so integer indices and ``to_tuple()`` follow diffusers' outputs. Extra fields (LCM's
+    ``denoised``) are keyword arguments."""
+
+    def __init__(self, prev_sample: Tensor | None = None, pred_original_sample: Tensor | None = None, **extra: Tensor | None):
+        super().__init__()
+        for k, v in (("prev_sample", prev_sample), ("pred_original_sample", pred_original_sample), *extra.items()):
+            if v is not None:
+                super().__setitem__(k, v)
+
+    def __getattr__(self, name: str):
+        if name in ("prev_sample", "pred_original_sample", "denoised"):
+            return self.get(name)
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
 
+    def __getitem__(self, k):
+        if isinstance(k, str):
+            return super().__getitem__(k)
+        return self.to_tuple()[k]
 
-@dataclass
-class SchedulerOutput:
-    """What ``step`` returns: ``prev_sample`` (x at the previous timestep) and ``pred_original_sample`` (x0)."""
+    def __setattr__(self, name, value):
+        super().__setitem__(name, value)
 
-    prev_sample: Tensor
-    pred_original_sample: Tensor | None = None
+    def __reduce__(self):
+        return (type(self), (), None, None, iter(self.items()))
 
-    def __getitem__(self, i):
-        return (self.prev_sample, self.pred_original_sample)[i]
+    def to_tuple(self) -> tuple[Tensor, ...]:
+        return tuple(self.values())
 
-    def to_tuple(self) -> tuple[Tensor, Tensor | None]:
-        return (self.prev_sample, self.pred_original_sample)
+
+def threshold_sample(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
+    """diffusers' ``_threshold_sample``: per-sample s = quantile(|x0|, ratio) over all but the batch
+    dimension, clamped to [1, max_value]; returns clamp(x0, -s, s) / s in x0's dtype (computed in
+    float32 for half inputs)."""
+    b = x0.shape[0]
+    flat = x0.reshape(b, -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+def _noise_for(noise: Tensor | None, sample: Tensor, generator, dtype=None) -> Tensor:
+    """The given noise on the sample's device, or fresh noise from pygen's Philox stream (``generator`` honoured)."""
+    if noise is not None:
+        return _like(noise, sample).to(dtype or sample.dtype)
+    z = ops.randn(*sample.shape, generator=generator, device=sample.device)
+    return z.to(dtype or sample.dtype)
 
 
 def _like(x: Tensor | None, sample: Tensor, name: str = "noise") -> Tensor | None:
@@ -107,45 +145,53 @@ def _check_io(model_output, sample) -> Tensor:
     return model_output.to(sample.dtype)
 
 
-class _Base:
+class _Base(ConfigMixin):
     """Config registration, the alpha tables and device caching shared by the schedulers."""
 
     order = 1
     _unsupported: dict[str, Any] = {}
+    _compatibles = (
+        "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "LCMScheduler",
+    )
 
-    def _register(self, kwargs: dict[str, Any]) -> None:
+    def _register(self, kwargs: dict[str, Any], betas: bool = True) -> None:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("self", "__class__")}
+        kwargs = self._map_deprecated_values(kwargs)
         for k, bad in self._unsupported.items():
             if k in kwargs and kwargs[k] not in bad[0]:
                 raise NotImplementedError(
                     f"{type(self).__name__}: {k}={kwargs[k]!r} is not supported yet (supported: {bad[0]})"
                 )
-        self.config = SchedulerConfig(kwargs)
+        self._internal_dict = FrozenConfig()
+        self.register_to_config(**kwargs)
+        self.num_inference_steps: int | None = None
+        self._cache: dict[tuple[str, torch.device], Tensor] = {}
+        if not betas:
+            return
         c = self.config
         if c.prediction_type not in R.PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {R.PREDICTION_TYPES}, got {c.prediction_type!r}")
         if c.timestep_spacing not in S.TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {S.TIMESTEP_SPACINGS}, got {c.timestep_spacing!r}")
+        if sum(bool(c.get(k)) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
+            raise ValueError("Only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be used")
         self.betas = S.make_betas(
             c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas,
-            c.rescale_betas_zero_snr,
+            c.get("rescale_betas_zero_snr", False),
         )
         self.alphas = 1.0 - self.betas
         # rescale_betas_zero_snr: abar_T = 0 exactly here, as in diffusers' DDIM and DDPM (with
         # v_prediction the step at t = T is finite; with epsilon x0 is undetermined there, inf/nan
         # as in diffusers). The sigma-space schedulers lift it to 2**-24 (see _init_sigmas).
         self.alphas_cumprod = S.alphas_cumprod_from_betas(self.betas)
-        self.num_inference_steps: int | None = None
-        self._cache: dict[tuple[str, torch.device], Tensor] = {}
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], **kwargs: Any):
-        """Build from a (diffusers or pygen) config dict; keys this class does not take are ignored."""
-        import inspect
-
-        params = inspect.signature(cls.__init__).parameters
-        merged = {**dict(config), **kwargs}
-        return cls(**{k: v for k, v in merged.items() if k in params and k != "self"})
+    def _threshold(self, x0: Tensor) -> Tensor:
+        """Dynamic thresholding (Saharia et al. 2022): per sample s = quantile(|x0|, ratio) clamped
+        to [1, sample_max_value]; x0 -> clamp(x0, -s, s) / s. One torch quantile per step (the
+        fused step kernels take no per-sample scale): the schedulers feed the thresholded x0 to
+        their fused step, see each step."""
+        return threshold_sample(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -217,20 +263,31 @@ class _Base:
         return ab.sqrt() * noise - (1 - ab).sqrt() * sample
 
 
-def _out(prev: Tensor, x0: Tensor, return_dict: bool):
-    return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
+def _out(prev: Tensor, x0: Tensor | None, return_dict: bool, **extra):
+    if return_dict:
+        return SchedulerOutput(prev, x0, **extra)
+    return tuple(v for v in (prev, x0, *extra.values()) if v is not None)
+
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
 class DDPMScheduler(_Base):
     """Ancestral sampling of Ho et al. (2020), strided over the inference timesteps.
 
-    ``variance_type``: ``"fixed_small"`` (posterior variance) or ``"fixed_large"`` (beta).
+    ``variance_type``: ``"fixed_small"`` (posterior variance; ``"fixed_small_log"`` is the same
+    number) or ``"fixed_large"`` (beta) run the fused step; ``"fixed_large_log"``, ``"learned"`` and
+    ``"learned_range"`` (the model output carries 2C channels: prediction, then the variance or its
+    interpolation weight v in [-1, 1], log var = (v+1)/2 log beta + (1-v)/2 log posterior var, as in
+    improved DDPM) run in torch, the mean from the reference step. ``thresholding=True``: x0 is
+    thresholded in torch (:func:`threshold_sample`) and fed to the fused step as an x0
+    (``"sample"``) prediction, exact since DDPM's mean reads only x0 and x_t.
     A step from t goes to the next entry of ``timesteps`` (-1 after the last one, where
     abar = 1 and no noise is added); a t that is not in ``timesteps`` (or before
     ``set_timesteps``) steps to t - 1. Stateless: ``timestep`` may be a (B,) tensor.
     """
 
-    _unsupported = {"variance_type": (("fixed_small", "fixed_large"),), "thresholding": ((False,),)}
+    _unsupported = {"variance_type": (VARIANCE_TYPES,)}
 
     def __init__(
         self,
@@ -299,17 +356,59 @@ class DDPMScheduler(_Base):
         variance_noise: Tensor | None = None,
         return_dict: bool = True,
     ):
-        model_output = _check_io(model_output, sample)
         c = self.config
+        predicted_variance = None
+        if (isinstance(model_output, Tensor) and isinstance(sample, Tensor) and model_output.dim() > 1
+                and sample.dim() > 1 and model_output.shape[1] == 2 * sample.shape[1]
+                and c.variance_type in ("learned", "learned_range")):
+            model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)
+            predicted_variance = predicted_variance.to(sample.dtype)
+        model_output = _check_io(model_output, sample)
         t = self._t(timestep, sample)
-        prev = R.gather(self._on("prev_timesteps", sample.device), t, 1)
-        # the fused step (backend="torch" is the reference); no noise where t == 0 (the step to -1)
-        prev_sample, x0 = ops.ddpm_step(
-            model_output, sample, t, self._on("alphas_cumprod", sample.device), prev, variance_type=c.variance_type,
-            final_alpha_cumprod=1.0, prediction_type=c.prediction_type, clip_sample=c.clip_sample,
-            clip_sample_range=c.clip_sample_range, noise=_like(noise if noise is not None else variance_noise, sample),
-            generator=generator,
-        )
+        dev = sample.device
+        prev = R.gather(self._on("prev_timesteps", dev), t, 1)
+        pred, x0_thr = c.prediction_type, None
+        if c.thresholding:
+            ab = R.gather(self._on("alphas_cumprod", dev), t, sample.dim()).to(R._ct(sample))
+            x0, _ = R.predict_x0_eps(model_output.to(ab.dtype), sample.to(ab.dtype), ab, pred)
+            x0_thr = self._threshold(x0.to(sample.dtype))
+            model_output, pred = x0_thr, "sample"  # the fused step takes the thresholded x0 as its prediction
+        clip = c.clip_sample and not c.thresholding
+        given = noise if noise is not None else variance_noise
+        fused = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+        if c.variance_type in fused or (c.variance_type == "learned_range" and predicted_variance is None):
+            # the fused step (backend="torch" is the reference); no noise where t == 0 (the step to -1).
+            # learned_range without the variance channels: diffusers' _get_variance gives the
+            # fixed_small value then (frac = (None + 1) / 2 fails there; pygen takes fixed_small)
+            prev_sample, x0 = ops.ddpm_step(
+                model_output, sample, t, self._on("alphas_cumprod", dev), prev,
+                variance_type=fused.get(c.variance_type, "fixed_small"), final_alpha_cumprod=1.0,
+                prediction_type=pred, clip_sample=clip, clip_sample_range=c.clip_sample_range,
+                noise=_like(given, sample), generator=generator,
+            )
+            return _out(prev_sample, x0, return_dict)
+        # learned / learned_range / fixed_large_log: torch, the mean from the reference step
+        nd = sample.dim()
+        ac = self._on("alphas_cumprod", dev)
+        ab = R.gather(ac, t, nd)
+        ab_prev = R.gather(torch.cat([ac, ac.new_ones(1)]), torch.where(prev < 0, ac.shape[0], prev), nd)
+        mean, x0 = R.ddpm_step_ref(model_output, sample, ab, ab_prev, None, prediction_type=pred,
+                                   clip_sample=clip, clip_sample_range=c.clip_sample_range)
+        ct = R._ct(sample)
+        ab, ab_prev = ab.to(ct), ab_prev.to(ct)
+        beta = 1 - ab / ab_prev
+        small = ((1 - ab_prev) / (1 - ab) * beta).clamp(min=1e-20)
+        if c.variance_type == "fixed_large_log":
+            std = beta.log() ** 0.5  # sqrt of a log < 0: NaN, as diffusers computes it
+        elif c.variance_type == "learned":
+            std = predicted_variance.to(ct) ** 0.5 if predicted_variance is not None else small.sqrt()
+        else:  # learned_range
+            frac = (predicted_variance.to(ct) + 1) / 2
+            std = torch.exp(0.5 * (frac * beta.log() + (1 - frac) * small.log()))
+        z = _noise_for(given, sample, generator, ct)
+        mask = (t > 0).to(ct)  # no noise at t = 0
+        z = z * (mask.reshape(-1, *([1] * (nd - 1))) if t.dim() == 1 else mask)
+        prev_sample = (mean.to(ct) + std * z).to(sample.dtype)
         return _out(prev_sample, x0, return_dict)
 
 
@@ -320,9 +419,13 @@ class DDIMScheduler(_Base):
     semantics, also for ``"trailing"``/``"linspace"`` spacing); below 0 it uses the final
     abar (1 with ``set_alpha_to_one``, else abar_0). ``eta`` may be given to the constructor
     (pygen extension, default 0) or per step. Stateless: ``timestep`` may be a (B,) tensor.
-    """
 
-    _unsupported = {"thresholding": ((False,),)}
+    ``thresholding=True``: x0 is thresholded in torch (:func:`threshold_sample`, one quantile per
+    sample) and the fused step is fed a (sample, v) pair rebuilt from (thresholded x0, the model's
+    eps) as a v prediction, so that the kernel's x0 is the thresholded one and its eps the model's,
+    as in diffusers (with ``use_clipped_model_output`` the thresholded x0 is fed as an x0 prediction,
+    eps then follows from it, as in diffusers).
+    """
 
     def __init__(
         self,
@@ -344,6 +447,8 @@ class DDIMScheduler(_Base):
         eta: float = 0.0,
     ) -> None:
         self._register(locals())
+        if eta == 0:  # pygen's extension stays out of the config (and diffusers' files) unless used
+            self._internal_dict = FrozenConfig((k, v) for k, v in self.config.items() if k != "eta")
         self.final_alpha_cumprod = S.final_alpha_cumprod(self.alphas_cumprod, set_alpha_to_one)
         self.init_noise_sigma = 1.0
         self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -374,19 +479,32 @@ class DDIMScheduler(_Base):
             raise RuntimeError("DDIMScheduler.step: call set_timesteps(num_inference_steps) first")
         model_output = _check_io(model_output, sample)
         c = self.config
-        eta = c.eta if eta is None else eta
+        eta = c.get("eta", 0.0) if eta is None else eta
         t = self._t(timestep, sample)
         given = _like(noise if noise is not None else variance_noise, sample)
+        pred, x_in, x0_thr = c.prediction_type, sample, None
+        if c.thresholding:
+            ab = R.gather(self._on("alphas_cumprod", sample.device), t, sample.dim()).to(R._ct(sample))
+            x0, eps = R.predict_x0_eps(model_output.to(ab.dtype), sample.to(ab.dtype), ab, pred)
+            x0_thr = self._threshold(x0)
+            if use_clipped_model_output:  # eps from the thresholded x0: an x0 prediction is exact
+                model_output, pred = x0_thr.to(sample.dtype), "sample"
+            else:  # x = a x0 + b eps, v = a eps - b x0: the kernel recovers (x0_thr, eps) from them
+                a, b = ab.sqrt(), (1 - ab).sqrt()
+                x_in = (a * x0_thr + b * eps).to(sample.dtype)
+                model_output, pred = (a * eps - b * x0_thr).to(sample.dtype), "v_prediction"
         # coefficients gathered on the device, noise drawn in-kernel; a negative prev_t is the
         # final step (final_alpha_cumprod)
         prev_sample, x0 = ops.ddim_step(
-            model_output, sample, t, self._on("alphas_cumprod", sample.device),
+            model_output, x_in, t, self._on("alphas_cumprod", sample.device),
             t - self.num_train_timesteps // self.num_inference_steps,
-            final_alpha_cumprod=float(self.final_alpha_cumprod), eta=eta, prediction_type=c.prediction_type,
-            clip_sample=c.clip_sample, clip_sample_range=c.clip_sample_range,
+            final_alpha_cumprod=float(self.final_alpha_cumprod), eta=eta, prediction_type=pred,
+            clip_sample=c.clip_sample and not c.thresholding, clip_sample_range=c.clip_sample_range,
             use_clipped_model_output=use_clipped_model_output, noise=given,
             generator=generator if (given is None and eta > 0) else None,
         )
+        if x0_thr is not None:
+            x0 = x0_thr.to(sample.dtype)
         return _out(prev_sample, x0, return_dict)
 
 
@@ -394,7 +512,7 @@ class _SigmaBase(_Base):
     """sigma tables, step_index bookkeeping of the multistep / sigma-space schedulers."""
 
     def _init_sigmas(self) -> None:
-        if self.config.rescale_betas_zero_snr:
+        if self.config.get("rescale_betas_zero_snr"):
             # sigma_T = sqrt((1 - abar_T) / abar_T) would be inf: diffusers' Euler, Euler-ancestral
             # and DPM-Solver++ keep abar_T just above 0 (the smallest float16 subnormal); so do we
             self.alphas_cumprod[-1] = 2**-24
@@ -405,16 +523,36 @@ class _SigmaBase(_Base):
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
-    def _set_sigmas(self, timesteps: Tensor, sigmas: Tensor, device) -> None:
+    def _set_sigmas(self, timesteps: Tensor, sigmas: Tensor, device, num_inference_steps: int | None = None) -> None:
         self.sigmas = sigmas.to(torch.float32)
         self._sigmas_host = self.sigmas.tolist()
         self.step_indices = torch.arange(len(self._sigmas_host))
         self._timesteps_host = timesteps
         self.timesteps = timesteps.to(device) if device is not None else timesteps
-        self.num_inference_steps = int(timesteps.numel())
+        self.num_inference_steps = int(timesteps.numel()) if num_inference_steps is None else num_inference_steps
         self._step_index = None
         self._begin_index = None
         self._cache = {k: v for k, v in self._cache.items() if k[0] not in ("sigmas", "step_indices")}
+
+    def _convert_sigmas(self, sig: Tensor, n: int, in_min: float, in_max: float) -> Tensor | None:
+        """Karras / exponential / beta sigmas (n, float64) between the config's sigma_min / sigma_max
+        (default ``in_min`` / ``in_max``), or None when the config asks for none of them."""
+        c = self.config
+        smin = c.get("sigma_min") if c.get("sigma_min") is not None else in_min
+        smax = c.get("sigma_max") if c.get("sigma_max") is not None else in_max
+        if c.get("use_karras_sigmas"):
+            return S.karras_sigmas(smin, smax, n)
+        if c.get("use_exponential_sigmas"):
+            return S.exponential_sigmas(smin, smax, n)
+        if c.get("use_beta_sigmas"):
+            return S.beta_sigmas(smin, smax, n)
+        return None
+
+    def _check_custom(self, timesteps, what: str = "timesteps") -> None:
+        c = self.config
+        for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
+            if timesteps is not None and c.get(k):
+                raise ValueError(f"Cannot set `{what}` with `config.{k} = True`.")
 
     @property
     def step_index(self) -> int | None:
@@ -427,8 +565,9 @@ class _SigmaBase(_Base):
     def set_begin_index(self, begin_index: int = 0) -> None:
         self._begin_index = begin_index
 
-    def index_for_timestep(self, timestep) -> int:
-        host = getattr(self, "_timesteps_host", self.timesteps.cpu())
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        host = getattr(self, "_timesteps_host", self.timesteps.cpu()) if schedule_timesteps is None \
+            else schedule_timesteps.cpu()
         tv = timestep.detach().cpu() if isinstance(timestep, Tensor) else torch.tensor(timestep)
         if tv.numel() != 1:
             raise ValueError(
@@ -451,8 +590,10 @@ class _SigmaBase(_Base):
         launches nothing to make it (and copies nothing from the host)."""
         return self._on("step_indices", device)[i]
 
+    _needs_set_timesteps = True
+
     def _ready(self) -> None:
-        if self.num_inference_steps is None:
+        if self._needs_set_timesteps and self.num_inference_steps is None:
             raise RuntimeError(f"{type(self).__name__}.step: call set_timesteps(num_inference_steps) first")
         if self._step_index is not None and self._step_index >= len(self._sigmas_host) - 1:
             raise RuntimeError(f"{type(self).__name__}.step: all {self.num_inference_steps} steps were taken")
@@ -466,6 +607,9 @@ class _SigmaBase(_Base):
         i = self._step_index if self._step_index is not None else self._begin_index
         return [i] * n
 
+    def _bcast(self, v: Tensor, x: Tensor) -> Tensor:
+        return v.to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
 
 def _float_timesteps(n: int, N: int, spacing: str, steps_offset: int) -> Tensor:
     """Euler's (float) inference timesteps: linspace is not rounded, leading/trailing are."""
@@ -476,18 +620,70 @@ def _float_timesteps(n: int, N: int, spacing: str, steps_offset: int) -> Tensor:
     return S.spaced_timesteps(n, N, spacing, steps_offset).to(torch.float32)
 
 
-class EulerDiscreteScheduler(_SigmaBase):
+class _KarrasSigmaSchedule(_SigmaBase):
+    """Euler's and Heun's sigma schedule: float timesteps, VE sample, scale_model_input."""
+
+    _needs_set_timesteps = False  # diffusers steps on the training schedule before set_timesteps
+
+    @property
+    def init_noise_sigma(self) -> Tensor:
+        """The initial noise's std, a 0-dim tensor as in diffusers: max sigma (linspace / trailing),
+        else sqrt(max sigma^2 + 1)."""
+        m = self.sigmas.max()
+        return m if self.config.timestep_spacing in ("linspace", "trailing") else (m * m + 1) ** 0.5
+
+    def _schedule(self, num_inference_steps, timesteps=None, sigmas=None) -> tuple[Tensor, Tensor, int]:
+        """(timesteps float32 (n,), sigmas float64 (n + 1,), n) of diffusers' Euler set_timesteps."""
+        c = self.config
+        N = self.num_train_timesteps
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Only one of `timesteps` or `sigmas` should be set.")
+        given = sum(x is not None for x in (num_inference_steps, timesteps, sigmas))
+        if given != 1:
+            raise ValueError("pass exactly one of num_inference_steps, timesteps and sigmas")
+        self._check_custom(timesteps)
+        if sigmas is not None:
+            sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten().to(torch.float32).to(torch.float64)
+            ts = S.sigma_to_t(sig[:-1], self.train_sigmas).to(torch.float32)
+            return ts, sig, int(sig.numel()) - 1
+        if timesteps is not None:
+            ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().to(torch.float32)
+            n = int(ts.numel())
+        else:
+            n = S._check_positive_int(num_inference_steps, "num_inference_steps")
+            ts = _float_timesteps(n, N, c.timestep_spacing, c.steps_offset)
+        sig = S.interp_sigmas(ts, self.train_sigmas)
+        conv = self._convert_sigmas(sig, n, float(sig[-1]), float(sig[0])) if timesteps is None else None
+        if conv is not None:
+            sig = conv
+            ts = S.sigma_to_t(sig, self.train_sigmas).to(torch.float32)
+        last = 0.0 if c.get("final_sigmas_type", "zero") == "zero" else float(self.train_sigmas[0])
+        return ts, torch.cat([sig, sig.new_tensor([last])]), n
+
+    def scale_model_input(self, sample: Tensor, timestep) -> Tensor:
+        self._init_step_index(timestep)
+        s = self._sigma(self._step_index, sample.device)
+        return sample / (s * s + 1).sqrt()
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
+        """x = x0 + sigma noise with sigma of ``timesteps`` in the current schedule (sigma space);
+        one timestep (a number, 0-dim or (1,) tensor) is broadcast over the batch."""
+        idx = self._step_indices(timesteps, original_samples.shape[0])
+        return original_samples + noise * self._bcast(self.sigmas[idx], original_samples)
+
+
+class EulerDiscreteScheduler(_KarrasSigmaSchedule):
     """Euler sampler of the probability-flow ODE in sigma space (Karras et al. 2022, alg. 2).
 
     The sample lives in sigma space (x = x0 + sigma eps); ``scale_model_input`` divides by
     sqrt(sigma^2 + 1) for the model. ``timesteps`` are float32 (fractional for linspace
     spacing and Karras sigmas), as in diffusers. ``s_churn`` > 0 adds Karras' stochastic churn.
+    Sigmas: interpolated, Karras, exponential or beta (``use_*_sigmas``); ``set_timesteps``
+    takes custom ``timesteps=`` or ``sigmas=`` (n + 1 values, the last the final one).
     """
 
     _unsupported = {
         "interpolation_type": (("linear",),),
-        "use_exponential_sigmas": ((False,),),
-        "use_beta_sigmas": ((False,),),
         "timestep_type": (("discrete",),),
         "final_sigmas_type": (("zero", "sigma_min"),),
     }
@@ -518,29 +714,10 @@ class EulerDiscreteScheduler(_SigmaBase):
         self.timesteps = torch.linspace(0, N - 1, N, dtype=torch.float64).flip(0).to(torch.float32)
         self._timesteps_host = self.timesteps
 
-    @property
-    def init_noise_sigma(self) -> float:
-        m = max(self._sigmas_host)
-        return m if self.config.timestep_spacing in ("linspace", "trailing") else (m * m + 1) ** 0.5
-
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        c = self.config
-        N = self.num_train_timesteps
-        ts = _float_timesteps(num_inference_steps, N, c.timestep_spacing, c.steps_offset)
-        sig = S.interp_sigmas(ts, self.train_sigmas)
-        if c.use_karras_sigmas:
-            smin = c.sigma_min if c.sigma_min is not None else float(sig[-1])
-            smax = c.sigma_max if c.sigma_max is not None else float(sig[0])
-            sig = S.karras_sigmas(smin, smax, num_inference_steps)
-            ts = S.sigma_to_t(sig, self.train_sigmas).to(torch.float32)
-        last = 0.0 if c.final_sigmas_type == "zero" else float(self.train_sigmas[0])
-        self._set_sigmas(ts, torch.cat([sig, sig.new_tensor([last])]), device)
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None) -> None:
+        ts, sig, n = self._schedule(num_inference_steps, timesteps, sigmas)
+        self._set_sigmas(ts, sig, device, n)
         self._prefetch(device)
-
-    def scale_model_input(self, sample: Tensor, timestep) -> Tensor:
-        self._init_step_index(timestep)
-        s = self._sigma(self._step_index, sample.device)
-        return sample / (s * s + 1).sqrt()
 
     def step(
         self,
@@ -551,10 +728,10 @@ class EulerDiscreteScheduler(_SigmaBase):
         s_tmin: float = 0.0,
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
-        *,
         generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
         return_dict: bool = True,
+        *,
+        noise: Tensor | None = None,
     ):
         self._ready()
         model_output = _check_io(model_output, sample)
@@ -569,12 +746,6 @@ class EulerDiscreteScheduler(_SigmaBase):
         )
         self._step_index += 1
         return _out(prev, x0, return_dict)
-
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """x = x0 + sigma noise with sigma of ``timesteps`` in the current schedule (sigma space)."""
-        idx = self._step_indices(timesteps, original_samples.shape[0])
-        sig = self.sigmas[idx].to(original_samples.device, original_samples.dtype)
-        return original_samples + noise * sig.reshape(-1, *([1] * (original_samples.dim() - 1)))
 
 
 class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
@@ -595,21 +766,25 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         rescale_betas_zero_snr: bool = False,
     ) -> None:
         self._register(locals())
-        self.config.update(use_karras_sigmas=False, sigma_min=None, sigma_max=None, final_sigmas_type="zero")
         self._init_sigmas()
         N = self.num_train_timesteps
         self.timesteps = torch.linspace(0, N - 1, N, dtype=torch.float64).flip(0).to(torch.float32)
         self._timesteps_host = self.timesteps
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        ts, sig, n = self._schedule(num_inference_steps)
+        self._set_sigmas(ts, sig, device, n)
+        self._prefetch(device)
 
     def step(
         self,
         model_output: Tensor,
         timestep,
         sample: Tensor,
-        *,
         generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
         return_dict: bool = True,
+        *,
+        noise: Tensor | None = None,
     ):
         self._ready()
         model_output = _check_io(model_output, sample)
@@ -623,27 +798,90 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         return _out(prev, x0, return_dict)
 
 
-class DPMSolverMultistepScheduler(_SigmaBase):
-    """DPM-Solver++ multistep (Lu et al. 2022), orders 1 and 2 (``solver_order=2``: 2M).
+def _alpha_sigma_lambda(s: Tensor | float):
+    """(alpha_t, sigma_t, lambda_t) of the VP process at VE level s (lambda = log alpha - log sigma)."""
+    s = torch.as_tensor(s, dtype=torch.float32) if not isinstance(s, Tensor) else s
+    alpha = 1 / (s * s + 1) ** 0.5
+    sig = s * alpha
+    return alpha, sig, torch.log(alpha) - torch.log(sig)
+
+
+def _vp_timesteps(c, N: int, n: int, last: int) -> Tensor:
+    """DPM-Solver's / UniPC's integer timesteps (n,) for ``timestep_spacing`` over [0, last)."""
+    if c.timestep_spacing == "linspace":
+        return torch.round(torch.linspace(0, last - 1, n + 1, dtype=torch.float64)).flip(0)[:-1].to(torch.int64)
+    if c.timestep_spacing == "leading":
+        ratio = last // (n + 1)
+        return (torch.arange(n, 0, -1, dtype=torch.int64) * ratio) + c.steps_offset
+    v = last - torch.arange(n, dtype=torch.float64) * (N / n)  # trailing
+    return torch.round(v[v > 0]).to(torch.int64) - 1
+
+
+class _VPMultistep(_SigmaBase):
+    """The VP-sample multistep schedulers (DPM-Solver, UniPC): schedule and add_noise."""
+
+    def _vp_schedule(self, n: int, timesteps=None, lambda_min_clipped: float = -float("inf"),
+                     round_converted: bool = True) -> tuple[Tensor, Tensor]:
+        c = self.config
+        N = self.num_train_timesteps
+        if timesteps is not None:
+            ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().to(torch.int64)
+        else:
+            lam = (self.alphas_cumprod.sqrt().log() - (1 - self.alphas_cumprod).sqrt().log()).to(torch.float64)
+            clipped = int(torch.searchsorted(lam.flip(0), torch.tensor(float(lambda_min_clipped), dtype=torch.float64)))
+            ts = _vp_timesteps(c, N, n, N - clipped)
+        n = int(ts.numel())
+        table = self.train_sigmas.to(torch.float64)
+        conv = None
+        if timesteps is None:
+            if c.get("use_lu_lambdas"):
+                conv = S.lu_lambdas(float(table[0].log()), float(table[-1].log()), n).exp()
+            else:
+                conv = self._convert_sigmas(None, n, float(table[0]), float(table[-1]))
+        if conv is not None:
+            sig = conv
+            t = S.sigma_to_t(sig, self.train_sigmas)
+            rounded = c.get("use_karras_sigmas") or c.get("use_lu_lambdas")
+            if rounded and round_converted and c.beta_schedule != "squaredcos_cap_v2":
+                t = t.round()
+            ts = t.to(torch.int64)  # truncation, as diffusers' astype(int64)
+        else:
+            sig = S.interp_sigmas(ts.to(torch.float64), self.train_sigmas)
+        return ts, sig
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
+        """x = alpha x0 + sigma_t noise at the VE level sigma of ``timesteps`` in the current schedule;
+        one timestep (a number, 0-dim or (1,) tensor) is broadcast over the batch."""
+        idx = self._step_indices(timesteps, original_samples.shape[0])
+        s = self.sigmas[idx].to(torch.float64)
+        alpha = 1 / (s * s + 1).sqrt()
+        return self._bcast(alpha, original_samples) * original_samples + self._bcast(s * alpha, original_samples) * noise
+
+
+class DPMSolverMultistepScheduler(_VPMultistep):
+    """DPM-Solver (Lu et al. 2022) multistep, orders 1-3, ``algorithm_type`` "dpmsolver++" (data
+    prediction), "sde-dpmsolver++", "dpmsolver" and "sde-dpmsolver" (noise prediction).
 
     The sample is the VP sample (``init_noise_sigma`` = 1, ``scale_model_input`` is the
-    identity); the step converts the model output to x0 and keeps the previous x0 for the
-    second-order update. The first step is first order, and so is the last when
+    identity). Fused path: "dpmsolver++" steps of order 1 and 2 (``pygen.ops.dpmpp_2m_step``;
+    with ``thresholding`` the thresholded x0 is fed to it as an x0 prediction, exact since the
+    update reads only x0, the previous x0 and the sample). Torch path (elementwise, scalar
+    coefficients from the sigma table; one kernel launch per term): third-order steps and the
+    SDE / noise-prediction algorithms. The first step is first order, and so is the last when
     ``lower_order_final`` (and fewer than 15 steps), ``euler_at_final`` or
-    ``final_sigmas_type="zero"`` asks for it (diffusers' rules).
+    ``final_sigmas_type="zero"`` asks for it (diffusers' rules). Stochastic algorithms draw
+    pygen's Philox noise unless ``variance_noise=`` (alias ``noise=``) is given.
+    Deprecated values are mapped as diffusers does: ``algorithm_type="deis"`` -> "dpmsolver++",
+    ``solver_type`` "logrho" / "bh1" / "bh2" -> "midpoint".
     """
 
     _unsupported = {
-        "solver_order": ((1, 2),),
-        "algorithm_type": (("dpmsolver++",),),
-        "thresholding": ((False,),),
-        "use_exponential_sigmas": ((False,),),
-        "use_beta_sigmas": ((False,),),
-        "use_lu_lambdas": ((False,),),
         "use_flow_sigmas": ((False,),),
-        "variance_type": ((None,),),
         "final_sigmas_type": (("zero", "sigma_min"),),
+        "use_dynamic_shifting": ((False,),),
     }
+    _deprecated_values = {"algorithm_type": {"deis": "dpmsolver++"},
+                          "solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}}
 
     def __init__(
         self,
@@ -673,84 +911,174 @@ class DPMSolverMultistepScheduler(_SigmaBase):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
     ) -> None:
-        if solver_type not in ("midpoint", "heun"):
-            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
         self._register(locals())
+        c = self.config
+        if c.algorithm_type not in ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++"):
+            raise NotImplementedError(f"algorithm_type {c.algorithm_type!r} is not implemented for {type(self).__name__}")
+        if c.solver_type not in ("midpoint", "heun"):
+            raise NotImplementedError(f"solver_type {c.solver_type!r} is not implemented for {type(self).__name__}")
+        if c.solver_order not in (1, 2, 3):
+            raise NotImplementedError(f"solver_order must be 1, 2 or 3, got {c.solver_order!r}")
+        if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and c.final_sigmas_type == "zero":
+            raise ValueError(
+                f"`final_sigmas_type` {c.final_sigmas_type} is not supported for `algorithm_type` "
+                f"{c.algorithm_type}. Please choose `sigma_min` instead."
+            )
         self._init_sigmas()
         self.init_noise_sigma = 1.0
         N = self.num_train_timesteps
         self.timesteps = torch.arange(N - 1, -1, -1, dtype=torch.int64)
         self._timesteps_host = self.timesteps
         self.model_outputs: list[Tensor | None] = [None] * solver_order
-        self._prev_sigma_index: int | None = None
         self.lower_order_nums = 0
 
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, mu: float | None = None,
+                      timesteps=None) -> None:
         c = self.config
-        N = self.num_train_timesteps
-        n = S._check_positive_int(num_inference_steps, "num_inference_steps")
-        lam = (self.alphas_cumprod.sqrt().log() - (1 - self.alphas_cumprod).sqrt().log()).to(torch.float64)
-        clipped = int(torch.searchsorted(lam.flip(0), torch.tensor(float(c.lambda_min_clipped), dtype=torch.float64)))
-        last = N - clipped
-        if c.timestep_spacing == "linspace":
-            ts = torch.round(torch.linspace(0, last - 1, n + 1, dtype=torch.float64)).flip(0)[:-1].to(torch.int64)
-        elif c.timestep_spacing == "leading":
-            ratio = last // (n + 1)
-            ts = (torch.arange(n, 0, -1, dtype=torch.int64) * ratio) + c.steps_offset
-        else:  # trailing
-            v = last - torch.arange(n, dtype=torch.float64) * (N / n)
-            ts = torch.round(v[v > 0]).to(torch.int64) - 1
-        if c.use_karras_sigmas:
-            smin = c.sigma_min if c.get("sigma_min") is not None else float(self.train_sigmas[0])
-            smax = c.sigma_max if c.get("sigma_max") is not None else float(self.train_sigmas[-1])
-            sig = S.karras_sigmas(smin, smax, n)
-            ts = S.sigma_to_t(sig, self.train_sigmas).round().to(torch.int64)
-        else:
-            sig = S.interp_sigmas(ts.to(torch.float64), self.train_sigmas)
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps and timesteps")
+        if mu is not None:
+            raise NotImplementedError("mu (dynamic shifting) needs use_flow_sigmas, which pygen does not support yet")
+        self._check_custom(timesteps)
+        n = S._check_positive_int(num_inference_steps, "num_inference_steps") if timesteps is None else None
+        ts, sig = self._vp_schedule(n, timesteps, c.lambda_min_clipped)
         last_sigma = 0.0 if c.final_sigmas_type == "zero" else float(self.train_sigmas[0])
         self._set_sigmas(ts, torch.cat([sig, sig.new_tensor([last_sigma])]), device)
         self._prefetch(device)
         self.model_outputs = [None] * c.solver_order
         self.lower_order_nums = 0
 
+    def convert_model_output(self, model_output: Tensor, *args, sample: Tensor | None = None, **kwargs) -> Tensor:
+        """x0 (data-prediction algorithms, thresholded when asked) or eps (noise prediction) at the current step."""
+        c = self.config
+        if sample is None:
+            sample = args[1] if len(args) > 1 else None
+        if sample is None:
+            raise ValueError("missing `sample` as a required keyword argument")
+        if c.variance_type in ("learned", "learned_range") and model_output.shape[1] != sample.shape[1]:
+            model_output = model_output[:, : sample.shape[1]]
+        ct = torch.float32 if sample.dtype != torch.float64 else torch.float64
+        alpha, sig, _ = _alpha_sigma_lambda(self._sigma(self._step_index, sample.device).to(ct))
+        mo, x = model_output.to(ct), sample.to(ct)
+        pred = c.prediction_type
+        if c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            x0 = {"epsilon": lambda: (x - sig * mo) / alpha, "sample": lambda: mo,
+                  "v_prediction": lambda: alpha * x - sig * mo}[pred]()
+            return (self._threshold(x0) if c.thresholding else x0).to(model_output.dtype)
+        eps = {"epsilon": lambda: mo, "sample": lambda: (x - alpha * mo) / sig,
+               "v_prediction": lambda: alpha * mo + sig * x}[pred]()
+        if c.thresholding:
+            x0 = self._threshold((x - sig * eps) / alpha)
+            eps = (x - alpha * x0) / sig
+        return eps.to(model_output.dtype)
+
+    def _update(self, order: int, ms: list[Tensor], x: Tensor, noise: Tensor | None) -> Tensor:
+        """diffusers' first / second / third order multistep updates, in torch (float32)."""
+        c = self.config
+        i, dev = self._step_index, x.device
+        sg = self._on("sigmas", dev)
+        a_t, s_t, l_t = _alpha_sigma_lambda(sg[i + 1])
+        a_0, s_0, l_0 = _alpha_sigma_lambda(sg[i])
+        h = l_t - l_0
+        algo = c.algorithm_type
+        m0 = ms[-1]
+        if order == 1:
+            D = [m0]
+        elif order == 2:
+            _, _, l_1 = _alpha_sigma_lambda(sg[i - 1])
+            r0 = (l_0 - l_1) / h
+            D = [m0, (1.0 / r0) * (m0 - ms[-2])]
+        else:
+            _, _, l_1 = _alpha_sigma_lambda(sg[i - 1])
+            _, _, l_2 = _alpha_sigma_lambda(sg[i - 2])
+            r0, r1 = (l_0 - l_1) / h, (l_1 - l_2) / h
+            d10, d11 = (1.0 / r0) * (m0 - ms[-2]), (1.0 / r1) * (ms[-2] - ms[-3])
+            D = [m0, d10 + (r0 / (r0 + r1)) * (d10 - d11), (1.0 / (r0 + r1)) * (d10 - d11)]
+        mid = c.solver_type == "midpoint" and order == 2
+        if algo == "dpmsolver++":
+            em = torch.exp(-h) - 1.0
+            x_t = (s_t / s_0) * x - (a_t * em) * D[0]
+            if order >= 2:
+                x_t = x_t - 0.5 * (a_t * em) * D[1] if mid else x_t + (a_t * (em / h + 1.0)) * D[1]
+            if order == 3:
+                x_t = x_t - (a_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D[2]
+        elif algo == "dpmsolver":
+            ep = torch.exp(h) - 1.0
+            x_t = (a_t / a_0) * x - (s_t * ep) * D[0]
+            if order >= 2:
+                x_t = x_t - 0.5 * (s_t * ep) * D[1] if mid else x_t - (s_t * (ep / h - 1.0)) * D[1]
+            if order == 3:
+                x_t = x_t - (s_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D[2]
+        elif algo == "sde-dpmsolver++":
+            e2 = 1.0 - torch.exp(-2.0 * h)
+            x_t = (s_t / s_0 * torch.exp(-h)) * x + (a_t * e2) * D[0]
+            if order >= 2:
+                x_t = x_t + 0.5 * (a_t * e2) * D[1] if mid else x_t + (a_t * (e2 / (-2.0 * h) + 1.0)) * D[1]
+            if order == 3:
+                x_t = x_t + (a_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D[2]
+            x_t = x_t + s_t * torch.sqrt(e2) * noise
+        else:  # sde-dpmsolver (diffusers has no third order for it: second order there)
+            ep = torch.exp(h) - 1.0
+            x_t = (a_t / a_0) * x - 2.0 * (s_t * ep) * D[0]
+            if order >= 2:
+                x_t = x_t - (s_t * ep) * D[1] if c.solver_type == "midpoint" else x_t - 2.0 * (s_t * (ep / h - 1.0)) * D[1]
+            x_t = x_t + s_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
+        return x_t
+
     def step(
         self,
         model_output: Tensor,
         timestep,
         sample: Tensor,
-        *,
         generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
         variance_noise: Tensor | None = None,
         return_dict: bool = True,
+        *,
+        noise: Tensor | None = None,
     ):
         self._ready()
-        model_output = _check_io(model_output, sample)
         c = self.config
+        if c.variance_type in ("learned", "learned_range") and isinstance(model_output, Tensor) \
+                and isinstance(sample, Tensor) and model_output.dim() > 1 and model_output.shape[1] != sample.shape[1]:
+            model_output = model_output[:, : sample.shape[1]]
+        model_output = _check_io(model_output, sample)
         self._init_step_index(timestep)
         i, n = self._step_index, self.num_inference_steps
         lower_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
-        first = c.solver_order == 1 or self.lower_order_nums < 1 or lower_final
+        lower_second = i == n - 2 and c.lower_order_final and n < 15
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
+            order = 1
+        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_second:
+            order = 2
+        else:
+            order = 3
         dev = sample.device
-        prev_x0 = None if first else _like(self.model_outputs[-1], sample, "prev_x0")
-        # second order in the kernel where prev_x0 is given (i >= 1 here) and sigma_next > 0
-        prev, x0 = ops.dpmpp_2m_step(
-            model_output, sample, self._on("sigmas", dev), self._index(i, dev), prev_x0, solver_type=c.solver_type,
-            prediction_type=c.prediction_type,
-        )
-        self.model_outputs = self.model_outputs[1:] + [x0]
+        if c.algorithm_type == "dpmsolver++" and order <= 2:
+            prev_x0 = None if order == 1 else _like(self.model_outputs[-1], sample, "prev_x0")
+            mo, pred = model_output, c.prediction_type
+            if c.thresholding:  # the fused step takes the thresholded x0 as an x0 prediction
+                mo, pred = self.convert_model_output(model_output, sample=sample), "sample"
+            # second order in the kernel where prev_x0 is given (i >= 1 here) and sigma_next > 0
+            prev, x0 = ops.dpmpp_2m_step(
+                mo, sample, self._on("sigmas", dev), self._index(i, dev), prev_x0, solver_type=c.solver_type,
+                prediction_type=pred,
+            )
+            m = x0
+        else:
+            m = self.convert_model_output(model_output, sample=sample)
+            z = None
+            if c.algorithm_type.startswith("sde"):
+                given = variance_noise if variance_noise is not None else noise
+                z = _noise_for(given, sample, generator, torch.float32 if sample.dtype != torch.float64 else None)
+            ms = [v for v in self.model_outputs if v is not None] + [m]
+            ct = torch.float32 if sample.dtype != torch.float64 else torch.float64
+            prev = self._update(order, [v.to(ct) for v in ms], sample.to(ct), z).to(sample.dtype)
+            x0 = m if c.algorithm_type.endswith("++") else None
+        self.model_outputs = self.model_outputs[1:] + [m]
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
         return _out(prev, x0, return_dict)
-
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """x = alpha x0 + sigma_t noise at the VE level sigma of ``timesteps`` in the current schedule."""
-        idx = self._step_indices(timesteps, original_samples.shape[0])
-        s = self.sigmas[idx].to(torch.float64)
-        alpha = 1 / (s * s + 1).sqrt()
-        shape = (-1, *([1] * (original_samples.dim() - 1)))
-        a = alpha.to(original_samples.device, original_samples.dtype).reshape(shape)
-        st = (s * alpha).to(original_samples.device, original_samples.dtype).reshape(shape)
-        return a * original_samples + st * noise

@@ -40,9 +40,14 @@ __all__ = [
     "interp_sigmas",
     "karras_sigmas",
     "sigma_to_t",
+    "exponential_sigmas",
+    "beta_sigmas",
+    "lu_lambdas",
+    "flow_shift",
+    "time_shift",
 ]
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "exp")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -113,6 +118,9 @@ def make_betas(
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=dtype) ** 2
         elif beta_schedule == "squaredcos_cap_v2":
             betas = cosine_betas(n, dtype=dtype)
+        elif beta_schedule == "exp":  # abar(u) = exp(-12 u) (diffusers' Heun / k-diffusion "exp")
+            b = [min(1.0 - math.exp(-12.0 * (i + 1) / n) / math.exp(-12.0 * i / n), 0.999) for i in range(n)]
+            betas = torch.tensor(b, dtype=torch.float64).to(dtype)
         else:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
     if rescale_betas_zero_snr:
@@ -202,3 +210,44 @@ def sigma_to_t(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
     hi = lo + 1
     w = ((log_table[lo] - log_s) / (log_table[lo] - log_table[hi])).clamp(0, 1)
     return (1 - w) * lo.to(torch.float64) + w * hi.to(torch.float64)
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> Tensor:
+    """sigmas evenly spaced in log sigma, from sigma_max down to sigma_min (both included), float64."""
+    n = _check_positive_int(num_inference_steps, "num_inference_steps")
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, alpha: float = 0.6,
+                beta: float = 0.6) -> Tensor:
+    """sigma_min + ppf(1 - i/(n-1)) (sigma_max - sigma_min), ppf the Beta(alpha, beta) quantile
+    function ("Beta Sampling is All You Need", Lee et al. 2024), float64. Needs scipy (as diffusers does)."""
+    n = _check_positive_int(num_inference_steps, "num_inference_steps")
+    try:
+        from scipy.stats import beta as beta_dist
+    except ImportError as e:  # pragma: no cover - scipy is present wherever diffusers' option is used
+        raise ImportError("use_beta_sigmas needs scipy (pip install scipy)") from e
+    u = 1 - torch.linspace(0, 1, n, dtype=torch.float64)
+    ppf = torch.as_tensor(beta_dist.ppf(u.numpy(), alpha, beta), dtype=torch.float64)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+
+
+def lu_lambdas(lambda_min: float, lambda_max: float, num_inference_steps: int) -> Tensor:
+    """Lu et al. (2022)'s schedule: log-SNR values evenly spaced from lambda_max to lambda_min, float64."""
+    n = _check_positive_int(num_inference_steps, "num_inference_steps")
+    return torch.linspace(lambda_max, lambda_min, n, dtype=torch.float64)
+
+
+def flow_shift(sigmas: Tensor, shift: float) -> Tensor:
+    """Rectified-flow timestep shift (SD3): shift s / (1 + (shift - 1) s)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def time_shift(mu: float, sigmas: Tensor, kind: str = "exponential", sigma: float = 1.0) -> Tensor:
+    """Resolution-dependent shift (Flux): e^mu / (e^mu + (1/s - 1)^sigma) ("exponential") or
+    mu / (mu + (1/s - 1)^sigma) ("linear")."""
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** sigma)
+    if kind == "linear":
+        return mu / (mu + (1 / sigmas - 1) ** sigma)
+    raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {kind!r}")
