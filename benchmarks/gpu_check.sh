@@ -7,7 +7,8 @@
 # 2. builds pygen with its CUDA kernels (PYGEN_CUDA=ON pip install --no-build-isolation -e .)
 # 3. runs the test suite (the CUDA backend's tests, then the rest: python -m pytest tests)
 # 4. runs benchmarks/sanitize_smoke.py under compute-sanitizer memcheck, if it is installed
-# 5. times sampling loops eagerly and replayed from a CUDA graph (benchmarks/cuda_graph_sampling.py)
+# 5. times sampling loops eagerly and replayed from a CUDA graph (benchmarks/cuda_graph_sampling.py),
+#    and the diffusion model's loop with its UNet vs diffusers' steps (benchmarks/diffusion_sampling.py)
 # 6. runs benchmarks/gpu_bench.py and keeps its JSON
 #
 # Logs and results go to $OUT (the device tool fetches what is there) or /tmp:
@@ -106,6 +107,10 @@ fi
 # A whole sampling loop per scheduler, eager vs replayed from one CUDA graph.
 stage graph "$(min 60 $(($(left) - 120)))" "$PY" benchmarks/cuda_graph_sampling.py \
   --json "$OUT_DIR/results/cuda-graph-$STAMP.json" || true
+
+# The diffusion model's whole loop with its UNet: pygen (eager, CUDA graph) vs diffusers' step.
+stage model-loop "$(min 60 $(($(left) - 100)))" "$PY" benchmarks/diffusion_sampling.py --device cuda \
+  --batch 1,16,256 --loops ddpm:1000,ddim:50 --reps 2 --json "$OUT_DIR/results/model-loop-$STAMP.json" || true
 
 JSON="$OUT_DIR/gpu-$STAMP.json"
 BENCH_LEFT=$(($(left) - 10))

@@ -35,3 +35,19 @@ def test_cuda_graph_sampling_script_exits_cleanly_without_a_gpu(capsys):
         sys.path.remove(BENCH)
     assert cuda_graph_sampling.main([]) == 0
     assert "needs a CUDA device" in capsys.readouterr().out
+
+
+def test_diffusion_sampling_script_on_cpu(capsys, tmp_path):
+    """The model-loop benchmark (pygen's fused steps vs diffusers' with the UNet) runs on CPU,
+    and its deterministic DDIM loops land on diffusers' samples."""
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, BENCH)
+    try:
+        import diffusion_sampling
+    finally:
+        sys.path.remove(BENCH)
+    out = diffusion_sampling.main(["--loops", "ddpm:5,ddim:4", "--batch", "2", "--reps", "1", "--threads", "1",
+                                   "--json", str(tmp_path / "r.json")])
+    assert [r["sampler"] for r in out["rows"]] == ["ddpm", "ddim"]
+    assert out["rows"][1]["max_abs_diff"] < 1e-4
+    assert (tmp_path / "r.json").exists() and "| ddim 4 | 2 |" in capsys.readouterr().out

@@ -10,6 +10,7 @@ data: the floor; a fitted Gaussian: the bar).
 
 from pygen.metrics.evaluate import METRICS, evaluate, feature_space, format_table
 from pygen.metrics.features import DigitsFeatures
+from pygen.metrics.restoration import pairwise_diversity, psnr, ssim
 from pygen.metrics.likelihood import bits_per_dim, dataset_log_likelihood, logmeanexp
 from pygen.metrics.vae import (
     active_units,
@@ -35,6 +36,9 @@ from pygen.metrics.sample_quality import (
 )
 
 __all__ = [
+    "psnr",
+    "ssim",
+    "pairwise_diversity",
     "logmeanexp",
     "bits_per_dim",
     "dataset_log_likelihood",

@@ -9,8 +9,10 @@ torch.Size([4, 2])
 """
 
 from pygen.models.base import GenerativeModel, TrainingDiverged, families, load
+from pygen.models.conditioned import Cascade, Colorization, SuperResolution
+from pygen.models.diffusion import Diffusion
 from pygen.models.flow import Flow
 from pygen.models.gan import GAN
 from pygen.models.vae import VAE
 
-__all__ = ["GenerativeModel", "TrainingDiverged", "Flow", "GAN", "VAE", "load", "families"]
+__all__ = ["GenerativeModel", "TrainingDiverged", "Flow", "GAN", "VAE", "Diffusion", "SuperResolution", "Colorization", "Cascade", "load", "families"]

@@ -45,6 +45,7 @@ __all__ = [
     "GenerativeModel",
     "TrainingDiverged",
     "derive_seed",
+    "resolve_seed",
     "counter_uniform",
     "uniform_labels",
     "load",
@@ -86,6 +87,23 @@ def derive_seed(seed: int, stream: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) % 2**63
+
+
+SEED_MOD = 2**63  # sample seeds live in [0, 2^63): int64-safe
+
+
+def resolve_seed(seed: int | Tensor | None, generator: torch.Generator | None = None) -> int:
+    """The int seed of a ``sample(seed=, generator=)`` call: ``seed`` checked, else one drawn
+    from ``generator`` (or torch's default generator, so ``torch.manual_seed`` fixes it)."""
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("pass either seed= or generator=, not both")
+        seed = int(seed.item()) if isinstance(seed, Tensor) else int(seed)
+        if not 0 <= seed < SEED_MOD:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        return seed
+    device = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.randint(0, SEED_MOD - 1, (1,), generator=generator, device=device).item())
 
 
 def counter_uniform(n: int, *, seed: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pygen.data.loader import as_tensors
-from pygen.models.base import Batch, GenerativeModel, counter_uniform, derive_seed, uniform_labels
+from pygen.models.base import Batch, GenerativeModel, counter_uniform, derive_seed, resolve_seed, uniform_labels
 from pygen.models.flow import Flow
 from pygen.models.networks import decoder, encoder, is_image
 from pygen.nn.gaussian import GaussianReparameterize
@@ -61,7 +61,6 @@ __all__ = ["VAE", "LIKELIHOODS", "GAMMAS"]
 LIKELIHOODS = ("bernoulli", "gaussian")
 GAMMAS = ("fixed", "learned", "running")
 _LOG_2PI = math.log(2 * math.pi)
-_SEED_MOD = 2**63
 # elements of a chunk of importance samples (k_chunk * B * data numel) in log_likelihood
 _IWAE_CHUNK_ELEMENTS = 1 << 22
 
@@ -385,15 +384,7 @@ class VAE(GenerativeModel, family="vae"):
 
     # ---- sampling ---------------------------------------------------------------------
     def _resolve_seed(self, seed: int | Tensor | None, generator: torch.Generator | None) -> int:
-        if seed is not None:
-            if generator is not None:
-                raise ValueError("pass either seed= or generator=, not both")
-            seed = int(seed.item()) if isinstance(seed, Tensor) else int(seed)
-            if not 0 <= seed < _SEED_MOD:
-                raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-            return seed
-        device = generator.device if generator is not None else torch.device("cpu")
-        return int(torch.randint(0, _SEED_MOD - 1, (1,), generator=generator, device=device).item())
+        return resolve_seed(seed, generator)
 
     def latents(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, offset: int = 0,
