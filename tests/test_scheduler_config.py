@@ -211,3 +211,70 @@ def test_pygen_does_not_import_diffusers():
 
     code = "import sys, pygen.diffusion; assert 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- found by diffusers' own test files (benchmarks/diffusers_yardstick.py) ------------------
+
+
+class _silenced(warnings.catch_warnings):
+    def __enter__(self):
+        super().__enter__()
+        warnings.simplefilter("ignore")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_use_default_values_and_save_load_round_trip_as_diffusers(name, tmp_path):
+    """The config notes the keywords left at their defaults (``_use_default_values``, as diffusers'
+    register_to_config); saving adds ``_class_name`` / ``_diffusers_version`` to the live config;
+    a loaded scheduler's config equals the saved one's less ``_use_default_values``."""
+    with _silenced():
+        th, us = getattr(diffusers, name)(**CFG[name]), getattr(D, name)(**CFG[name])
+    assert set(us.config["_use_default_values"]) == set(th.config["_use_default_values"])
+    us.save_pretrained(tmp_path)
+    assert us.config["_class_name"] == name and us.config["_diffusers_version"]
+    with _silenced():
+        back = getattr(D, name).from_pretrained(tmp_path)
+    saved = dict(us.config)
+    del saved["_use_default_values"]
+    assert saved == back.config and "_use_default_values" not in back.config
+
+
+def test_config_entries_read_as_attributes_warn_as_diffusers():
+    s = D.DDIMScheduler()
+    s.register_to_config(test_attribute=5)
+    with pytest.warns(FutureWarning):
+        assert s.test_attribute == 5
+    with pytest.raises(AttributeError) as e:
+        s.does_not_exist
+    assert str(e.value) == "'DDIMScheduler' object has no attribute 'does_not_exist'"
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log",
+                                           "learned_range", "other"])
+def test_get_variance_matches_diffusers(variance_type):
+    with _silenced():
+        th = diffusers.DDPMScheduler(variance_type=variance_type)
+    us = D.DDPMScheduler(variance_type=variance_type)
+    pv = torch.tensor(0.3)
+    for t in (0, 487, 999):
+        torch.testing.assert_close(us._get_variance(t, predicted_variance=pv), th._get_variance(t, predicted_variance=pv),
+                                   equal_nan=True)
+    with _silenced():
+        th, us = diffusers.DDIMScheduler(set_alpha_to_one=False), D.DDIMScheduler(set_alpha_to_one=False)
+    for t, p in ((420, 400), (980, 960), (0, -1)):
+        torch.testing.assert_close(us._get_variance(t, p), th._get_variance(t, p))
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_vp_multistep_timestep_off_the_schedule_takes_the_last_index(name):
+    """diffusers' DPM-Solver / UniPC step a timestep that is not in the schedule as the last one."""
+    with _silenced():
+        th, us = getattr(diffusers, name)(), getattr(D, name)()
+    for s in (th, us):
+        s.set_timesteps(5)
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    with _silenced():
+        a = th.step(0.1 * x, 0, x).prev_sample
+    b = us.step(0.1 * x, 0, x).prev_sample
+    assert us.step_index == th.step_index == 5
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)

@@ -130,6 +130,19 @@ CASES = [
                        "rescale_betas_zero_snr": True}, N10, None),
     ("DDPMScheduler", {"thresholding": True, "sample_max_value": 2.0}, N10, "generator"),
     ("DDPMScheduler", {"variance_type": "fixed_small_log"}, N10, "generator"),
+    # found by diffusers' own test files (benchmarks/diffusers_yardstick.py)
+    ("DDPMScheduler", {"variance_type": "other"}, N10, "generator"),  # an unnamed type: fixed_small there
+    ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, N10, None),
+    ("EulerDiscreteScheduler", {"interpolation_type": "log_linear", "final_sigmas_type": "sigma_min",
+                                "prediction_type": "v_prediction"}, N10, None),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}, N10, None),
+    ("UniPCMultistepScheduler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, N10, None),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
+     N10, None),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "use_karras_sigmas": True, "sigma_min": 0.01,
+                                 "sigma_max": 200.0, "prediction_type": "flow_prediction"}, N10, None),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "use_dynamic_shifting": True,
+                                 "prediction_type": "flow_prediction"}, {"num_inference_steps": 8, "mu": 0.8}, None),
 ]
 
 

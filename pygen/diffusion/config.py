@@ -26,9 +26,11 @@ scheduler folder written by either library loads into the other:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,55 @@ class ConfigMixin:
     #: constructor keywords that are not recorded in the config
     ignore_for_config: tuple[str, ...] = ()
     has_compatibles = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wraps each subclass's ``__init__`` to note which keywords the caller passed, so that the
+        config records the others in ``_use_default_values``, as diffusers' ``register_to_config``
+        decorator does (``from_config`` then lets a compatible class use its own defaults there)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_pygen_notes_passed", False):
+            return
+        names = [n for n in inspect.signature(init).parameters][1:]
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            outer = "_init_passed" not in self.__dict__
+            if outer:
+                self.__dict__["_init_passed"] = set(names[: len(args)]) | set(kw)
+            try:
+                init(self, *args, **kw)
+            finally:
+                if outer:
+                    self.__dict__.pop("_init_passed", None)
+
+        __init__._pygen_notes_passed = True
+        cls.__init__ = __init__
+
+    def _note_defaults(self, keys) -> None:
+        """Record in ``_use_default_values`` the constructor keywords among ``keys`` that the caller
+        did not pass (call it from the constructor, after registering the config)."""
+        passed = self.__dict__.get("_init_passed")
+        if passed is None:
+            return
+        defaults = [k for k in keys if k not in passed and not k.startswith("_")]
+        if defaults:
+            self.register_to_config(_use_default_values=defaults)
+
+    def __getattr__(self, name: str) -> Any:
+        """A config entry read as an attribute (``scheduler.beta_start``) works with a FutureWarning,
+        as in diffusers; anything else raises diffusers' AttributeError."""
+        d = self.__dict__.get("_internal_dict")
+        if d is not None and name in d and not name.startswith("__"):
+            warnings.warn(
+                f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
+                f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, "
+                f"e.g. 'scheduler.config.{name}'.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return d[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     # ---- the config itself ------------------------------------------------------------------
 
@@ -267,6 +318,8 @@ class ConfigMixin:
         if d.is_file():
             raise AssertionError(f"Provided path ({d}) should be a directory, not a file")
         d.mkdir(parents=True, exist_ok=True)
+        # as diffusers: saving records the class name and format version in the live config too
+        self.register_to_config(_class_name=type(self).__name__, _diffusers_version=DIFFUSERS_FORMAT_VERSION)
         self.to_json_file(d / self.config_name)
 
     save_pretrained = save_config

@@ -150,6 +150,7 @@ class _Base(ConfigMixin):
 
     order = 1
     _unsupported: dict[str, Any] = {}
+    _extra_prediction_types: tuple[str, ...] = ()  # beyond the fused ops' PREDICTION_TYPES
     _compatibles = (
         "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
         "DPMSolverMultistepScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler", "LCMScheduler",
@@ -165,13 +166,15 @@ class _Base(ConfigMixin):
                 )
         self._internal_dict = FrozenConfig()
         self.register_to_config(**kwargs)
+        self._note_defaults(kwargs)
         self.num_inference_steps: int | None = None
         self._cache: dict[tuple[str, torch.device], Tensor] = {}
         if not betas:
             return
         c = self.config
-        if c.prediction_type not in R.PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {R.PREDICTION_TYPES}, got {c.prediction_type!r}")
+        kinds = R.PREDICTION_TYPES + self._extra_prediction_types
+        if c.prediction_type not in kinds:
+            raise ValueError(f"prediction_type must be one of {kinds}, got {c.prediction_type!r}")
         if c.timestep_spacing not in S.TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {S.TIMESTEP_SPACINGS}, got {c.timestep_spacing!r}")
         if sum(bool(c.get(k)) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
@@ -287,8 +290,6 @@ class DDPMScheduler(_Base):
     ``set_timesteps``) steps to t - 1. Stateless: ``timestep`` may be a (B,) tensor.
     """
 
-    _unsupported = {"variance_type": (VARIANCE_TYPES,)}
-
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -310,6 +311,7 @@ class DDPMScheduler(_Base):
         self._register(locals())
         self.init_noise_sigma = 1.0
         self.one = torch.tensor(1.0)
+        self.variance_type = variance_type
         N = self.num_train_timesteps
         self.timesteps = torch.arange(N - 1, -1, -1, dtype=torch.int64)
         self.prev_timesteps = torch.arange(-1, N - 1, dtype=torch.int64)
@@ -345,6 +347,31 @@ class DDPMScheduler(_Base):
             return self._on("prev_timesteps", timestep.device)[timestep.long()]
         return int(self.prev_timesteps[timestep])
 
+    def _get_variance(self, t, predicted_variance: Tensor | None = None, variance_type: str | None = None) -> Tensor:
+        """diffusers' ``DDPMScheduler._get_variance`` (the step's variance term at ``t``, before the
+        noise): the posterior variance clamped at 1e-20 for ``"fixed_small"`` (and any other name),
+        its square root for ``"fixed_small_log"``, beta_t for ``"fixed_large"``, log beta_t for
+        ``"fixed_large_log"``, ``predicted_variance`` for ``"learned"``, the log-variance interpolation
+        for ``"learned_range"``. The step itself computes these fused; this is for inspection."""
+        prev_t = self.previous_timestep(t)
+        ab = self.alphas_cumprod[t]
+        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        beta = 1 - ab / ab_prev
+        var = ((1 - ab_prev) / (1 - ab) * beta).clamp(min=1e-20)
+        vt = self.config.variance_type if variance_type is None else variance_type
+        if vt == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(var))
+        if vt == "fixed_large":
+            return beta
+        if vt == "fixed_large_log":
+            return torch.log(beta)
+        if vt == "learned":
+            return predicted_variance
+        if vt == "learned_range":
+            frac = (predicted_variance + 1) / 2
+            return frac * torch.log(beta) + (1 - frac) * torch.log(var)
+        return var
+
     def step(
         self,
         model_output: Tensor,
@@ -376,7 +403,10 @@ class DDPMScheduler(_Base):
         clip = c.clip_sample and not c.thresholding
         given = noise if noise is not None else variance_noise
         fused = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
-        if c.variance_type in fused or (c.variance_type == "learned_range" and predicted_variance is None):
+        if (c.variance_type in fused or c.variance_type not in VARIANCE_TYPES
+                or (c.variance_type == "learned_range" and predicted_variance is None)):
+            # a variance_type diffusers does not name ("other", None: DPM-Solver's option, met in
+            # from_config) falls through its _get_variance to the posterior variance: fixed_small
             # the fused step (backend="torch" is the reference); no noise where t == 0 (the step to -1).
             # learned_range without the variance channels: diffusers' _get_variance gives the
             # fixed_small value then (frac = (None + 1) / 2 fails there; pygen takes fixed_small)
@@ -448,10 +478,21 @@ class DDIMScheduler(_Base):
     ) -> None:
         self._register(locals())
         if eta == 0:  # pygen's extension stays out of the config (and diffusers' files) unless used
-            self._internal_dict = FrozenConfig((k, v) for k, v in self.config.items() if k != "eta")
+            kept = [d for d in self.config.get("_use_default_values", ()) if d != "eta"]
+            self._internal_dict = FrozenConfig(
+                (k, kept if k == "_use_default_values" else v)
+                for k, v in self.config.items() if k != "eta" and (k != "_use_default_values" or kept)
+            )
         self.final_alpha_cumprod = S.final_alpha_cumprod(self.alphas_cumprod, set_alpha_to_one)
         self.init_noise_sigma = 1.0
         self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+
+    def _get_variance(self, timestep, prev_timestep) -> Tensor:
+        """diffusers' ``DDIMScheduler._get_variance``: (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev),
+        abar_prev = ``final_alpha_cumprod`` for a negative ``prev_timestep`` (sigma_t^2 = eta^2 times it)."""
+        ab = self.alphas_cumprod[timestep]
+        ab_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         N = self.num_train_timesteps
@@ -652,7 +693,17 @@ class _KarrasSigmaSchedule(_SigmaBase):
         else:
             n = S._check_positive_int(num_inference_steps, "num_inference_steps")
             ts = _float_timesteps(n, N, c.timestep_spacing, c.steps_offset)
-        sig = S.interp_sigmas(ts, self.train_sigmas)
+        if c.get("interpolation_type", "linear") == "log_linear":
+            # diffusers: n + 1 log-spaced sigmas from the largest training sigma to the smallest,
+            # whatever the timesteps (float32 as there; with the final sigma, n + 2 entries)
+            lo, hi = torch.log(self.train_sigmas.to(torch.float32)[[0, -1]]).tolist()
+            sig = torch.linspace(hi, lo, n + 1, dtype=torch.float32).exp().to(torch.float64)
+        elif c.get("interpolation_type", "linear") == "linear":
+            sig = S.interp_sigmas(ts, self.train_sigmas)
+        else:
+            raise ValueError(
+                f"{c.interpolation_type} is not implemented. Please specify interpolation_type to either 'linear' or 'log_linear'"
+            )
         conv = self._convert_sigmas(sig, n, float(sig[-1]), float(sig[0])) if timesteps is None else None
         if conv is not None:
             sig = conv
@@ -680,11 +731,13 @@ class EulerDiscreteScheduler(_KarrasSigmaSchedule):
     spacing and Karras sigmas), as in diffusers. ``s_churn`` > 0 adds Karras' stochastic churn.
     Sigmas: interpolated, Karras, exponential or beta (``use_*_sigmas``); ``set_timesteps``
     takes custom ``timesteps=`` or ``sigmas=`` (n + 1 values, the last the final one).
+    ``interpolation_type="log_linear"`` (log-spaced sigmas) and ``timestep_type="continuous"``
+    (with v_prediction, timesteps 0.25 log sigma) as in diffusers.
     """
 
     _unsupported = {
-        "interpolation_type": (("linear",),),
-        "timestep_type": (("discrete",),),
+        "interpolation_type": (("linear", "log_linear"),),
+        "timestep_type": (("discrete", "continuous"),),
         "final_sigmas_type": (("zero", "sigma_min"),),
     }
 
@@ -712,10 +765,29 @@ class EulerDiscreteScheduler(_KarrasSigmaSchedule):
         self._init_sigmas()
         N = self.num_train_timesteps
         self.timesteps = torch.linspace(0, N - 1, N, dtype=torch.float64).flip(0).to(torch.float32)
+        if self._continuous:
+            self.timesteps = self._continuous_timesteps(self.sigmas)
         self._timesteps_host = self.timesteps
 
+    @property
+    def _continuous(self) -> bool:
+        """timestep_type="continuous" with v_prediction: diffusers' timesteps are 0.25 log sigma
+        (the EDM / k-diffusion c_noise) instead of discrete training steps."""
+        c = self.config
+        return c.get("timestep_type") == "continuous" and c.prediction_type == "v_prediction"
+
+    @staticmethod
+    def _continuous_timesteps(sigmas: Tensor) -> Tensor:
+        return 0.25 * sigmas[:-1].to(torch.float32).log()
+
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None) -> None:
+        if timesteps is not None and self._continuous:
+            raise ValueError(
+                "Cannot set `timesteps` with `config.timestep_type = 'continuous'` and `config.prediction_type = 'v_prediction'`."
+            )
         ts, sig, n = self._schedule(num_inference_steps, timesteps, sigmas)
+        if self._continuous:
+            ts = self._continuous_timesteps(sig)
         self._set_sigmas(ts, sig, device, n)
         self._prefetch(device)
 
@@ -849,13 +921,32 @@ class _VPMultistep(_SigmaBase):
             sig = S.interp_sigmas(ts.to(torch.float64), self.train_sigmas)
         return ts, sig
 
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """As the sigma-space schedulers, but a timestep that is not in the schedule takes the last
+        index (diffusers' DPM-Solver / UniPC: e.g. ``step`` at t = 0 on a schedule without 0)."""
+        try:
+            return super().index_for_timestep(timestep, schedule_timesteps)
+        except ValueError as e:
+            if "is not one of" not in str(e):
+                raise
+            host = getattr(self, "_timesteps_host", self.timesteps) if schedule_timesteps is None else schedule_timesteps
+            return len(host) - 1
+
+    def _alpha_sigma(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t) of the table level s: VP (alpha = 1 / sqrt(s^2 + 1), sigma = s alpha),
+        or with ``use_flow_sigmas`` the rectified flow's (1 - s, s)."""
+        if self.config.get("use_flow_sigmas"):
+            return 1 - s, s
+        alpha = 1 / (s * s + 1) ** 0.5
+        return alpha, s * alpha
+
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """x = alpha x0 + sigma_t noise at the VE level sigma of ``timesteps`` in the current schedule;
+        """x = alpha x0 + sigma_t noise at the level sigma of ``timesteps`` in the current schedule;
         one timestep (a number, 0-dim or (1,) tensor) is broadcast over the batch."""
         idx = self._step_indices(timesteps, original_samples.shape[0])
         s = self.sigmas[idx].to(torch.float64)
-        alpha = 1 / (s * s + 1).sqrt()
-        return self._bcast(alpha, original_samples) * original_samples + self._bcast(s * alpha, original_samples) * noise
+        alpha, sig = self._alpha_sigma(s)
+        return self._bcast(alpha, original_samples) * original_samples + self._bcast(sig, original_samples) * noise
 
 
 class DPMSolverMultistepScheduler(_VPMultistep):

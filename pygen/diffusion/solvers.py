@@ -449,6 +449,15 @@ class LCMScheduler(_Base):
         return SchedulerOutput(prev, None, denoised=denoised)
 
 
+def _fdiv(a: float, b: float) -> float:
+    """a / b with IEEE semantics (inf, nan) where Python raises ZeroDivisionError."""
+    if b != 0:
+        return a / b
+    if a != a or a == 0:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
 class UniPCMultistepScheduler(_VPMultistep):
     """UniPC (Zhao et al. 2023): unified predictor-corrector multistep sampler, orders 1-3,
     ``solver_type`` "bh1" / "bh2", data (``predict_x0``) or noise prediction; torch (see the module doc).
@@ -457,10 +466,13 @@ class UniPCMultistepScheduler(_VPMultistep):
     steps in ``disable_corrector``); the predictor then steps. Coefficients (the rho vectors from
     the small Vandermonde systems) are computed on the host in float64 from the sigma table.
     Deprecated ``solver_type`` "midpoint" / "heun" / "logrho" map to "bh2", as in diffusers.
+    ``use_flow_sigmas`` (Wan-style rectified-flow schedules: alpha = 1 - sigma, ``flow_shift``,
+    dynamic shifting with ``mu``, ``shift_terminal``, custom ``sigmas=``, with Karras sigmas mapped
+    s / (s + 1)) and ``prediction_type="flow_prediction"`` follow diffusers.
     """
 
-    _unsupported = {"solver_p": ((None,),), "use_flow_sigmas": ((False,),), "use_dynamic_shifting": ((False,),),
-                    "final_sigmas_type": (("zero", "sigma_min"),)}
+    _unsupported = {"solver_p": ((None,),), "final_sigmas_type": (("zero", "sigma_min"),)}
+    _extra_prediction_types = ("flow_prediction",)
     _deprecated_values = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}}
 
     def __init__(
@@ -496,6 +508,8 @@ class UniPCMultistepScheduler(_VPMultistep):
         shift_terminal: float | None = None,
     ) -> None:
         self._register(locals())
+        if shift_terminal is not None and not use_flow_sigmas:
+            raise ValueError("`shift_terminal` is only supported when `use_flow_sigmas=True`.")
         if self.config.solver_type not in ("bh1", "bh2"):
             raise NotImplementedError(f"solver_type {self.config.solver_type!r} is not implemented for UniPC")
         if solver_order not in (1, 2, 3):
@@ -518,19 +532,58 @@ class UniPCMultistepScheduler(_VPMultistep):
         self.last_sample = None
         self.this_order = None
 
+    def time_shift(self, mu: float, sigma: float, t: Tensor) -> Tensor:
+        return S.time_shift(mu, t, self.config.time_shift_type, sigma)
+
+    def stretch_shift_to_terminal(self, t: Tensor) -> Tensor:
+        one_minus_z = 1 - t
+        scale = one_minus_z[-1] / (1 - self.config.shift_terminal)
+        return 1 - one_minus_z / scale
+
+    def _flow_schedule(self, n: int, sigmas, mu) -> tuple[Tensor, Tensor]:
+        """diffusers' use_flow_sigmas schedule: rectified-flow sigmas in (0, 1) (shifted by
+        ``flow_shift``, or by ``mu`` with dynamic shifting), timesteps = sigma * N (truncated)."""
+        c = self.config
+        N = self.num_train_timesteps
+        if sigmas is None:
+            sig = torch.linspace(1, 1 / N, n + 1, dtype=torch.float64)[:-1]
+        else:
+            sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        if c.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("`mu` must be passed when `use_dynamic_shifting` is set to be `True`")
+            sig = self.time_shift(mu, 1.0, sig)
+        else:
+            sig = S.flow_shift(sig, c.flow_shift)
+        if c.shift_terminal:
+            sig = self.stretch_shift_to_terminal(sig)
+        if abs(float(sig[0]) - 1) < 1e-6:  # as diffusers: keeps log(alpha) finite in the first updates
+            sig = sig.clone()
+            sig[0] -= 1e-6
+        return (sig * N).to(torch.int64), sig
+
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None) -> None:
         c = self.config
         if sigmas is not None:
-            raise ValueError("custom sigmas need use_flow_sigmas, which pygen's UniPC does not support yet")
-        if mu is not None:
-            raise NotImplementedError("mu (dynamic shifting) needs use_flow_sigmas")
+            if not c.use_flow_sigmas:
+                raise ValueError(
+                    "Passing `sigmas` is only supported when `use_flow_sigmas=True`. "
+                    "Please set `use_flow_sigmas=True` during scheduler initialization."
+                )
+            num_inference_steps = len(sigmas)
         n = S._check_positive_int(num_inference_steps, "num_inference_steps")
-        ts, sig = self._vp_schedule(n, None, round_converted=True)
+        if c.use_flow_sigmas and not c.use_karras_sigmas and not c.use_exponential_sigmas and not c.use_beta_sigmas:
+            ts, sig = self._flow_schedule(n, sigmas, mu)
+        else:
+            ts, sig = self._vp_schedule(n, None, round_converted=not c.use_flow_sigmas)
+            if c.use_flow_sigmas and c.use_karras_sigmas:  # Karras sigmas mapped to the flow: s / (s + 1)
+                sig = sig / (sig + 1)
+                ts = (sig * self.num_train_timesteps).to(torch.int64)
         if c.use_exponential_sigmas or c.use_beta_sigmas:
             ts = S.sigma_to_t(sig, self.train_sigmas).to(torch.int64)
         if c.final_sigmas_type == "zero":
             last = 0.0
-        elif c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas:
+        elif c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas or c.use_flow_sigmas:
             last = float(sig[-1])
         else:
             last = float(self.train_sigmas[0])
@@ -544,13 +597,16 @@ class UniPCMultistepScheduler(_VPMultistep):
             sample = args[1] if len(args) > 1 else None
         ct = torch.float64 if sample.dtype == torch.float64 else torch.float32
         s = self._sigma(self._step_index, sample.device).to(ct)
-        alpha = 1 / (s * s + 1) ** 0.5
-        sig = s * alpha
+        alpha, sig = self._alpha_sigma(s)
         mo, x = model_output.to(ct), sample.to(ct)
         p = c.prediction_type
+        if not self.predict_x0 and p == "flow_prediction":
+            raise ValueError(
+                f"prediction_type given as {p} must be one of `epsilon`, `sample`, or `v_prediction` for the UniPCMultistepScheduler."
+            )
         if self.predict_x0:
             x0 = {"epsilon": lambda: (x - sig * mo) / alpha, "sample": lambda: mo,
-                  "v_prediction": lambda: alpha * x - sig * mo}[p]()
+                  "v_prediction": lambda: alpha * x - sig * mo, "flow_prediction": lambda: x - s * mo}[p]()
             if c.thresholding:
                 x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
             return x0.to(model_output.dtype)
@@ -561,8 +617,7 @@ class UniPCMultistepScheduler(_VPMultistep):
     def _lam(self, i: int) -> tuple[float, float, float]:
         s = self._sigmas_host[i]
         s32 = torch.tensor(s, dtype=torch.float32)
-        alpha = 1 / (s32 * s32 + 1) ** 0.5  # as diffusers: float32 alpha / sigma, then float64 here
-        sig = s32 * alpha
+        alpha, sig = self._alpha_sigma(s32)  # as diffusers: float32 alpha / sigma, then float64 here
         a, g = float(alpha), float(sig)
         return a, g, math.log(a) - math.log(g) if g > 0 else math.inf
 
@@ -571,18 +626,21 @@ class UniPCMultistepScheduler(_VPMultistep):
         a_t, s_t, l_t = self._lam(i_t)
         a_0, s_0, l_0 = self._lam(i_0)
         h = l_t - l_0
-        rks = [(self._lam(j)[2] - l_0) / h for j in prev_idx] + [1.0]
+        # h = 0 (a repeated sigma: Karras sigmas with final_sigmas_type="sigma_min" end on one) gives
+        # IEEE inf / nan as diffusers' tensor arithmetic does, not a ZeroDivisionError; an order-1
+        # predictor then leaves the sample as is (h_phi_1 = 0, no rho term), as there
+        rks = [_fdiv(self._lam(j)[2] - l_0, h) for j in prev_idx] + [1.0]
         hh = -h if self.predict_x0 else h
         h_phi_1 = math.expm1(hh)
-        h_phi_k = h_phi_1 / hh - 1
+        h_phi_k = _fdiv(h_phi_1, hh) - 1
         fact = 1
         B_h = hh if self.config.solver_type == "bh1" else math.expm1(hh)
         Rm, b = [], []
         for k in range(1, order + 1):
             Rm.append([r ** (k - 1) for r in rks])
-            b.append(h_phi_k * fact / B_h)
+            b.append(_fdiv(h_phi_k * fact, B_h))
             fact *= k + 1
-            h_phi_k = h_phi_k / hh - 1 / fact
+            h_phi_k = _fdiv(h_phi_k, hh) - 1 / fact
         Rt = torch.tensor(Rm, dtype=torch.float64)
         bt = torch.tensor(b, dtype=torch.float64)
         if corrector:
