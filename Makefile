@@ -39,7 +39,7 @@ test: build
 	else echo "nvcc not found: skipping the CUDA compile check"; fi
 
 demo: build
-	$(BIN)/python -m pygen.demo
+	$(BIN)/python -m pygen demo
 
 # Compile every CUDA source for sm_80 and sm_90a without torch: the .cu files include
 # no torch headers, so this runs anywhere nvcc does, GPU or not. Then compile the torch
