@@ -16,7 +16,9 @@ Stages (``--only`` picks some):
   inpainting (RePaint) of held-out digits with the lower half hidden: known-pixel error and
   the diversity of 8 completions vs the spread of real digits of the same class there.
 - ``sr-digits``: a :class:`SuperResolution` stage 8 -> 16 on the digits (16x16 targets); PSNR /
-  SSIM vs bicubic on the test digits, and the 16x16 :class:`Cascade` (base then SR) FD.
+  SSIM vs bicubic on the test digits.
+- ``cascade``: 16x16 digits from the base model then the SR stage (:class:`Cascade`) vs the base
+  model then bicubic, FD etc. at 16x16 (with ``--models``, from the stages' saved models).
 - ``sr-patches``: x4 super-resolution of 16x16 photo patches (4x4 inputs) from scikit-learn's
   sample images (:func:`pygen.data.patches`, train / test regions disjoint); PSNR / SSIM vs
   bicubic on the test patches (one sample, and the mean of 4).
@@ -51,7 +53,7 @@ from pygen.train import fit
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 COLUMNS = ("fd", "kid", "precision", "recall")
-STAGES = ("base", "sr-digits", "sr-patches", "colorize")
+STAGES = ("base", "sr-digits", "sr-patches", "colorize", "cascade")
 
 
 class _Sampler:
@@ -181,11 +183,11 @@ def _restoration_rows(name: str, x: torch.Tensor, hr: torch.Tensor) -> str:
     return f"| {name} | {psnr(x, hr):.2f} | {ssim(x, hr):.3f} |"
 
 
-def stage_sr_digits(args, out: dict, base: Diffusion | None) -> None:
+def stage_sr_digits(args, out: dict) -> SuperResolution:
     hr, _ = pygen.data.digits("train", 16)
     torch.manual_seed(args.seed)
     sr = SuperResolution((1, 16, 16), scale=2)
-    out["runs"]["sr-digits"] = _train_with_ema(sr, hr, args.sr_steps, args.batch, args, "sr-digits")
+    out["runs"]["sr-digits"] = _train_with_ema(sr, hr, args.sr_steps, args.sr_batch, args, "sr-digits")
     sr = out["runs"]["sr-digits"].pop("_model").eval()
     test, _ = pygen.data.digits("test", 16)
     lr = sr.downsample(test)
@@ -195,26 +197,31 @@ def stage_sr_digits(args, out: dict, base: Diffusion | None) -> None:
              _restoration_rows("bicubic", bic, test), _restoration_rows("SR diffusion (DPM-Solver++ 20)", pred, test)]
     res = {"psnr_bicubic": psnr(bic, test), "ssim_bicubic": ssim(bic, test), "psnr_sr": psnr(pred, test),
            "ssim_sr": ssim(pred, test)}
-    if base is not None:
-        cas = Cascade(base, sr)
-        r = evaluate(_Sampler(cas), "digits16", seed=args.eval_seed, kid_subsets=args.kid_subsets)
-        bic_cas = evaluate(_Sampler(_Bicubic(base, 2)), "digits16", seed=args.eval_seed, kid_subsets=args.kid_subsets)
-        res["cascade"] = {k: v for k, v in r.items() if not isinstance(v, dict)}
-        res["base_bicubic"] = {k: v for k, v in bic_cas.items() if not isinstance(v, dict)}
-        res["baseline_gaussian_16"] = r["baseline_gaussian"]
-        res["baseline_data_16"] = r["baseline_data"]
-        lines += ["", "| 16x16 samples | FD | KID | precision | recall |", "|---|---:|---:|---:|---:|",
-                  row("cascade: base 8x8 + SR stage", r), row("base 8x8 + bicubic", bic_cas),
-                  row("fitted Gaussian at 16x16 (bar)", r["baseline_gaussian"]),
-                  row("held-out digits at 16x16 (floor)", r["baseline_data"])]
-        if not args.no_save:
-            hi, lo = cas.sample(16, seed=3, return_low=True)
-            up = F.interpolate(lo, scale_factor=2, mode="nearest")
-            save_grid(torch.cat([up.view(2, 8, 1, 16, 16), hi.view(2, 8, 1, 16, 16)], 1).flatten(0, 1),
-                      DOCS / "diffusion-cascade.png", nrow=8, scale=4)
     out["results"]["sr_digits"] = res
     out["tables"]["sr-digits"] = "\n".join(lines)
     print(out["tables"]["sr-digits"], flush=True)
+    return sr
+
+
+def stage_cascade(args, out: dict, base: Diffusion, sr: SuperResolution) -> None:
+    """16x16 digits from the 8x8 base model then the SR stage, vs the base + bicubic."""
+    cas = Cascade(base, sr)
+    r = evaluate(_Sampler(cas), "digits16", seed=args.eval_seed, kid_subsets=args.kid_subsets)
+    bic = evaluate(_Sampler(_Bicubic(base, 2)), "digits16", seed=args.eval_seed, kid_subsets=args.kid_subsets)
+    out["results"]["cascade"] = {"cascade": {k: v for k, v in r.items() if not isinstance(v, dict)},
+                                 "base_bicubic": {k: v for k, v in bic.items() if not isinstance(v, dict)},
+                                 "baseline_gaussian": r["baseline_gaussian"], "baseline_data": r["baseline_data"]}
+    out["tables"]["cascade"] = "\n".join([
+        "| 16x16 digits, 355 samples | FD | KID | precision | recall |", "|---|---:|---:|---:|---:|",
+        row("cascade: base 8x8 + SR stage", r), row("base 8x8 + bicubic", bic),
+        row("fitted Gaussian at 16x16 (bar)", r["baseline_gaussian"]),
+        row("held-out digits at 16x16 (floor)", r["baseline_data"])])
+    print(out["tables"]["cascade"], flush=True)
+    if not args.no_save:
+        hi, lo = cas.sample(16, seed=3, return_low=True)
+        up = F.interpolate(lo, scale_factor=2, mode="nearest")
+        save_grid(torch.cat([up.view(2, 8, 1, 16, 16), hi.view(2, 8, 1, 16, 16)], 1).flatten(0, 1),
+                  DOCS / "diffusion-cascade.png", nrow=8, scale=4)
 
 
 class _Bicubic:
@@ -234,7 +241,7 @@ def stage_sr_patches(args, out: dict) -> None:
     hr, _ = _patches("train")
     torch.manual_seed(args.seed)
     sr = SuperResolution((3, 16, 16), scale=4)
-    out["runs"]["sr-patches"] = _train_with_ema(sr, hr, args.sr_steps, args.batch, args, "sr-patches")
+    out["runs"]["sr-patches"] = _train_with_ema(sr, hr, args.sr_steps, args.sr_batch, args, "sr-patches")
     sr = out["runs"]["sr-patches"].pop("_model").eval()
     test, lr = _patches("test")
     bic = sr.upsample(lr).clamp(0, 1)
@@ -279,7 +286,7 @@ def stage_colorize(args, out: dict) -> None:
     test, _ = _patches("test")
     torch.manual_seed(args.seed)
     col = Colorization((3, 16, 16))
-    out["runs"]["colorize"] = _train_with_ema(col, hr, args.sr_steps, args.batch, args, "colorize")
+    out["runs"]["colorize"] = _train_with_ema(col, hr, args.sr_steps, args.sr_batch, args, "colorize")
     col = out["runs"]["colorize"].pop("_model").eval()
     # the regression baseline, trained with MSE for as many steps
     torch.manual_seed(args.seed)
@@ -288,7 +295,7 @@ def stage_colorize(args, out: dict) -> None:
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     for _ in range(args.sr_steps):
-        idx = torch.randint(0, hr.shape[0], (args.batch,), generator=g)
+        idx = torch.randint(0, hr.shape[0], (args.sr_batch,), generator=g)
         x = hr[idx]
         loss = F.mse_loss(reg(luminance(x)), x)
         opt.zero_grad()
@@ -341,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sr-steps", type=int, default=SuperResolution.train_defaults["steps"],
                    help="steps of the SR and colorization stages (and of the regression baseline)")
     p.add_argument("--batch", type=int, default=Diffusion.train_defaults["batch_size"])
+    p.add_argument("--sr-batch", type=int, default=SuperResolution.train_defaults["batch_size"],
+                   help="batch of the SR and colorization stages")
     p.add_argument("--lr", type=float, default=Diffusion.train_defaults["lr"])
     p.add_argument("--ddpm-steps", type=int, default=1000)
     p.add_argument("--inpaint-n", type=int, default=64, help="test digits to inpaint")
@@ -350,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--no-save", action="store_true", help="write neither the JSON nor the PNGs")
+    p.add_argument("--models", help="save each trained stage's EMA model here (DIR/<stage>.pt); the cascade "
+                   "stage loads base.pt and sr-digits.pt from it when those stages are not run")
     p.add_argument("--out", help="JSON path (default benchmarks/results/diffusion-digits-<date>.json)")
     args = p.parse_args(argv)
     stages = [s for s in args.only.split(",") if s]
@@ -358,9 +369,28 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out: dict = {"benchmark": "diffusion_digits", "runs": {}, "results": {}, "tables": {}}
     t0 = time.perf_counter()
-    base = stage_base(args, out) if "base" in stages else None
+    models = Path(args.models) if args.models else None
+
+    def keep(name: str, model) -> None:
+        if models is not None:
+            models.mkdir(parents=True, exist_ok=True)
+            model.save(models / f"{name}.pt")
+
+    def saved(name: str):
+        from pygen.models import load
+
+        path = models / f"{name}.pt" if models is not None else None
+        if path is None or not path.exists():
+            p.error(f"stage cascade needs --models DIR holding {name}.pt (run that stage with --models first)")
+        return load(path).eval()
+
+    base = sr_digits = None
+    if "base" in stages:
+        keep("base", base := stage_base(args, out))
     if "sr-digits" in stages:
-        stage_sr_digits(args, out, base)
+        keep("sr-digits", sr_digits := stage_sr_digits(args, out))
+    if "cascade" in stages:
+        stage_cascade(args, out, base or saved("base"), sr_digits or saved("sr-digits"))
     if "sr-patches" in stages:
         stage_sr_patches(args, out)
     if "colorize" in stages:

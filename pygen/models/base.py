@@ -16,7 +16,8 @@ calls only the methods below, so a new family needs no trainer change:
   overrides it to alternate D and G. ``forward`` is the trainer's wrapper of ``self``
   (DistributedDataParallel, torch.compile): call it instead of ``self.loss`` so that
   gradients are all-reduced. ``model.forward(*a, **k)`` is ``model.loss(*a, **k)``.
-- ``ema_decay``: a float makes the trainer keep an EMA of the weights.
+- ``ema_decay``: a float makes the trainer keep an EMA of the weights; ``ema_warmup = True``
+  warms its decay up as min(decay, (1 + k) / (10 + k)) over the first updates.
 - ``evaluate_step(batch) -> dict``: the loss terms without gradient by default.
 
 Files: :meth:`GenerativeModel.save` writes ``{"family", "config", "model", "versions"}``;
@@ -136,6 +137,7 @@ class GenerativeModel(nn.Module):
     default_lr: ClassVar[float] = 1e-3
     config: dict[str, Any]
     ema_decay: float | None = None
+    ema_warmup: bool = False
 
     def __init_subclass__(cls, family: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

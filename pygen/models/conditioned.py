@@ -59,7 +59,7 @@ class SuperResolution(Diffusion, family="sr"):
     artefacts. Sample with ``sample(n, lr=...)``.
     """
 
-    train_defaults: ClassVar[dict[str, Any]] = {"steps": 3000, "batch_size": 64, "lr": 5e-4}
+    train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 64, "lr": 5e-4}
 
     def __init__(self, shape: tuple[int, ...] | list[int], *, scale: int = 4, aug_max: float = 0.2,
                  sample_aug: float = 0.0, **options: Any) -> None:
@@ -136,7 +136,7 @@ class Colorization(Diffusion, family="colorize"):
     ``match_luminance`` their luminance is set to the input's exactly (adding the same value
     to R, G and B changes Y by that value, since the weights sum to 1)."""
 
-    train_defaults: ClassVar[dict[str, Any]] = {"steps": 3000, "batch_size": 64, "lr": 5e-4}
+    train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 64, "lr": 5e-4}
 
     def __init__(self, shape: tuple[int, ...] | list[int], **options: Any) -> None:
         if len(shape) != 3 or shape[0] != 3:

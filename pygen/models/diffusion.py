@@ -113,6 +113,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
     """
 
     default_lr: ClassVar[float] = 5e-4
+    ema_warmup: ClassVar[bool] = True  # short runs sample from a useful average
     #: what ``pygen train diffusion`` uses unless told otherwise (measured on the digits)
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 6000, "batch_size": 128, "lr": 5e-4}
 

@@ -66,6 +66,23 @@ class BatchOrder:
         return out
 
 
+def _ema_warmup_fn(decay: float):
+    """EMA with the decay warmed up: min(decay, (1 + k) / (10 + k)) at the k-th update, so
+    that a short run's average is not dominated by its first weights."""
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
+        k = int(n_averaged)
+        d = min(decay, (1 + k) / (10 + k))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # integer buffers (as torch's EMA does)
+            for a, c in zip(averaged, current):
+                a.copy_(a * d + c * (1 - d))
+
+    return update
+
+
 def _batch(x: Tensor, labels: Tensor | None, idx: Tensor | slice, device: torch.device) -> Any:
     xb = x[idx].to(device, non_blocking=True)
     return xb if labels is None else (xb, labels[idx].to(device, non_blocking=True))
@@ -281,7 +298,8 @@ def _fit(
     optimizers, schedulers = _optimizers(model, lr)
     ema = None
     if model.ema_decay is not None:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(model.ema_decay), use_buffers=True)
+        avg = _ema_warmup_fn(model.ema_decay) if model.ema_warmup else get_ema_multi_avg_fn(model.ema_decay)
+        ema = AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
     if found is not None:
         if len(ckpt["optimizers"]) != len(optimizers) or len(ckpt.get("schedulers", [])) != len(schedulers):
             raise ValueError(f"cannot resume from {last_ckpt}: the model configures other optimizers/schedulers")
