@@ -1,4 +1,4 @@
-# make demo  - set up from a fresh clone and run the large-batch sampling demo
+# make demo  - set up from a fresh clone and run `pygen demo` (four families trained, sampled, scored)
 # make test  - set up from a fresh clone and run the tests (+ benchmark smoke, isa and nvcc checks)
 #
 # Everything lives in $(VENV). torch comes from TORCH_SPEC and your pip index (this

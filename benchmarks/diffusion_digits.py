@@ -246,21 +246,25 @@ def stage_sr_patches(args, out: dict) -> None:
     test, lr = _patches("test")
     bic = sr.upsample(lr).clamp(0, 1)
     samples = torch.stack([sr.sample(lr=lr, seed=s) for s in range(4)], 1)  # (N, 4, 3, 16, 16)
+    raw = sr.sample(lr=lr, seed=0, consistent=False)  # without the projection onto lr
     mean = samples.mean(1)
     res = {"n_train": int(hr.shape[0]), "n_test": int(test.shape[0]), "psnr_bicubic": psnr(bic, test),
            "ssim_bicubic": ssim(bic, test), "psnr_sr": psnr(samples[:, 0], test), "ssim_sr": ssim(samples[:, 0], test),
            "psnr_sr_mean4": psnr(mean, test), "ssim_sr_mean4": ssim(mean, test),
-           "diversity_rms": pairwise_diversity(samples)}
+           "diversity_rms": pairwise_diversity(samples), "psnr_sr_raw": psnr(raw, test), "ssim_sr_raw": ssim(raw, test)}
     out["results"]["sr_patches"] = res
     out["tables"]["sr-patches"] = "\n".join([
         f"| photo patches x4: 4x4 -> 16x16 ({test.shape[0]} test patches) | PSNR dB | SSIM |", "|---|---:|---:|",
-        _restoration_rows("bicubic", bic, test), _restoration_rows("SR diffusion, one sample", samples[:, 0], test),
+        _restoration_rows("bicubic", bic, test),
+        _restoration_rows("SR diffusion, one sample, no projection onto lr", raw, test),
+        _restoration_rows("SR diffusion, one sample", samples[:, 0], test),
         _restoration_rows("SR diffusion, mean of 4 samples", mean, test)])
     print(out["tables"]["sr-patches"], flush=True)
     if not args.no_save:
-        k = 8
-        near = F.interpolate(lr[:k], scale_factor=4, mode="nearest")
-        save_grid(torch.cat([near, bic[:k], samples[:k, 0], samples[:k, 1], test[:k]]), DOCS / "diffusion-sr.png",
+        k = 8  # the most detailed test patches (flat sky shows nothing)
+        idx = test.flatten(1).var(1).argsort(descending=True)[:k]
+        near = F.interpolate(lr[idx], scale_factor=4, mode="nearest")
+        save_grid(torch.cat([near, bic[idx], samples[idx, 0], samples[idx, 1], test[idx]]), DOCS / "diffusion-sr.png",
                   nrow=k, scale=4)
 
 
@@ -337,7 +341,9 @@ def stage_colorize(args, out: dict) -> None:
     print(out["tables"]["colorize"], flush=True)
     if not args.no_save:
         k = 8
-        save_grid(torch.cat([gray[:k].expand(-1, 3, -1, -1), base[:k], cols[:k, 0], cols[:k, 1], cols[:k, 2], test[:k]]),
+        idx = _chroma(test).pow(2).flatten(1).mean(1).argsort(descending=True)[::13][:k]  # colourful patches
+        save_grid(torch.cat([gray[idx].expand(-1, 3, -1, -1), base[idx], cols[idx, 0], cols[idx, 1], cols[idx, 2],
+                             test[idx]]),
                   DOCS / "diffusion-colorization.png", nrow=k, scale=4)
 
 

@@ -285,6 +285,21 @@ def test_super_resolution_conditioning_shapes():
         M.SuperResolution((3, 10, 10), scale=4)
 
 
+def test_super_resolution_samples_are_consistent_with_their_input():
+    torch.manual_seed(0)
+    sr = M.SuperResolution((3, 8, 8), scale=2, data_range=None, **TINY).eval()
+    for p in sr.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    lr = torch.randn(3, 3, 4, 4)
+    raw = sr.sample(lr=lr, seed=0, steps=3, consistent=False)
+    out = sr.sample(lr=lr, seed=0, steps=3)
+    assert (sr.downsample(raw) - lr).abs().max() > 1e-2
+    torch.testing.assert_close(sr.downsample(out), lr, atol=1e-5, rtol=0)
+    hr = torch.randn(3, 3, 8, 8)  # the projection never moves a sample away from an image consistent with lr
+    target = sr.project(hr, lr)
+    assert (sr.project(raw, lr) - target).norm() <= (raw - target).norm() + 1e-6
+
+
 def test_cascade_and_sr_save_load(tmp_path):
     torch.manual_seed(0)
     base = M.Diffusion((1, 8, 8), **TINY).eval()

@@ -105,13 +105,22 @@ class SuperResolution(Diffusion, family="sr"):
         level = torch.rand(x0.shape[0], device=x0.device) * self.aug_max
         return x0, self._condition(lr, level, torch.randn_like(lr))
 
+    def project(self, x: Tensor, lr: Tensor) -> Tensor:
+        """x made consistent with ``lr``: x + nearest-upsample(lr - downsample(x)), the
+        orthogonal projection onto {x : downsample(x) = lr} (area down-sampling), clamped to
+        the data's range. It can only bring a sample closer to any image consistent with lr."""
+        x = x + F.interpolate(lr.to(x.dtype) - self.downsample(x), scale_factor=self.scale, mode="nearest")
+        return x if self.data_range is None else x.clamp(*self.data_range)
+
     @torch.no_grad()
     def sample(self, n: int | None = None, *, lr: Tensor, seed: int | None = None,
                generator: torch.Generator | None = None, offset: int = 0, aug_level: float | None = None,
-               **kwargs: Any) -> Tensor:
+               consistent: bool = True, **kwargs: Any) -> Tensor:
         """(n, *shape) high-resolution samples of ``lr`` (n, *lr_shape) in the data's range
         (n defaults to len(lr)). ``aug_level``: the condition's noise level (default
-        ``sample_aug``). Other keywords as :meth:`Diffusion.sample`."""
+        ``sample_aug``). ``consistent``: :meth:`project` each sample onto the images whose
+        down-sampling is ``lr`` (a sample's block means then equal lr exactly). Other
+        keywords as :meth:`Diffusion.sample`."""
         if not isinstance(lr, Tensor) or tuple(lr.shape[1:]) != self.lr_shape:
             raise ValueError(f"lr must be (n, {', '.join(map(str, self.lr_shape))}), got "
                              f"{tuple(lr.shape) if isinstance(lr, Tensor) else type(lr).__name__}")
@@ -127,14 +136,16 @@ class SuperResolution(Diffusion, family="sr"):
         d = math.prod(self.lr_shape)
         noise = randn(n, *self.lr_shape, seed=derive_seed(s, _AUG_STREAM), offset=offset * d, device=dev)
         cond = self._condition(lr_m, torch.full((n,), level, device=dev), noise)
-        return super().sample(n, seed=s, offset=offset, **cond, **kwargs)
+        out = super().sample(n, seed=s, offset=offset, **cond, **kwargs)
+        return self.project(out, lr.to(dev, out.dtype)) if consistent else out
 
 
 class Colorization(Diffusion, family="colorize"):
     """A diffusion model of RGB images given their luminance (the grayscale image as one extra
     input channel). :meth:`colorize` gives several plausible colourings per input; with
-    ``match_luminance`` their luminance is set to the input's exactly (adding the same value
-    to R, G and B changes Y by that value, since the weights sum to 1)."""
+    ``match_luminance`` (default) their luminance equals the input's exactly
+    (:func:`with_luminance`: each pixel's chroma kept, scaled down where needed to stay in
+    range)."""
 
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 64, "lr": 5e-4}
 
