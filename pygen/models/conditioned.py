@@ -12,6 +12,7 @@ luminance), so any image data trains them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -194,13 +195,18 @@ class Cascade(nn.Module):
 
     Sample i depends on (seed, offset + i) only: the stages use seed and a seed derived from
     it. ``base_kwargs`` / ``sr_kwargs`` go to each stage (sampler, steps, labels, ...).
+    ``adapt`` maps the base's samples to the SR stage's inputs when the base was trained on
+    another low-resolution version of the data than the SR stage's down-sampling of it (the
+    8x8 digits vs the block means of their 16x16 bilinear upsampling: adapt = sr.downsample
+    of the bilinear upsampling).
     """
 
-    def __init__(self, base: Diffusion, sr: SuperResolution) -> None:
+    def __init__(self, base: Diffusion, sr: SuperResolution,
+                 adapt: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         if tuple(base.shape) != sr.lr_shape:
             raise ValueError(f"the base model makes {tuple(base.shape)} images, the SR stage takes {sr.lr_shape}")
-        self.base, self.sr = base, sr
+        self.base, self.sr, self.adapt = base, sr, adapt
 
     @torch.no_grad()
     def sample(self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, offset: int = 0,
@@ -208,5 +214,6 @@ class Cascade(nn.Module):
                return_low: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         s = resolve_seed(seed, generator)
         low = self.base.sample(n, seed=s, offset=offset, **(base_kwargs or {}))
-        high = self.sr.sample(n, lr=low, seed=derive_seed(s, 11), offset=offset, **(sr_kwargs or {}))
+        lr = low if self.adapt is None else self.adapt(low)
+        high = self.sr.sample(n, lr=lr, seed=derive_seed(s, 11), offset=offset, **(sr_kwargs or {}))
         return (high, low) if return_low else high
