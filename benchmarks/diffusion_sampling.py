@@ -10,7 +10,7 @@ closure; they differ only in the step: pygen's fused op (``Diffusion.sample_loop
 diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` ``step()`` configured identically (cosine
 betas, x0 prediction, trailing spacing). On CUDA a third column replays pygen's loop from a
 CUDA graph (``sample(cuda_graph=True)``). Loops: DDPM 1000 steps and DDIM 50 steps. Times
-are medians of ``--reps`` loops after one warm-up, measured side by side in one run.
+are medians of ``--reps`` loops after one warm-up, measured side by side (interleaved) in one run.
 """
 
 from __future__ import annotations
@@ -32,16 +32,20 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, reps: int, dev: torch.device) -> float:
-    fn()
-    _sync(dev)
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def _time(fns: list, reps: int, dev: torch.device) -> list[float]:
+    """Median seconds of each function, the reps interleaved (a, b, a, b, ...) so that drifts
+    of a shared machine hit every function alike."""
+    for fn in fns:
         fn()
-        _sync(dev)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    _sync(dev)
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            out[i].append(time.perf_counter() - t0)
+    return [statistics.median(o) for o in out]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,12 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
                     x = sched.step(out, t, x, **kw).prev_sample
                 return x
 
-            tp, td = _time(pygen_loop, args.reps, dev), _time(diffusers_loop, args.reps, dev)
+            tp, td = _time([pygen_loop, diffusers_loop], args.reps, dev)
             row = {"sampler": sampler, "steps": steps, "batch": b, "pygen_s": tp, "diffusers_s": td,
                    "speedup": td / tp}
             line = f"| {sampler} {steps} | {b} | {tp:.3f} | {td:.3f} | {td / tp:.2f}x |"
             if dev.type == "cuda":
-                tg = _time(lambda: model.sample(b, seed=0, sampler=sampler, steps=steps, cuda_graph=True), args.reps, dev)
+                (tg,) = _time([lambda: model.sample(b, seed=0, sampler=sampler, steps=steps, cuda_graph=True)], args.reps,
+                              dev)
                 row.update(graph_s=tg, graph_speedup=td / tg)
                 line += f" {tg:.3f} | {td / tg:.2f}x |"
             if sampler == "ddim":  # deterministic: both loops must land on the same samples
