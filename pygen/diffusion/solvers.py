@@ -40,7 +40,19 @@ from pygen.ops import diffusion as R
 __all__ = ["FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler"]
 
 
-class FlowMatchEulerDiscreteScheduler(_SigmaBase):
+class _FlowShift:
+    """diffusers' flow-matching time shift helpers, shared by FlowMatchEuler and UniPC's flow sigmas."""
+
+    def time_shift(self, mu: float, sigma: float, t: Tensor) -> Tensor:
+        return S.time_shift(mu, t, self.config.time_shift_type, sigma)
+
+    def stretch_shift_to_terminal(self, t: Tensor) -> Tensor:
+        one_minus_z = 1 - t
+        scale = one_minus_z[-1] / (1 - self.config.shift_terminal)
+        return 1 - one_minus_z / scale
+
+
+class FlowMatchEulerDiscreteScheduler(_FlowShift, _SigmaBase):
     """Euler sampler of rectified-flow models (SD3, Flux): x_s = (1 - s) x0 + s noise, the model
     predicts v = noise - x0, and a step is x + (s_next - s) v (fused, see the module doc).
 
@@ -97,14 +109,6 @@ class FlowMatchEulerDiscreteScheduler(_SigmaBase):
 
     def set_shift(self, shift: float) -> None:
         self._shift = shift
-
-    def time_shift(self, mu: float, sigma: float, t: Tensor) -> Tensor:
-        return S.time_shift(mu, t, self.config.time_shift_type, sigma)
-
-    def stretch_shift_to_terminal(self, t: Tensor) -> Tensor:
-        one_minus_z = 1 - t
-        scale = one_minus_z[-1] / (1 - self.config.shift_terminal)
-        return 1 - one_minus_z / scale
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu: float | None = None,
                       timesteps=None) -> None:
@@ -458,7 +462,7 @@ def _fdiv(a: float, b: float) -> float:
     return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
 
-class UniPCMultistepScheduler(_VPMultistep):
+class UniPCMultistepScheduler(_FlowShift, _VPMultistep):
     """UniPC (Zhao et al. 2023): unified predictor-corrector multistep sampler, orders 1-3,
     ``solver_type`` "bh1" / "bh2", data (``predict_x0``) or noise prediction; torch (see the module doc).
 
@@ -531,14 +535,6 @@ class UniPCMultistepScheduler(_VPMultistep):
         self.lower_order_nums = 0
         self.last_sample = None
         self.this_order = None
-
-    def time_shift(self, mu: float, sigma: float, t: Tensor) -> Tensor:
-        return S.time_shift(mu, t, self.config.time_shift_type, sigma)
-
-    def stretch_shift_to_terminal(self, t: Tensor) -> Tensor:
-        one_minus_z = 1 - t
-        scale = one_minus_z[-1] / (1 - self.config.shift_terminal)
-        return 1 - one_minus_z / scale
 
     def _flow_schedule(self, n: int, sigmas, mu) -> tuple[Tensor, Tensor]:
         """diffusers' use_flow_sigmas schedule: rectified-flow sigmas in (0, 1) (shifted by
