@@ -27,6 +27,7 @@ from pygen.data.files import _TOY_TEST_SEED
 from pygen.flows import dequantize
 from pygen.metrics.features import DigitsFeatures
 from pygen.metrics.likelihood import bits_per_dim, dataset_log_likelihood
+from pygen.metrics.restoration import psnr
 from pygen.metrics.sample_quality import density_coverage, feature_moments, frechet_distance, kid, mmd, precision_recall
 
 __all__ = ["evaluate", "format_table", "feature_space", "METRICS"]
@@ -125,11 +126,6 @@ def _sample_metrics(
     if points:
         out["mmd"] = mmd(ref, cand)
     return out
-
-
-def _psnr(x: Tensor, target: Tensor) -> float:
-    mse = (x.double() - target.double().to(x.device)).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
 
 
 def _gaussian_fit(train: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,10 +228,10 @@ def evaluate(
     kw = dict(points=space == "points", seed=seed, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     ref = feat((test.data[:n] if sr else train.data).to(device))
 
-    def score(x: Tensor, psnr: bool = True) -> dict[str, float]:
+    def score(x: Tensor, with_psnr: bool = True) -> dict[str, float]:
         out = _sample_metrics(ref, feat(x.to(device)), **kw)
-        if sr and psnr:
-            out["psnr"] = _psnr(x, test.data[: x.shape[0]])
+        if sr and with_psnr:
+            out["psnr"] = psnr(x, test.data[: x.shape[0]].to(x.device))
         return out
 
     results: dict[str, Any] = {}
@@ -268,7 +264,7 @@ def evaluate(
             if image:
                 results["nll_bpd"] = float(bits_per_dim(-mean, math.prod(train.shape), bins=bins))
 
-    results["baseline_data"] = score(floor, psnr=False)
+    results["baseline_data"] = score(floor, with_psnr=False)
     if train.name in TOY2D_DENSITIES:
         lp = toy2d_log_prob(train.name, test.data).double()
         results["baseline_data"].update(nll=float(-lp.mean()), nll_se=float(lp.std() / math.sqrt(len(lp))))

@@ -47,6 +47,7 @@ __all__ = [
     "TrainingDiverged",
     "derive_seed",
     "resolve_seed",
+    "split_batch",
     "counter_uniform",
     "uniform_labels",
     "load",
@@ -105,6 +106,17 @@ def resolve_seed(seed: int | Tensor | None, generator: torch.Generator | None = 
         return seed
     device = generator.device if generator is not None else torch.device("cpu")
     return int(torch.randint(0, SEED_MOD - 1, (1,), generator=generator, device=device).item())
+
+
+def split_batch(batch: Batch, num_classes: int | None, owner: str) -> tuple[Tensor, Tensor | None]:
+    """(x, labels) of a trainer batch (a tensor or (x, labels)): labels None for an
+    unconditional model, int64 for a conditional one, which refuses unlabelled batches."""
+    x, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+    if not num_classes:
+        return x, None
+    if labels is None:
+        raise ValueError(f"this {owner} is class-conditional (num_classes={num_classes}): batches are (x, labels)")
+    return x, labels.long()
 
 
 def counter_uniform(n: int, *, seed: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:

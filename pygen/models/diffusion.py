@@ -41,7 +41,7 @@ from pygen.diffusion.schedules import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from pygen.models.base import Batch, GenerativeModel, derive_seed, resolve_seed, uniform_labels
+from pygen.models.base import Batch, GenerativeModel, derive_seed, resolve_seed, split_batch, uniform_labels
 from pygen.models.networks import is_image
 from pygen.models.unet import MLPDenoiser, UNet
 from pygen.ops import randn
@@ -249,13 +249,9 @@ class Diffusion(GenerativeModel, family="diffusion"):
 
     # ---- training ------------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        x, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        x, labels = split_batch(batch, self.num_classes, type(self).__name__)
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"batch must be (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
-        if self.num_classes is None:
-            labels = None
-        elif labels is None:
-            raise ValueError("this model is class-conditional: the batch must be (x, labels)")
         return x, labels
 
     def training_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

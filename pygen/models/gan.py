@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from pygen.models.base import Batch, GenerativeModel, TrainingDiverged, derive_seed, uniform_labels
+from pygen.models.base import Batch, GenerativeModel, TrainingDiverged, derive_seed, split_batch, uniform_labels
 from pygen.models.networks import ConvEncoder, decoder, encoder, is_image
 from pygen.ops import randn
 
@@ -357,12 +357,7 @@ class GAN(GenerativeModel, family="gan"):
 
     # ---- helpers ----------------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        x, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        if not self.num_classes:
-            return x, None
-        if labels is None:
-            raise ValueError(f"this GAN is conditional (num_classes={self.num_classes}): batches are (x, labels)")
-        return x, labels.long()
+        return split_batch(batch, self.num_classes, "GAN")
 
     def _augment(self, x: Tensor) -> Tensor:
         if not self.diffaugment:
