@@ -165,9 +165,17 @@ def use_backend(name: str) -> Iterator[None]:
         _current.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _setting() -> str:
+    # Dynamo cannot trace ContextVar.get: under torch.compile the setting is read once, when
+    # the graph is traced, and baked into it (a use_backend block around a compiled call that
+    # was traced outside it does not re-trace: pass backend= to the op for that)
+    return _current.get() or "auto"
+
+
 def requested(backend: str | None) -> str:
     """What the caller asked for: the argument, else the ``use_backend`` setting, else "auto"."""
-    return backend if backend is not None else (_current.get() or "auto")
+    return backend if backend is not None else _setting()
 
 
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:

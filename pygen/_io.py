@@ -1,16 +1,18 @@
 """Atomic file writes: a path holds either its old complete content or the new one, never
 half a file, whatever happens in between (Ctrl-C, SIGKILL, a full disk, power loss).
-Used by checkpoints, saved models, PNG grids and the sampling job's shards."""
+Used by checkpoints, saved models, PNG grids and the sampling job's shards; and the layout
+of a training directory (``ckpt-<step>.pt`` files, ``latest``)."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "fsync_dir"]
+__all__ = ["write_atomic", "fsync_dir", "save_atomic", "write_text_atomic", "checkpoints", "resolve_checkpoint", "LATEST"]
 
 
 def _read_umask() -> int:
@@ -54,3 +56,46 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             pass
         raise
     fsync_dir(path.parent)
+
+
+# ---- saved models and training directories ------------------------------------------------
+# Below pygen.models and pygen.train, which both read them.
+
+LATEST = "latest"  # the file in a training directory naming its newest checkpoint
+_CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, atomically."""
+    import torch
+
+    write_atomic(path, lambda f: torch.save(obj, f), "wb")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text), "w")
+
+
+def checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The ``ckpt-<step>.pt`` files of a directory as (step, path), oldest first."""
+    d = Path(directory)
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT_RE.match(p.name))] if d.is_dir() else []
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
+    """A checkpoint file: ``path`` itself, or for a directory the one its ``latest`` names
+    (the newest ``ckpt-*.pt`` when there is no ``latest``); None for a directory without one."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint or directory at {path}")
+        return path
+    latest = path / LATEST
+    if latest.exists():
+        name = latest.read_text().strip()
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{latest} names {name!r}, which does not exist")
+        return path / name
+    found = checkpoints(path)
+    return found[-1][1] if found else None

@@ -122,7 +122,7 @@ def _train(name: str, run_dir: Path, quick: bool) -> dict[str, Any]:
             log_every=every, eval_every=max(every, settings["steps"] // 5), eval_data=train_data(model, test),
             checkpoint_every=settings["steps"])  # fmt: skip
         seconds = time.perf_counter() - t0
-        from pygen.models.base import write_text_atomic
+        from pygen._io import write_text_atomic
 
         write_text_atomic(record, json.dumps({"steps": settings["steps"], "train_seconds": seconds}) + "\n")
     return {**settings, "default_steps": default_steps, "train_seconds": seconds, "parameters": nparams}
@@ -179,7 +179,7 @@ def run(out: str | Path = "pygen-demo", *, quick: bool = False, families: list[s
 
 
 def _write_report(out: Path, results: dict[str, Any], *, quick: bool, total: float) -> Path:
-    from pygen.models.base import write_text_atomic
+    from pygen._io import write_text_atomic
 
     done = {k: v for k, v in results.items() if "evaluate" in v}
     first = next(iter(done.values()), None)

@@ -34,7 +34,7 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ __all__ = ["SamplingError", "sample_to_dir", "SampleDir", "plan_shards", "file_s
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 #: settings that fix the samples: another value in an existing directory is refused
-IDENTITY = ("checkpoint_sha256", "seed", "n", "shard_size", "format", "sampler", "labels", "data")
+IDENTITY = ("checkpoint_sha256", "ema", "seed", "n", "shard_size", "format", "sampler", "labels", "data")
 _SHARD_BYTES = 64 * 2**20
 _MAX_DEFAULT_SHARD = 100_000
 
@@ -138,15 +138,16 @@ class _Job:
                  lr: Tensor | None, device: torch.device) -> None:  # fmt: skip
         self.model, self.seed, self.lr, self.device = model, seed, lr, device
         self.labels = labels
-        self.sampler = {k: v for k, v in sampler.items() if v is not None}
         self.num_classes = (getattr(model, "config", None) or {}).get("num_classes")
         self.params = _parameters(model.sample)
         family = getattr(model, "family", type(model).__name__)
         flags = {"sampler": "--sampler", "steps": "--steps", "guidance_scale": "--guidance"}
-        for key in self.sampler:
+        given = {k: v for k, v in sampler.items() if v is not None}
+        for key in given:
             if key not in self.params:
                 raise SamplingError(f"{flags.get(key, key)} does not apply to a {family!r} model (its sample() "
                                     f"takes {', '.join(sorted(self.params)) or 'no options'})")
+        self.sampler = resolve_settings(model, given)
         if labels is not None:
             if not self.num_classes or "labels" not in self.params:
                 raise SamplingError(f"--labels needs a class-conditional model; this {family!r} model is not one")
@@ -168,6 +169,20 @@ class _Job:
         with torch.no_grad():
             x = self.model.sample(m, seed=self.seed, offset=i0, **kw)
         return x.detach().float().cpu()
+
+
+def resolve_settings(model: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The sampler settings ``model.sample(**given)`` actually uses, defaults filled in
+    (:meth:`pygen.models.GenerativeModel.sample_settings`): what the manifest records and
+    compares, so that giving a default explicitly is the same job."""
+    settings = getattr(model, "sample_settings", None)
+    if settings is None:
+        return dict(given)
+    try:
+        return settings(**given)
+    except (ValueError, TypeError) as e:
+        raise SamplingError(f"the {manifest_family(model)} model cannot sample with these settings: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _parameters(fn: Any) -> set[str]:
@@ -274,6 +289,7 @@ def sample_to_dir(
     ema: bool = True,
     progress: bool = True,
     grid: bool = True,
+    on_shard: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write samples 0 .. n-1 of ``checkpoint`` (a file or a training directory) to ``out``.
 
@@ -285,13 +301,16 @@ def sample_to_dir(
     ``steps``, ``guidance`` go to diffusion models (``sampler=``, ``steps=``,
     ``guidance_scale=``); ``labels``: see :func:`parse_labels`; ``data``: the data spec
     whose test inputs a super-resolution model up-samples (sample i: input i mod its size).
-    Under torchrun (WORLD_SIZE > 1) every rank must call it with the same arguments.
+    ``ema``: sample with the checkpoint's EMA weights (False: the raw ones; part of the job's
+    identity, like the seed and the sampler settings, which the manifest records with their
+    defaults filled in). ``on_shard(start, stop)`` is called after each shard this process
+    wrote. Under torchrun (WORLD_SIZE > 1) every rank must call it with the same arguments.
 
     Returns the manifest (the final one on rank 0; the planned one on the other ranks).
     Raises :class:`SamplingError` for a job that cannot run as asked.
     """
     from pygen.models import load
-    from pygen.models.base import resolve_checkpoint
+    from pygen._io import resolve_checkpoint
     from pygen.train import ddp
 
     for name, v in {"n": n, "batch_size": batch_size}.items():
@@ -318,7 +337,8 @@ def sample_to_dir(
     try:
         manifest = _run(ckpt_file, n, out, info, batch_size=batch_size, seed=seed, shard_size=shard_size,
                         sampler={"sampler": sampler, "steps": steps, "guidance_scale": guidance}, labels=labels,
-                        data=data, fmt=fmt, ema=ema, progress=progress, grid=grid, load=load)  # fmt: skip
+                        data=data, fmt=fmt, ema=ema, progress=progress, grid=grid, load=load,
+                        on_shard=on_shard)  # fmt: skip
         failed = False
         return manifest
     finally:
@@ -351,7 +371,7 @@ def _barrier(info: Any) -> None:
 
 def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed: int, shard_size: int | None,
          sampler: dict[str, Any], labels: str | int | None, data: str | None, fmt: str, ema: bool, progress: bool,
-         grid: bool, load: Any) -> dict[str, Any]:  # fmt: skip
+         grid: bool, load: Any, on_shard: Callable[[int, int], None] | None) -> dict[str, Any]:  # fmt: skip
     device, rank, world = info.device, info.rank, info.world_size
     try:
         model = load(ckpt_file, ema=ema, map_location=device)
@@ -389,14 +409,15 @@ def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed
         "n": n,
         "shard_size": shard_size,
         "format": fmt,
-        "sampler": {k: v for k, v in sampler.items() if v is not None},
+        "sampler": job.sampler,  # the settings used, defaults filled in
         "labels": labels,
         "data": data,
         "ema": ema,
         "sample_shape": list(probe.shape),
         "complete": False,
     }
-    if old is not None:
+    if old is not None:  # an older manifest may hold only the settings given: compare what they resolve to
+        old = {**old, "sampler": resolve_settings(model, old.get("sampler") or {})}
         _check_same_job(out, old, manifest)
     shards = plan_shards(n, shard_size)
     manifest["shards"] = [_shard_entry(a, b, fmt) for a, b in shards]
@@ -418,7 +439,6 @@ def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed
 
         pbar = tqdm(total=total, unit="sample", unit_scale=True, dynamic_ncols=True,
                     desc=f"sampling ({len(todo)} of {len(shards)} shards to do" + (f", {world} ranks)" if world > 1 else ")"))
-    sleep = float(os.environ.get("PYGEN_SAMPLING_SLEEP", "0") or 0)  # tests: time to kill the job mid-way
     t0 = time.perf_counter()
     try:
         for a, b in mine:
@@ -429,8 +449,8 @@ def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed
                 if pbar is not None:
                     pbar.update(m)
             _write_shard(out, a, torch.cat(parts), fmt)
-            if sleep:
-                time.sleep(sleep)
+            if on_shard is not None:
+                on_shard(a, b)
     finally:
         if pbar is not None:
             pbar.close()

@@ -169,9 +169,13 @@ def test_super_resolution_needs_its_inputs(tmp_path):
 
 def test_ctrl_c_leaves_no_partial_file(vae_run, tmp_path):
     out = tmp_path / "s"
-    proc = subprocess.Popen([sys.executable, "-m", "pygen", "sample", str(vae_run), "-n", "2000", "--out", str(out),
-                             "--shard-size", "100", "--no-progress"], cwd=REPO,
-                            env=env(PYGEN_SAMPLING_SLEEP="0.3"), stderr=subprocess.PIPE, text=True)
+    # `pygen sample` with the job slowed down after each shard (a callback of sample_to_dir), so
+    # that Ctrl-C arrives mid-way
+    args = ["sample", str(vae_run), "-n", "2000", "--out", str(out), "--shard-size", "100", "--no-progress"]
+    script = ("import functools, time, pygen.sampling as s\n"
+              "s.sample_to_dir = functools.partial(s.sample_to_dir, on_shard=lambda a, b: time.sleep(0.3))\n"
+              f"from pygen.cli import main\nraise SystemExit(main({args!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env(), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not list(out.glob("shard-*.npz")):
         assert proc.poll() is None and time.time() < deadline

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 import pygen.data
 from pygen.metrics import mmd
 from pygen.models import load
+from pygen.models.labels import sample_labels
 from pygen.models.gan import (
     GAN,
     LOSSES,
@@ -283,8 +284,8 @@ def test_conditional_sampling_labels():
     assert gan.sample(5, seed=0, labels=torch.tensor([0, 1, 2, 3, 4])).shape == (5, 1, 8, 8)
     assert gan.sample(5, seed=0, labels=7).shape == (5, 1, 8, 8)
     # random labels: a function of (seed, index) too, drawn from a derived seed
-    lab = gan._labels(None, 200, 5, 0, None, torch.device("cpu"))
-    torch.testing.assert_close(lab[50:], gan._labels(None, 150, 5, 50, None, torch.device("cpu")))
+    lab = sample_labels(None, 200, 10, seed=5, offset=0)
+    torch.testing.assert_close(lab[50:], sample_labels(None, 150, 10, seed=5, offset=50))
     assert set(lab.tolist()) == set(range(10))
     with pytest.raises(ValueError, match="conditional"):
         gan.loss(digits_batch(4))

@@ -93,9 +93,11 @@ def test_reference_run(run_dir, reference, tmp_path):
 
 def test_killed_then_resumed_equals_uninterrupted(run_dir, reference, tmp_path):
     out = tmp_path / "s"
-    cmd = [sys.executable, "-m", "pygen", "sample", str(run_dir), "-n", str(N), "--out", str(out),
-           "--batch-size", "100", "--shard-size", "100", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(PYGEN_SAMPLING_SLEEP="0.4"), stdout=subprocess.DEVNULL,
+    # the job as `pygen sample` runs it, slowed down after each shard so that it can be killed mid-way
+    script = (f"import time; from pygen.sampling import sample_to_dir; "
+              f"sample_to_dir({str(run_dir)!r}, {N}, {str(out)!r}, batch_size=100, shard_size=100, "
+              f"progress=False, on_shard=lambda a, b: time.sleep(0.4))")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     try:

@@ -20,7 +20,7 @@ from pygen.metrics.vae import (
     variance_loss,
 )
 from pygen.models import load
-from pygen.models.base import counter_uniform, derive_seed
+from pygen.models.seeding import counter_uniform, derive_seed
 from pygen.models.vae import VAE
 from pygen.ops import reparameterize
 from pygen.train import fit

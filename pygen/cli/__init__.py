@@ -185,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank0:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a directory")
-        from pygen.models.base import write_text_atomic
+        from pygen._io import write_text_atomic
 
         is_run = (out / "latest").exists() or any(out.glob("ckpt-*.pt")) if out.is_dir() else False
         if is_run and not args.resume:
@@ -276,7 +276,7 @@ def _print_eval(results: dict[str, Any], json_path: str | None) -> None:
 
     print(format_table(results))
     if json_path:
-        from pygen.models.base import write_text_atomic
+        from pygen._io import write_text_atomic
 
         write_text_atomic(json_path, json.dumps(results, indent=1, default=float) + "\n")
         print(f"wrote {json_path}")
@@ -339,7 +339,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(flush=True)
             results[suite] = json.loads(path.read_text())
     if args.json:
-        from pygen.models.base import write_text_atomic
+        from pygen._io import write_text_atomic
 
         write_text_atomic(args.json, json.dumps({"device": args.device, "quick": args.quick, "suites": results}) + "\n")
         print(f"wrote {args.json}")

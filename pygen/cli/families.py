@@ -42,13 +42,6 @@ class Family:
     flags: dict[str, dict[str, Any]] = field(default_factory=dict)  # --flag -> argparse kwargs (dest = option)
 
 
-def _bins(data: Data) -> int | None:
-    """Quantisation levels of the data: 17 for the digits (values k / 16), 256 for other images."""
-    if data.kind != "image":
-        return None
-    return 17 if data.name.startswith("digits") else 256
-
-
 def _num_classes(data: Data, options: dict[str, Any]) -> int | None:
     """``conditional: true`` -> the number of classes of the labelled data."""
     if not options.pop("conditional", False):
@@ -94,9 +87,9 @@ def _build_gan(data: Data, options: dict[str, Any]) -> Any:
 
 def flow_defaults(data: Data) -> dict[str, Any]:
     if data.kind == "image" and data.shape[1] % 4 == 0 and data.shape[2] % 4 == 0:
-        return {"kind": "glow", "bins": _bins(data), "levels": 2, "depth": 4, "hidden": 64}
+        return {"kind": "glow", "bins": data.bins, "levels": 2, "depth": 4, "hidden": 64}
     if data.kind == "image":  # sides not divisible by 4: a vector flow over the pixels
-        return {"kind": "realnvp", "bins": _bins(data), "hidden": 256, "n_layers": 8}
+        return {"kind": "realnvp", "bins": data.bins, "hidden": 256, "n_layers": 8}
     return {"kind": "realnvp", "bins": None, "hidden": 64, "n_layers": 8}
 
 

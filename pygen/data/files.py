@@ -59,6 +59,15 @@ class Data:
         """"image" for (N, C, H, W) data, "points" for (N, D)."""
         return "image" if self.data.dim() == 4 else "points"
 
+    @property
+    def bins(self) -> int | None:
+        """Quantisation levels of image data in [0, 1], the rule every likelihood in pygen
+        uses unless a model's config says otherwise: 17 for the digits at any size (values
+        k / 16), 256 for other images (8 bits); None for points (continuous)."""
+        if self.kind != "image":
+            return None
+        return 17 if self.name.startswith("digits") else 256
+
     def __len__(self) -> int:
         return self.data.shape[0]
 

@@ -13,6 +13,7 @@ is reported next to
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from pygen.metrics.features import DigitsFeatures
 from pygen.metrics.likelihood import bits_per_dim, dataset_log_likelihood
 from pygen.metrics.restoration import psnr
 from pygen.metrics.sample_quality import density_coverage, feature_moments, frechet_distance, kid, mmd, precision_recall
+from pygen.models.inference import eval_mode, model_device
+from pygen.models.seeding import Stream, derive_seed
 
 __all__ = ["evaluate", "format_table", "feature_space", "METRICS"]
 
@@ -80,13 +83,6 @@ def feature_space(data: Data, features: str | FeatureFn = "auto") -> tuple[str, 
     raise ValueError(f"features must be 'auto', 'digits', 'pixels', 'points' or a callable, got {features!r}")
 
 
-def _model_device(model: Any) -> torch.device:
-    if isinstance(model, nn.Module):
-        for t in (*model.parameters(), *model.buffers()):
-            return t.device
-    return torch.device("cpu")
-
-
 def _sample(model: Any, n: int, seed: int, batch_size: int, **cond: Tensor) -> Tensor:
     """n samples; in chunks of batch_size via ``offset=`` when sample() takes it (samples then
     depend on (seed, index) only), else in one call. Eval mode, no gradients."""
@@ -94,21 +90,36 @@ def _sample(model: Any, n: int, seed: int, batch_size: int, **cond: Tensor) -> T
         takes_offset = "offset" in inspect.signature(model.sample).parameters
     except (TypeError, ValueError):  # a callable without a readable signature: one call
         takes_offset = False
-    training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad():
-            if not takes_offset:
-                return model.sample(n, seed=seed, **cond)
-            parts = []
-            for i in range(0, n, batch_size):
-                m = min(batch_size, n - i)
-                parts.append(model.sample(m, seed=seed, offset=i, **{k: v[i : i + m] for k, v in cond.items()}))
-            return torch.cat(parts)
-    finally:
-        if training:
-            model.train()
+    with torch.no_grad(), (eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()):
+        if not takes_offset:
+            return model.sample(n, seed=seed, **cond)
+        parts = []
+        for i in range(0, n, batch_size):
+            m = min(batch_size, n - i)
+            parts.append(model.sample(m, seed=seed, offset=i, **{k: v[i : i + m] for k, v in cond.items()}))
+        return torch.cat(parts)
+
+
+def _likelihood_fn(model: Any, iwae_k: int, seed: int, labels: Tensor | None) -> tuple[Any, str] | None:
+    """(fn(x, offset) -> (B,) log-likelihoods of examples offset.., what it is), or None when the
+    model has no likelihood. A conditional model gets each example's label; an IWAE bound
+    gets a seed and the examples' indices, so its draws depend on (seed, example) only."""
+    conditional = bool((getattr(model, "config", None) or {}).get("num_classes"))
+    if conditional and labels is None:
+        return None  # a class-conditional likelihood needs labelled test data
+    lab = (lambda i, b: {"labels": labels[i : i + b]}) if conditional else (lambda i, b: {})
+    if hasattr(model, "log_prob"):
+        return (lambda x, i: model.log_prob(x, **lab(i, len(x)))), "log_prob (exact)"
+    if hasattr(model, "log_likelihood"):
+        params = inspect.signature(model.log_likelihood).parameters
+        seeded = {"seed": derive_seed(seed, Stream.IWAE)} if "seed" in params else {}
+
+        def iwae(x: Tensor, i: int) -> Tensor:
+            at = {"offset": i} if "offset" in params else {}
+            return model.log_likelihood(x, k=iwae_k, **lab(i, len(x)), **seeded, **at)
+
+        return iwae, f"log_likelihood (IWAE, k={iwae_k}: an upper bound on the NLL)"
+    return None
 
 
 def _sample_metrics(
@@ -176,7 +187,9 @@ def evaluate(
     ``model``: any object with ``sample(n, *, seed=None) -> (n, *data.shape)`` in the data's
     range (``offset=`` is used when sample() takes it; super-resolution data also passes
     ``lr=`` (n, 3, h, w) inputs); optionally ``log_prob(x) -> (B,)`` (exact) or
-    ``log_likelihood(x, k=iwae_k) -> (B,)`` (IWAE bound), called only when present. ``None``
+    ``log_likelihood(x, k=iwae_k) -> (B,)`` (IWAE bound, given ``seed=`` and the examples'
+    ``offset=`` when it takes them), called only when present; a class-conditional model
+    (``config["num_classes"]``) gets the test labels as ``labels=``. ``None``
     scores the baselines only. ``data``: what :func:`pygen.data.load` returns, or its spec.
 
     Sets: reference = the train split (digits: the fixed split; toy2d: 10000 points; files:
@@ -199,7 +212,8 @@ def evaluate(
 
     Likelihood (when the model has one), on the test split: "nll" (nats per example, mean)
     and "nll_se"; images are dequantised first (:func:`pygen.flows.dequantize`, ``bins``
-    levels, default 17 for "digits" (values k/16) and 256 for other images) and "nll_bpd"
+    levels, default: the model's ``config["bins"]`` when it has one, else
+    :attr:`pygen.data.Data.bins`: 17 for the digits at any size, 256 for other images) and "nll_bpd"
     follows :func:`bits_per_dim`. The Gaussian baseline reports the same; ``baseline_data``
     reports the exact NLL of the true density for the toy sets that have one.
     ``meta`` says what was compared (strings and ints); every metric is a plain float.
@@ -221,10 +235,10 @@ def evaluate(
         raise ValueError(f"super-resolution data: n must be <= {len(test)} (the test inputs), got {n}")
     floor = test.data[:n]
     image = data.kind == "image"
-    if bins is None:
-        bins = 17 if train.name == "digits" else 256
+    if bins is None:  # the model's own quantisation (a flow's config), else the data's rule
+        bins = (getattr(model, "config", None) or {}).get("bins") or train.bins or 256
     space, feat = feature_space(train, features)
-    device = _model_device(model)
+    device = model_device(model)
     kw = dict(points=space == "points", seed=seed, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
     ref = feat((test.data[:n] if sr else train.data).to(device))
 
@@ -248,18 +262,15 @@ def evaluate(
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"model.sample({n}) returned non-finite values ({bad} of {x.numel()})")
         results.update(score(x))
-        lp_fn = None
-        if hasattr(model, "log_prob"):
-            lp_fn, meta["nll_method"] = model.log_prob, "log_prob (exact)"
-        elif hasattr(model, "log_likelihood"):
-            lp_fn = lambda b: model.log_likelihood(b, k=iwae_k)  # noqa: E731
-            meta["nll_method"] = f"log_likelihood (IWAE, k={iwae_k}: an upper bound on the NLL)"
-        if lp_fn is not None:
+        test_labels = None if test.labels is None else test.labels.to(device)
+        found = _likelihood_fn(model, iwae_k, seed, test_labels)
+        if found is not None:
+            lp_fn, meta["nll_method"] = found
             y = test.data
             if image:
                 y = dequantize(y, bins, generator=torch.Generator().manual_seed(seed + 2))
                 meta["bins"] = bins
-            mean, se = dataset_log_likelihood(lp_fn, y.to(device), batch_size)
+            mean, se = dataset_log_likelihood(lp_fn, y.to(device), batch_size, indexed=True)
             results["nll"], results["nll_se"] = -mean, se
             if image:
                 results["nll_bpd"] = float(bits_per_dim(-mean, math.prod(train.shape), bins=bins))

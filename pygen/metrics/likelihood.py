@@ -40,20 +40,22 @@ def bits_per_dim(nll_nats: Tensor | float, num_dims: int, *, bins: int = 256) ->
 
 @torch.no_grad()
 def dataset_log_likelihood(
-    fn: Callable[[Tensor], Tensor], data: Tensor, batch_size: int = 256
+    fn: Callable[..., Tensor], data: Tensor, batch_size: int = 256, *, indexed: bool = False
 ) -> tuple[float, float]:
     """Mean log-likelihood of ``data`` (N, ...) under ``fn`` (B, ...) -> (B,), and its standard error.
 
     Higher is better. Evaluated in batches of ``batch_size`` (no gradients), accumulated in
     float64; the standard error is std / sqrt(N) (0 for N = 1). Non-finite values propagate
-    (a model giving -inf somewhere has mean -inf).
+    (a model giving -inf somewhere has mean -inf). ``indexed``: ``fn(batch, start)`` gets the
+    index of the batch's first example too (per-example labels or noise).
     """
     n = data.shape[0]
     if n == 0:
         raise ValueError("dataset_log_likelihood needs at least one example")
     parts = []
     for i in range(0, n, batch_size):
-        lp, b = fn(data[i : i + batch_size]), min(batch_size, n - i)
+        batch = data[i : i + batch_size]
+        lp, b = (fn(batch, i) if indexed else fn(batch)), min(batch_size, n - i)
         if lp.shape != (b,):
             raise ValueError(f"fn must return (B,) log-likelihoods, got shape {tuple(lp.shape)} for a batch of {b}")
         parts.append(lp.detach().to(torch.float64).cpu())

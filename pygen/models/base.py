@@ -20,6 +20,12 @@ calls only the methods below, so a new family needs no trainer change:
   warms its decay up as min(decay, (1 + k) / (10 + k)) over the first updates.
 - ``evaluate_step(batch) -> dict``: the loss terms without gradient by default.
 
+Sampling runs in eval mode with the caller's mode restored (decorate ``sample`` with
+:func:`pygen.models.inference.sampling`); samples depend on (seed, offset + i) only
+(:mod:`pygen.models.seeding`). The command line and the sampling job use three more hooks:
+``for_data(data, **options)`` and ``train_defaults`` (the family's defaults, one place),
+``sample_settings(**given)`` (the settings a sample call actually uses) and ``use_ema(flag)``.
+
 Files: :meth:`GenerativeModel.save` writes ``{"family", "config", "model", "versions"}``;
 the trainer's checkpoints (``ckpt-<step>.pt``) hold the same keys and more (``"ema"``,
 optimizer and RNG states). :func:`load` reads either, or a training directory (the
@@ -29,9 +35,7 @@ checkpoint its ``latest`` file names).
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,25 +43,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from pygen._io import write_atomic
-from pygen.ops.gaussian import randn
+from pygen._io import LATEST, resolve_checkpoint, save_atomic
+from pygen.models.labels import Batch
 
-__all__ = [
-    "GenerativeModel",
-    "TrainingDiverged",
-    "derive_seed",
-    "resolve_seed",
-    "split_batch",
-    "counter_uniform",
-    "uniform_labels",
-    "load",
-    "families",
-    "save_atomic",
-    "write_text_atomic",
-    "checkpoints",
-    "resolve_checkpoint",
-    "versions",
-]
+__all__ = ["GenerativeModel", "TrainingDiverged", "Batch", "load", "families", "versions"]
 
 _REGISTRY: dict[str, type[GenerativeModel]] = {}
 
@@ -71,72 +60,6 @@ class TrainingDiverged(FloatingPointError):
     def __init__(self, message: str, *, step: int, checkpoint: Path | None) -> None:
         super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
-LATEST = "latest"  # the file in a training directory naming its newest checkpoint
-_CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
-
-Batch = Any  # a Tensor, or a tuple (x, labels): what the trainer hands to loss()
-
-
-# ---- samples fixed by (seed, index) ------------------------------------------------------
-# Every family draws its noise from pygen's counter-based stream: sample i reads stream
-# positions that depend on (seed, offset + i) only. Extra streams (mixture components,
-# labels) use seeds derived from the sample seed.
-
-
-def derive_seed(seed: int, stream: int) -> int:
-    """A seed for a separate noise stream of ``seed`` (a splitmix64 step), in [0, 2^63)."""
-    z = (int(seed) + 0x9E3779B97F4A7C15 * (int(stream) + 1)) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) % 2**63
-
-
-SEED_MOD = 2**63  # sample seeds live in [0, 2^63): int64-safe
-
-
-def resolve_seed(seed: int | Tensor | None, generator: torch.Generator | None = None) -> int:
-    """The int seed of a ``sample(seed=, generator=)`` call: ``seed`` checked, else one drawn
-    from ``generator`` (or torch's default generator, so ``torch.manual_seed`` fixes it)."""
-    if seed is not None:
-        if generator is not None:
-            raise ValueError("pass either seed= or generator=, not both")
-        seed = int(seed.item()) if isinstance(seed, Tensor) else int(seed)
-        if not 0 <= seed < SEED_MOD:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-        return seed
-    device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, SEED_MOD - 1, (1,), generator=generator, device=device).item())
-
-
-def split_batch(batch: Batch, num_classes: int | None, owner: str) -> tuple[Tensor, Tensor | None]:
-    """(x, labels) of a trainer batch (a tensor or (x, labels)): labels None for an
-    unconditional model, int64 for a conditional one, which refuses unlabelled batches."""
-    x, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
-    if not num_classes:
-        return x, None
-    if labels is None:
-        raise ValueError(f"this {owner} is class-conditional (num_classes={num_classes}): batches are (x, labels)")
-    return x, labels.long()
-
-
-def counter_uniform(n: int, *, seed: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
-    """(n,) float64 uniforms in (0, 1); element i is a function of (seed, offset + i) only.
-
-    Phi(eps) of pygen's Philox normal at stream position offset + i (the normal CDF of a
-    standard normal is uniform).
-    """
-    eps = randn(n, seed=seed, offset=offset, device=device).double()
-    return (0.5 * torch.erfc(-eps / math.sqrt(2))).clamp(1e-12, 1 - 1e-12)
-
-
-def uniform_labels(n: int, num_classes: int, *, seed: int, offset: int = 0,
-                   device: torch.device | str | None = None) -> Tensor:
-    """(n,) int64 labels uniform over ``num_classes``; label i is a function of (seed, offset + i)
-    (a conditional model's random labels, batch-size invariant like its latents)."""
-    u = counter_uniform(n, seed=seed, offset=offset, device=device)
-    return (u * num_classes).long().clamp_(max=num_classes - 1)
-
-
 class GenerativeModel(nn.Module):
     """Base class of pygen's generative models (see the module docstring for the contract).
 
@@ -147,6 +70,8 @@ class GenerativeModel(nn.Module):
 
     family: ClassVar[str]
     default_lr: ClassVar[float] = 1e-3
+    #: what ``pygen train FAMILY`` uses unless told otherwise: {"steps", "batch_size", "lr"}
+    train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 128, "lr": None}
     config: dict[str, Any]
     ema_decay: float | None = None
     ema_warmup: bool = False
@@ -172,6 +97,23 @@ class GenerativeModel(nn.Module):
     ) -> Tensor:
         """(n, *data_shape) samples in the data's range; sample i depends on (seed, offset + i) only."""
         raise NotImplementedError
+
+    @classmethod
+    def for_data(cls, data: Any, **options: Any) -> GenerativeModel:
+        """The family's default model for a :class:`pygen.data.Data` (its shape, its labels
+        when the family conditions on them), ``options`` overriding constructor arguments."""
+        raise NotImplementedError(f"{cls.__name__} has no defaults for data: construct it directly")
+
+    def sample_settings(self, **given: Any) -> dict[str, Any]:
+        """The sampler settings a ``sample(**given)`` call actually uses, defaults filled in
+        (what the sampling job records and compares: a default given explicitly is the same
+        job). Only the keys the family's ``sample`` takes; the given ones are validated."""
+        return {k: v for k, v in given.items() if v is not None}
+
+    def use_ema(self, flag: bool) -> None:
+        """Whether ``sample`` uses EMA weights the model keeps inside itself (a GAN's
+        generator EMA). :func:`load` calls it with its ``ema=`` argument; models whose EMA the
+        trainer keeps get it through the weights ``load`` picks. Default: nothing to do."""
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         # DDP and torch.compile wrap forward: routing loss through it is what makes them apply
@@ -246,49 +188,13 @@ def versions() -> dict[str, str]:
     return {"pygen": str(pygen.__version__), "torch": str(torch.__version__)}  # plain str: weights_only loads
 
 
-# ---- atomic files ---------------------------------------------------------------------
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)``, atomically."""
-    write_atomic(path, lambda f: torch.save(obj, f), "wb")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text), "w")
-
-
-def checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
-    """The ``ckpt-<step>.pt`` files of a directory as (step, path), oldest first."""
-    d = Path(directory)
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT_RE.match(p.name))] if d.is_dir() else []
-    return sorted(found)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
-    """A checkpoint file: ``path`` itself, or for a directory the one its ``latest`` names
-    (the newest ``ckpt-*.pt`` when there is no ``latest``); None for a directory without one."""
-    path = Path(path)
-    if not path.is_dir():
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint or directory at {path}")
-        return path
-    latest = path / LATEST
-    if latest.exists():
-        name = latest.read_text().strip()
-        if not (path / name).exists():
-            raise FileNotFoundError(f"{latest} names {name!r}, which does not exist")
-        return path / name
-    found = checkpoints(path)
-    return found[-1][1] if found else None
-
-
 def load(path: str | os.PathLike, *, ema: bool = True, map_location: str | torch.device = "cpu") -> GenerativeModel:
     """Rebuild a model from a file written by :meth:`GenerativeModel.save` or the trainer, or
     from a training directory (its latest checkpoint).
 
-    ema=True takes the EMA weights when the checkpoint has them (the raw weights otherwise).
-    The model is returned in eval mode on ``map_location``.
+    ema=True takes the EMA weights when the checkpoint has them (the raw weights otherwise),
+    and makes a model that keeps its EMA inside itself (the GAN) sample with it; ema=False
+    the raw weights everywhere. The model is returned in eval mode on ``map_location``.
     """
     file = resolve_checkpoint(path)
     if file is None:
@@ -303,4 +209,5 @@ def load(path: str | os.PathLike, *, ema: bool = True, map_location: str | torch
     model = _REGISTRY[family](**ckpt["config"])
     state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(state)
+    model.use_ema(ema)
     return model.to(map_location).eval()

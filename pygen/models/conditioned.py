@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pygen.models.base import derive_seed, resolve_seed
 from pygen.models.diffusion import Diffusion
+from pygen.models.inference import sampling
+from pygen.models.seeding import Stream, derive_seed, resolve_seed
 from pygen.ops import randn
 
 __all__ = ["SuperResolution", "Colorization", "Cascade", "luminance", "with_luminance"]
 
-_AUG_STREAM = 7
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: these weights sum to 1
 
 
@@ -113,7 +113,7 @@ class SuperResolution(Diffusion, family="sr"):
         x = x + F.interpolate(lr.to(x.dtype) - self.downsample(x), scale_factor=self.scale, mode="nearest")
         return x if self.data_range is None else x.clamp(*self.data_range)
 
-    @torch.no_grad()
+    @sampling
     def sample(self, n: int | None = None, *, lr: Tensor, seed: int | None = None,
                generator: torch.Generator | None = None, offset: int = 0, aug_level: float | None = None,
                consistent: bool = True, **kwargs: Any) -> Tensor:
@@ -135,7 +135,7 @@ class SuperResolution(Diffusion, family="sr"):
         dev = self.alphas_cumprod.device
         lr_m = self.to_model(lr.to(dev, torch.float32))
         d = math.prod(self.lr_shape)
-        noise = randn(n, *self.lr_shape, seed=derive_seed(s, _AUG_STREAM), offset=offset * d, device=dev)
+        noise = randn(n, *self.lr_shape, seed=derive_seed(s, Stream.SR_AUGMENT), offset=offset * d, device=dev)
         cond = self._condition(lr_m, torch.full((n,), level, device=dev), noise)
         out = super().sample(n, seed=s, offset=offset, **cond, **kwargs)
         return self.project(out, lr.to(dev, out.dtype)) if consistent else out
@@ -167,7 +167,7 @@ class Colorization(Diffusion, family="colorize"):
         x0 = self.to_model(x)
         return x0, {"cond": luminance(x0)}
 
-    @torch.no_grad()
+    @sampling
     def sample(self, n: int | None = None, *, gray: Tensor, seed: int | None = None,
                generator: torch.Generator | None = None, offset: int = 0, match_luminance: bool = True,
                **kwargs: Any) -> Tensor:
@@ -208,12 +208,12 @@ class Cascade(nn.Module):
             raise ValueError(f"the base model makes {tuple(base.shape)} images, the SR stage takes {sr.lr_shape}")
         self.base, self.sr, self.adapt = base, sr, adapt
 
-    @torch.no_grad()
+    @sampling
     def sample(self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, offset: int = 0,
                base_kwargs: dict[str, Any] | None = None, sr_kwargs: dict[str, Any] | None = None,
                return_low: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         s = resolve_seed(seed, generator)
         low = self.base.sample(n, seed=s, offset=offset, **(base_kwargs or {}))
         lr = low if self.adapt is None else self.adapt(low)
-        high = self.sr.sample(n, lr=lr, seed=derive_seed(s, 11), offset=offset, **(sr_kwargs or {}))
+        high = self.sr.sample(n, lr=lr, seed=derive_seed(s, Stream.CASCADE_SR), offset=offset, **(sr_kwargs or {}))
         return (high, low) if return_low else high

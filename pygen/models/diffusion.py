@@ -41,7 +41,10 @@ from pygen.diffusion.schedules import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from pygen.models.base import Batch, GenerativeModel, derive_seed, resolve_seed, split_batch, uniform_labels
+from pygen.models.base import GenerativeModel
+from pygen.models.inference import sampling
+from pygen.models.labels import Batch, sample_labels, split_batch
+from pygen.models.seeding import Stream, derive_seed, resolve_seed
 from pygen.models.networks import is_image
 from pygen.models.unet import MLPDenoiser, UNet
 from pygen.ops import randn
@@ -62,9 +65,6 @@ DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "euler": 50, "euler_ancestral": 50, "
 SAMPLERS = tuple(DEFAULT_STEPS)
 _ALPHA_SAMPLERS = ("ddpm", "ddim")
 
-# derived-seed streams of a sample seed (see derive_seed): labels, then one per step
-_LABEL_STREAM, _STEP_STREAM = 2, 1000
-_REPAINT_STEP, _REPAINT_KNOWN, _REPAINT_JUMP = 10_000_000, 20_000_000, 30_000_000
 
 
 def _default_net(shape: tuple[int, ...]) -> dict[str, Any]:
@@ -279,22 +279,8 @@ class Diffusion(GenerativeModel, family="diffusion"):
 
     # ---- sampling ------------------------------------------------------------------------
     def _labels(self, labels: Tensor | int | None, n: int, seed: int, offset: int) -> Tensor | None:
-        if self.num_classes is None:
-            if labels is not None:
-                raise ValueError("labels= given to an unconditional model (num_classes is None)")
-            return None
-        device = self.alphas_cumprod.device
-        if labels is None:
-            return uniform_labels(n, self.num_classes, seed=derive_seed(seed, _LABEL_STREAM), offset=offset,
-                                  device=device)
-        labels = torch.as_tensor(labels, device=device).long()
-        if labels.dim() == 0:
-            labels = labels.expand(n)
-        if labels.shape != (n,):
-            raise ValueError(f"labels must be an int or ({n},), got shape {tuple(labels.shape)}")
-        if ((labels < 0) | (labels >= self.num_classes)).any():
-            raise ValueError(f"labels must lie in [0, {self.num_classes})")
-        return labels
+        return sample_labels(labels, n, self.num_classes, seed=seed, offset=offset,
+                             device=self.alphas_cumprod.device, owner="Diffusion model")
 
     def guided(self, x_t: Tensor, sigma: Tensor, labels: Tensor | None, guidance_scale: float = 1.0,
                **extra: Tensor) -> Tensor:
@@ -322,10 +308,18 @@ class Diffusion(GenerativeModel, family="diffusion"):
             raise ValueError(f"steps must be an int in [1, {self.num_train_timesteps}], got {steps!r}")
         return sampler, steps
 
+    def sample_settings(self, *, sampler: str | None = None, steps: int | None = None,
+                        guidance_scale: float | None = None, **given: Any) -> dict[str, Any]:
+        """The sampler and step count that ``sample(sampler=, steps=)`` uses (defaults filled in
+        and checked) and the guidance scale (default 1)."""
+        sampler, steps = self._check_sampler(sampler, steps)
+        scale = 1.0 if guidance_scale is None else float(guidance_scale)
+        return {**super().sample_settings(**given), "sampler": sampler, "steps": steps, "guidance_scale": scale}
+
     def step_seeds(self, seed: int, steps: int, device: torch.device | str | None = None) -> Tensor:
         """(steps,) int64: the seed of each step's noise, derived from the sample seed (a
         device tensor, so that a captured loop reads them without a host copy)."""
-        return torch.tensor([derive_seed(seed, _STEP_STREAM + k) for k in range(steps)], dtype=torch.int64,
+        return torch.tensor([derive_seed(seed, Stream.STEP + k) for k in range(steps)], dtype=torch.int64,
                             device=device)
 
     def sample_loop(self, noise: Tensor, *, seeds: Tensor, offset: int, sampler: str, steps: int,
@@ -411,7 +405,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
         bs = n if not batch_size else int(batch_size)
         return [(i, min(n, i + bs)) for i in range(0, n, max(bs, 1))]
 
-    @torch.no_grad()
+    @sampling
     def sample(
         self,
         n: int,
@@ -481,7 +475,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
         return torch.cat(out)
 
     # ---- inpainting ------------------------------------------------------------------------
-    @torch.no_grad()
+    @sampling
     def inpaint(
         self,
         x: Tensor,
@@ -535,12 +529,12 @@ class Diffusion(GenerativeModel, family="diffusion"):
                 sigma = self.train_sigmas[t].float().expand(b * n).to(dev)
                 out = self.guided(xt, sigma, lab, guidance_scale)
                 xt, _ = ddpm_step(out, xt, t, ac, prev, prediction_type=self.output_type,
-                                  seed=derive_seed(s, _REPAINT_STEP + e), offset=0, return_x0=False)
-                known = x0 if prev < 0 else q_sample(x0, prev, ac, seed=derive_seed(s, _REPAINT_KNOWN + e))
+                                  seed=derive_seed(s, Stream.REPAINT_STEP + e), offset=0, return_x0=False)
+                known = x0 if prev < 0 else q_sample(x0, prev, ac, seed=derive_seed(s, Stream.REPAINT_KNOWN + e))
                 xt = m * known + (1 - m) * xt
             else:  # re-noise one level up: x_c = sqrt(ab_c / ab_a) x_a + sqrt(1 - ab_c / ab_a) z
                 r = (ac[int(ts[c])].double() / ac[int(ts[a])].double()).item()
-                z = randn(b * n, *self.shape, seed=derive_seed(s, _REPAINT_JUMP + e), offset=0, device=dev,
+                z = randn(b * n, *self.shape, seed=derive_seed(s, Stream.REPAINT_JUMP + e), offset=0, device=dev,
                           dtype=xt.dtype)
                 xt = math.sqrt(r) * xt + math.sqrt(1 - r) * z
         del d

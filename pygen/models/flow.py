@@ -23,11 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pygen.flows import NSF, Glow, RealNVP, dequantize
-from pygen.models.base import Batch, GenerativeModel
+from pygen.models.base import GenerativeModel
+from pygen.models.inference import sampling
+from pygen.models.labels import Batch, one_hot, sample_labels, split_batch
+from pygen.models.seeding import resolve_seed
 from pygen.ops import randn
 
 __all__ = ["Flow"]
@@ -83,7 +85,7 @@ class Flow(GenerativeModel, family="flow"):
 
     # ---- helpers ----------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        x, labels = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        x, labels = split_batch(batch, self.num_classes, "Flow")
         return x, self._context(labels, x.shape[0])
 
     def _context(self, labels: Tensor | int | None, n: int) -> Tensor | None:
@@ -93,8 +95,8 @@ class Flow(GenerativeModel, family="flow"):
         if labels is None:
             raise ValueError(f"this Flow is conditional (num_classes={self.num_classes}): pass labels")
         p = next(self.parameters())
-        labels = torch.as_tensor(labels, device=p.device).long().reshape(-1).expand(n)
-        return F.one_hot(labels, self.num_classes).to(p.dtype)
+        labels = sample_labels(labels, n, self.num_classes, seed=0, device=p.device, owner="Flow")
+        return one_hot(labels, self.num_classes, p.dtype)
 
     def _to_flow(self, x: Tensor) -> Tensor:
         # vector flows see (B, D); Glow sees (B, C, H, W)
@@ -119,7 +121,7 @@ class Flow(GenerativeModel, family="flow"):
         """x (B, *data_shape) -> (B,) exact log-density of x as given (no dequantisation)."""
         return self.flow.log_prob(self._to_flow(x), self._context(labels, x.shape[0]))
 
-    @torch.no_grad()
+    @sampling
     def sample(
         self,
         n: int,
@@ -133,11 +135,15 @@ class Flow(GenerativeModel, family="flow"):
 
         The latent of sample i is pygen's Philox stream at positions [(offset + i) D,
         (offset + i + 1) D), so any chunking of an index range gives the same samples (up
-        to float rounding of the network at different batch sizes).
+        to float rounding of the network at different batch sizes). A conditional flow
+        samples class ``labels`` (an int or (n,)), or labels drawn uniformly from a derived
+        stream of the seed by the same rule when None.
         """
         p = next(self.parameters())
+        s = resolve_seed(seed, generator)
         shape, start = self.flow.shape, offset * self.dim  # stream position of sample `offset`
-        z = randn(n, *shape, seed=seed, generator=generator, offset=start, device=p.device, dtype=p.dtype)
+        z = randn(n, *shape, seed=s, offset=start, device=p.device, dtype=p.dtype)
+        labels = sample_labels(labels, n, self.num_classes, seed=s, offset=offset, device=p.device, owner="Flow")
         y, _ = self.flow.transform.inverse(z, self._context(labels, n))
         y = y.reshape(n, *self.data_shape)
         if self.bins is None:

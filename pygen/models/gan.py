@@ -57,7 +57,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from pygen.models.base import Batch, GenerativeModel, TrainingDiverged, derive_seed, split_batch, uniform_labels
+from pygen.models.base import GenerativeModel, TrainingDiverged
+from pygen.models.inference import sampling
+from pygen.models.labels import Batch, sample_labels, split_batch
+from pygen.models.seeding import resolve_seed
 from pygen.models.networks import ConvEncoder, decoder, encoder, is_image
 from pygen.ops import randn
 
@@ -353,7 +356,9 @@ class GAN(GenerativeModel, family="gan"):
         self.g_ema: Generator | None = None
         if ema_decay is not None:
             self.g_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
-        self.register_buffer("last_r1", torch.zeros(()), persistent=False)  # logged between lazy R1 steps
+        # the last lazily computed R1, logged between R1 steps: persistent, so a resumed run logs the same
+        self.register_buffer("last_r1", torch.zeros(()))
+        self.sample_ema = True  # sample() default: the EMA generator when there is one (see use_ema)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
@@ -540,24 +545,24 @@ class GAN(GenerativeModel, family="gan"):
         return self.loss(batch)
 
     # ---- sampling -----------------------------------------------------------------------------
-    def _labels(self, labels: Tensor | int | None, n: int, seed: int | None, offset: int,
-                generator: torch.Generator | None, device: torch.device) -> Tensor | None:
-        if not self.num_classes:
-            if labels is not None:
-                raise ValueError("this GAN is unconditional: labels are not accepted")
-            return None
-        if labels is not None:
-            return torch.as_tensor(labels, device=device).long().reshape(-1).expand(n)
-        if seed is None:
-            return torch.randint(0, self.num_classes, (n,), device=device, generator=generator)
-        # label i depends on (seed, offset + i): a derived stream of the sample seed
-        return uniform_labels(n, self.num_classes, seed=derive_seed(seed, 1), offset=offset, device=device)
+    def use_ema(self, flag: bool) -> None:
+        """Whether :meth:`sample` uses the EMA generator by default (``load(ema=False)`` /
+        ``pygen sample --no-ema`` set False: the trained generator)."""
+        self.sample_ema = bool(flag)
 
-    @torch.no_grad()
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # fmt: skip
+        # checkpoints of pygen <= 0.x kept last_r1 out of the state dict: start those at 0
+        state_dict.setdefault(prefix + "last_r1", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @sampling
     def sample(self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, offset: int = 0,
                labels: Tensor | int | None = None, ema: bool | None = None) -> Tensor:
         """(n, *data_shape) samples in the data's range, from the EMA generator when there is one
-        (``ema=False``: the trained generator), in eval mode.
+        (``ema=False``: the trained generator; None: :meth:`use_ema`'s choice, the EMA by
+        default), in eval mode.
 
         z of sample i is ``pygen.ops.randn`` at stream positions [(offset + i) z_dim, (offset +
         i + 1) z_dim) of ``seed``; random labels (conditional GAN, ``labels=None``) come from
@@ -565,17 +570,13 @@ class GAN(GenerativeModel, family="gan"):
         """
         if ema and self.g_ema is None:
             raise ValueError("this GAN keeps no EMA generator (ema_decay=None)")
-        net = self.g_ema if (ema is None or ema) and self.g_ema is not None else self.generator
+        use = self.sample_ema if ema is None else ema
+        net = self.g_ema if use and self.g_ema is not None else self.generator
         p = next(self.generator.parameters())
-        z = randn(n, self.z_dim, seed=seed, generator=generator, offset=offset * self.z_dim, device=p.device,
-                  dtype=p.dtype)
-        y = self._labels(labels, n, seed, offset, generator, p.device)
-        was_training = net.training
-        net.eval()
-        try:
-            return net(z, y)
-        finally:
-            net.train(was_training)
+        s = resolve_seed(seed, generator)
+        z = randn(n, self.z_dim, seed=s, offset=offset * self.z_dim, device=p.device, dtype=p.dtype)
+        y = sample_labels(labels, n, self.num_classes, seed=s, offset=offset, device=p.device, owner="GAN")
+        return net(z, y)
 
     def train(self, mode: bool = True) -> GAN:
         super().train(mode)

@@ -50,7 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pygen.data.loader import as_tensors
-from pygen.models.base import Batch, GenerativeModel, counter_uniform, derive_seed, resolve_seed, uniform_labels
+from pygen.models.base import GenerativeModel
+from pygen.models.inference import eval_mode, sampling
+from pygen.models.labels import Batch, one_hot, sample_labels, split_batch
+from pygen.models.seeding import Stream, counter_uniform, derive_seed, resolve_seed
 from pygen.models.flow import Flow
 from pygen.models.networks import decoder, encoder, is_image
 from pygen.nn.gaussian import GaussianReparameterize
@@ -176,9 +179,7 @@ class VAE(GenerativeModel, family="vae"):
 
     # ---- helpers ----------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        if isinstance(batch, (tuple, list)):
-            return batch[0], batch[1] if len(batch) > 1 else None
-        return batch, None
+        return split_batch(batch, self.num_classes, "VAE")
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         p = next(self.parameters())
@@ -191,12 +192,8 @@ class VAE(GenerativeModel, family="vae"):
         if labels is None:
             raise ValueError(f"this VAE is conditional (num_classes={self.num_classes}): pass labels")
         device, dtype = self._device_dtype()
-        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
-        if labels.numel() == 1:
-            labels = labels.expand(n)
-        if labels.numel() != n:
-            raise ValueError(f"{labels.numel()} labels for {n} examples")
-        return F.one_hot(labels, self.num_classes).to(dtype)
+        labels = sample_labels(labels, n, self.num_classes, seed=0, device=device, owner="VAE")
+        return one_hot(labels, self.num_classes, dtype)
 
     def _check_x(self, x: Tensor) -> None:
         if tuple(x.shape[1:]) != self.data_shape:
@@ -288,7 +285,8 @@ class VAE(GenerativeModel, family="vae"):
         computed (the batch sees the gamma from before its own update).
         """
         x, labels = self._split(batch)
-        if self.likelihood == "bernoulli" and bool((x.min() < 0) | (x.max() > 1)):
+        # a data-dependent check: eager only (torch.compile(fullgraph=True) cannot branch on it)
+        if self.likelihood == "bernoulli" and not torch.compiler.is_compiling() and bool((x.min() < 0) | (x.max() > 1)):
             raise ValueError("the Bernoulli likelihood needs x in [0, 1]")
         mu, logvar = self._encoder_params(x, labels).chunk(2, dim=1)
         b, d = mu.shape
@@ -346,53 +344,56 @@ class VAE(GenerativeModel, family="vae"):
 
     @torch.no_grad()
     def log_likelihood(
-        self, x: Tensor, k: int = 100, labels: Tensor | int | None = None, *, generator: torch.Generator | None = None
-    ) -> Tensor:
+        self, x: Tensor, k: int = 100, labels: Tensor | int | None = None, *, seed: int | None = None,
+        generator: torch.Generator | None = None, offset: int = 0,
+    ) -> Tensor:  # fmt: skip
         """(B,) the importance-weighted bound log (1/k) sum_j P(x, z_j) / Q(z_j|x), z_j ~ Q(z|x)
         (Burda et al.'s IWAE bound) in nats.
 
         A lower bound on log P(x) that equals the ELBO at k = 1 in expectation and rises with
-        k. The k samples are processed in chunks of about 4M data elements, so memory stays
-        bounded for any k; their noise is one Philox stream (seeded from ``generator``), so the
-        chunking does not change the result.
+        k. Draw j of example i reads pygen's Philox stream of ``seed`` (else one drawn from
+        ``generator`` / torch's generator) at positions [((offset + i) k + j) D, ... + D): the
+        result for an example depends on (seed, offset + i, k) only, not on the batch size or
+        on how the draws are chunked (about 4M data elements at a time, so memory stays
+        bounded for any k). A conditional model needs ``labels`` (an int or (B,)).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        s = resolve_seed(seed, generator)
         mu, logvar = self.encode(x, labels)
         b, d = mu.shape
-        std = torch.exp(0.5 * logvar)
-        chunk = max(1, min(k, _IWAE_CHUNK_ELEMENTS // max(1, b * x[0].numel())))
-        onehot_labels = None
-        if self.num_classes:
-            onehot_labels = torch.as_tensor(labels, device=mu.device).long().reshape(-1).expand(b)
-        seed = self._resolve_seed(None, generator)  # one stream: the chunking does not change the draws
-        parts = []
-        for j in range(0, k, chunk):
-            kc = min(chunk, k - j)
-            eps = randn(kc, b, d, seed=seed, offset=j * b * d, device=mu.device, dtype=mu.dtype)
-            z = mu + std * eps  # (kc, B, D)
-            zf = z.reshape(kc * b, d)
-            lab = onehot_labels.repeat(kc) if onehot_labels is not None else None
-            xr = x.unsqueeze(0).expand(kc, *x.shape).reshape(kc * b, *x.shape[1:])
-            log_px = -self.reconstruction_nll(xr, self.decoder_output(zf, lab)).reshape(kc, b)
-            log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
-            log_qz = -0.5 * (eps.pow(2) + _LOG_2PI + logvar).sum(-1)
-            parts.append(log_px + log_pz - log_qz)
-        logw = torch.cat(parts).double()  # (k, B)
-        # logmeanexp (pygen.metrics.logmeanexp; not imported: models sit below metrics)
-        return (torch.logsumexp(logw, 0) - math.log(k)).to(mu.dtype)
+        lab = sample_labels(labels, b, self.num_classes, seed=0, device=mu.device, owner="VAE")
+        per = max(1, k * x[0].numel())  # data elements of one example's k draws
+        rows = max(1, _IWAE_CHUNK_ELEMENTS // per)  # examples per chunk, all k draws at once
+        draws = k if rows > 1 else max(1, _IWAE_CHUNK_ELEMENTS // max(1, x[0].numel()))  # else chunk the draws
+        out = []
+        for i0 in range(0, b, rows):
+            i1 = min(b, i0 + rows)
+            eps_all = randn(i1 - i0, k, d, seed=s, offset=(offset + i0) * k * d, device=mu.device, dtype=mu.dtype)
+            parts = []
+            for j in range(0, k, draws):
+                eps = eps_all[:, j : j + draws]  # (m, kc, D)
+                m, kc = eps.shape[:2]
+                z = mu[i0:i1, None] + torch.exp(0.5 * logvar[i0:i1, None]) * eps
+                xr = x[i0:i1, None].expand(m, kc, *x.shape[1:]).reshape(m * kc, *x.shape[1:])
+                lr = None if lab is None else lab[i0:i1, None].expand(m, kc).reshape(-1)
+                log_px = -self.reconstruction_nll(xr, self.decoder_output(z.reshape(m * kc, d), lr)).reshape(m, kc)
+                log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
+                log_qz = -0.5 * (eps.pow(2) + _LOG_2PI + logvar[i0:i1, None]).sum(-1)
+                parts.append(log_px + log_pz - log_qz)
+            logw = torch.cat(parts, 1).double()  # (m, k)
+            # logmeanexp (pygen.metrics.logmeanexp; not imported: models sit below metrics)
+            out.append(torch.logsumexp(logw, 1) - math.log(k))
+        return torch.cat(out).to(mu.dtype) if out else mu.new_zeros(0)
 
     # ---- sampling ---------------------------------------------------------------------
-    def _resolve_seed(self, seed: int | Tensor | None, generator: torch.Generator | None) -> int:
-        return resolve_seed(seed, generator)
-
     def latents(
         self, n: int, *, seed: int | None = None, generator: torch.Generator | None = None, offset: int = 0,
         second_stage: bool | None = None,
     ) -> Tensor:  # fmt: skip
         """(n, D) latents of samples offset .. offset + n - 1: from the second stage when it is
         fitted (and ``second_stage`` is not False), else from the prior N(0, I)."""
-        s = self._resolve_seed(seed, generator)
+        s = resolve_seed(seed, generator)
         device, dtype = self._device_dtype()
         kind = (self.config["second_stage"] or {}).get("kind")
         if second_stage is None:
@@ -405,18 +406,13 @@ class VAE(GenerativeModel, family="vae"):
         if kind == "flow":
             return self.prior_flow.sample(n, seed=s, offset=offset)
         # a Gaussian mixture: component from a uniform of a derived stream, then mean + L eps
-        u = counter_uniform(n, seed=derive_seed(s, 1), offset=offset, device=device)
+        u = counter_uniform(n, seed=derive_seed(s, Stream.MIXTURE), offset=offset, device=device)
         cdf = self.gmm_weights.double().cumsum(0)
         comp = torch.searchsorted(cdf / cdf[-1], u).clamp_(max=len(cdf) - 1)
         eps = randn(n, d, seed=s, offset=offset * d, device=device, dtype=dtype)
         return self.gmm_means[comp] + torch.einsum("nij,nj->ni", self.gmm_chol[comp], eps)
 
-    def random_labels(self, n: int, *, seed: int, offset: int = 0) -> Tensor:
-        """(n,) int64 labels uniform over the classes; label i is a function of (seed, offset + i)."""
-        device, _ = self._device_dtype()
-        return uniform_labels(n, self.num_classes, seed=derive_seed(seed, 2), offset=offset, device=device)
-
-    @torch.no_grad()
+    @sampling
     def sample(
         self,
         n: int,
@@ -437,10 +433,9 @@ class VAE(GenerativeModel, family="vae"):
         rescales each image's deviation from its own mean by the calibrated factor
         (:meth:`calibrate_variance`) and clamps to [0, 1].
         """
-        s = self._resolve_seed(seed, generator)
+        s = resolve_seed(seed, generator)
         z = self.latents(n, seed=s, offset=offset, second_stage=second_stage)
-        if self.num_classes and labels is None:
-            labels = self.random_labels(n, seed=s, offset=offset)
+        labels = sample_labels(labels, n, self.num_classes, seed=s, offset=offset, device=z.device, owner="VAE")
         x = self.decode(z, labels)
         return self.renormalize_variance(x) if renormalize else x
 
@@ -541,17 +536,13 @@ class VAE(GenerativeModel, family="vae"):
         """(mu, logvar) of every example of ``data`` (x, (x, labels) or .data/.labels), in eval mode."""
         x, labels = as_tensors(data)
         device, _ = self._device_dtype()
-        was = self.training
-        self.eval()
-        try:
-            mus, lvs = [], []
+        mus, lvs = [], []
+        with eval_mode(self):
             for i in range(0, len(x), batch_size):
                 lab = labels[i : i + batch_size].to(device) if labels is not None and self.num_classes else None
                 mu, lv = self.encode(x[i : i + batch_size].to(device), lab)
                 mus.append(mu)
                 lvs.append(lv)
-        finally:
-            self.train(was)
         return torch.cat(mus), torch.cat(lvs)
 
     def fit_second_stage(

@@ -2,7 +2,7 @@
 
 A training directory holds ``ckpt-<step>.pt`` files (step = completed optimizer steps) and
 ``latest``, a one-line text file naming the newest. Each file is written to a temp file in
-the same directory, fsynced and renamed (:func:`pygen.models.base.save_atomic`), and
+the same directory, fsynced and renamed (:func:`pygen._io.save_atomic`), and
 ``latest`` is replaced the same way only after its checkpoint is complete: a kill at any
 moment leaves ``latest`` naming a readable checkpoint. Older checkpoints beyond ``keep``
 are removed after that.
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pygen.models.base import LATEST, checkpoints, resolve_checkpoint, save_atomic, write_text_atomic
+from pygen._io import LATEST, checkpoints, resolve_checkpoint, save_atomic, write_text_atomic
 
 __all__ = ["write_checkpoint", "read_checkpoint", "rng_state", "set_rng_state", "remove_temp_files"]
 

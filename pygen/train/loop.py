@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pygen.data.loader import as_tensors, epoch_permutation
-from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions, write_text_atomic
+from pygen._io import write_text_atomic
+from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions
 from pygen.train import ddp
 from pygen.train.checkpoint import (
     describe,
@@ -238,6 +239,11 @@ def fit(
 
     Returns the records (also written to ``out/metrics.jsonl``): dicts with "step" (steps
     completed) and float values. Raises :class:`TrainingDiverged` on a NaN/inf loss term.
+
+    After ``fit`` returns, ``model`` is what :func:`pygen.models.load` of the run gives: in
+    eval mode, holding the EMA weights when the model keeps an EMA (``ema_decay``; the raw
+    final weights are in the checkpoints, ``load(out, ema=False)``), so ``model.sample()``
+    right after training equals sampling the saved run.
     """
     if not isinstance(model, GenerativeModel):
         raise TypeError(f"model must be a pygen.models.GenerativeModel, got {type(model).__name__}")
@@ -393,4 +399,7 @@ def _fit(
     finally:
         if pbar is not None:
             pbar.close()
+    if ema is not None:  # the model samples as load(out) does: with the averaged weights
+        model.load_state_dict(ema.module.state_dict())
+    model.eval()
     return history
