@@ -190,9 +190,9 @@ def stage_sr_digits(args, out: dict) -> SuperResolution:
     out["runs"]["sr-digits"] = _train_with_ema(sr, hr, args.sr_steps, args.sr_batch, args, "sr-digits")
     sr = out["runs"]["sr-digits"].pop("_model").eval()
     test, _ = pygen.data.digits("test", 16)
-    lr = sr.downsample(test)
-    pred = sr.sample(lr=lr, seed=0)
-    bic = sr.upsample(lr).clamp(0, 1)
+    low_res = sr.downsample(test)
+    pred = sr.sample(low_res=low_res, seed=0)
+    bic = sr.upsample(low_res).clamp(0, 1)
     lines = ["| digits 8 -> 16 (355 test digits) | PSNR dB | SSIM |", "|---|---:|---:|",
              _restoration_rows("bicubic", bic, test), _restoration_rows("SR diffusion (DPM-Solver++ 20)", pred, test)]
     res = {"psnr_bicubic": psnr(bic, test), "ssim_bicubic": ssim(bic, test), "psnr_sr": psnr(pred, test),
@@ -251,10 +251,10 @@ def stage_sr_patches(args, out: dict) -> None:
     sr = SuperResolution((3, 16, 16), scale=4)
     out["runs"]["sr-patches"] = _train_with_ema(sr, hr, args.sr_steps, args.sr_batch, args, "sr-patches")
     sr = out["runs"]["sr-patches"].pop("_model").eval()
-    test, lr = _patches("test")
-    bic = sr.upsample(lr).clamp(0, 1)
-    samples = torch.stack([sr.sample(lr=lr, seed=s) for s in range(4)], 1)  # (N, 4, 3, 16, 16)
-    raw = sr.sample(lr=lr, seed=0, consistent=False)  # without the projection onto lr
+    test, low_res = _patches("test")
+    bic = sr.upsample(low_res).clamp(0, 1)
+    samples = torch.stack([sr.sample(low_res=low_res, seed=s) for s in range(4)], 1)  # (N, 4, 3, 16, 16)
+    raw = sr.sample(low_res=low_res, seed=0, consistent=False)  # without the projection onto low_res
     mean = samples.mean(1)
     res = {"n_train": int(hr.shape[0]), "n_test": int(test.shape[0]), "psnr_bicubic": psnr(bic, test),
            "ssim_bicubic": ssim(bic, test), "psnr_sr": psnr(samples[:, 0], test), "ssim_sr": ssim(samples[:, 0], test),
@@ -264,14 +264,14 @@ def stage_sr_patches(args, out: dict) -> None:
     out["tables"]["sr-patches"] = "\n".join([
         f"| photo patches x4: 4x4 -> 16x16 ({test.shape[0]} test patches) | PSNR dB | SSIM |", "|---|---:|---:|",
         _restoration_rows("bicubic", bic, test),
-        _restoration_rows("SR diffusion, one sample, no projection onto lr", raw, test),
+        _restoration_rows("SR diffusion, one sample, no projection onto low_res", raw, test),
         _restoration_rows("SR diffusion, one sample", samples[:, 0], test),
         _restoration_rows("SR diffusion, mean of 4 samples", mean, test)])
     print(out["tables"]["sr-patches"], flush=True)
     if not args.no_save:
         k = 8  # the most detailed test patches (flat sky shows nothing)
         idx = test.flatten(1).var(1).argsort(descending=True)[:k]
-        near = F.interpolate(lr[idx], scale_factor=4, mode="nearest")
+        near = F.interpolate(low_res[idx], scale_factor=4, mode="nearest")
         save_grid(torch.cat([near, bic[idx], samples[idx, 0], samples[idx, 1], test[idx]]), DOCS / "diffusion-sr.png",
                   nrow=k, scale=4)
 

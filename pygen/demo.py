@@ -1,7 +1,7 @@
 """``pygen demo`` (``make demo``): every model family trained, sampled and evaluated on the digits.
 
 :func:`run` trains small VAE, GAN, flow and diffusion models on scikit-learn's 8x8 digits with
-the command line's default configurations (:mod:`pygen.cli.families`; fewer steps with
+each family's default configuration (``for_data`` and ``train_defaults`` on its model class; fewer steps with
 ``quick``), samples each through the sampling job (:func:`pygen.sampling.sample_to_dir`:
 shards, manifest, grid), scores each with :func:`pygen.metrics.evaluate` beside the
 held-out-data floor and the fitted-Gaussian bar, and writes ``DIR/report.md`` (sample grids,
@@ -46,17 +46,6 @@ N_SAMPLES = {False: 2000, True: 400}
 _CURVE_SKIP = {"step", "lr", "steps_per_s", "samples_per_s"}
 
 
-def _available(name: str) -> str | None:
-    """None when the family can be built here, else why not."""
-    from pygen.cli.families import FAMILIES, FamilyUnavailable
-
-    try:
-        FAMILIES[name].train()
-    except FamilyUnavailable as e:
-        return str(e)
-    return None
-
-
 def _curves(metrics: Path, path: Path, title: str) -> Path | None:
     """A PNG of the loss terms in metrics.jsonl against the step (matplotlib, Agg)."""
     if not metrics.exists():
@@ -95,18 +84,19 @@ def _curves(metrics: Path, path: Path, title: str) -> Path | None:
 
 def _train(name: str, run_dir: Path, quick: bool) -> dict[str, Any]:
     import pygen.data
-    from pygen.cli.families import FAMILIES, train_data
+    import pygen.models
+    from pygen.models.labels import training_data
     from pygen.train import fit
 
-    fam = FAMILIES[name]
-    settings = {"seed": 0, **fam.train()}
+    cls = pygen.models.families()[name]
+    settings = {"seed": 0, **cls.train_defaults}
     default_steps = settings["steps"]
     cap = QUICK_STEPS if quick else FULL_STEPS
     if name in cap:
         settings["steps"] = min(settings["steps"], cap[name])
     train, test = pygen.data.train_test(pygen.data.load("digits"))
     torch.manual_seed(settings["seed"])
-    model = fam.build(train, {})
+    model = cls.for_data(train)
     record = run_dir / "demo-train.json"  # a finished run is reused (with its measured time) on a re-run
     nparams = sum(p.numel() for p in model.parameters())
     if record.exists() and json.loads(record.read_text()).get("steps") == settings["steps"]:
@@ -117,9 +107,9 @@ def _train(name: str, run_dir: Path, quick: bool) -> dict[str, Any]:
         print(f"[{name}] training {nparams:,} parameters: {settings['steps']} steps of {settings['batch_size']} "
               f"-> {run_dir}", flush=True)
         every = max(1, settings["steps"] // 20)
-        fit(model, train_data(model, train), steps=settings["steps"], batch_size=settings["batch_size"],
+        fit(model, training_data(model, train), steps=settings["steps"], batch_size=settings["batch_size"],
             lr=settings["lr"], seed=settings["seed"], out=run_dir, resume=True, progress=sys.stderr.isatty(),
-            log_every=every, eval_every=max(every, settings["steps"] // 5), eval_data=train_data(model, test),
+            log_every=every, eval_every=max(every, settings["steps"] // 5), eval_data=training_data(model, test),
             checkpoint_every=settings["steps"])  # fmt: skip
         seconds = time.perf_counter() - t0
         from pygen._io import write_text_atomic
@@ -146,11 +136,6 @@ def run(out: str | Path = "pygen-demo", *, quick: bool = False, families: list[s
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
     for name in families or DEMO_FAMILIES:
-        why = _available(name)
-        if why is not None:
-            print(f"[{name}] skipped: {why}", flush=True)
-            results[name] = {"skipped": why}
-            continue
         run_dir = out / "runs" / name
         info = _train(name, run_dir, quick)
         # an EMA of decay 0.999 still holds mostly the initial weights after a few hundred steps
@@ -210,9 +195,6 @@ def _write_report(out: Path, results: dict[str, Any], *, quick: bool, total: flo
     if first is not None:
         lines.append(f"| held-out digits (floor) | {cells(first['evaluate']['baseline_data'])} | | | |")
         lines.append(f"| fitted Gaussian (bar) | {cells(first['evaluate']['baseline_gaussian'])} | | | |")
-    for name, r in results.items():
-        if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} |" + " |" * (len(cols) + 2))
     lines.append("")
     for name, r in done.items():
         lines += [f"## {name}", "",
@@ -330,14 +312,3 @@ def _diffusion(args, device: torch.device) -> None:
     for name, t in (("pygen DDIMScheduler", t_f), ("unfused reference step", t_u)):
         print(f"  {name:24s} {t * 1e3:8.1f} ms per loop  {args.images * args.steps / t:10.0f} image-steps/s")
     print(f"  speedup: {t_u / t_f:.2f}x; same samples (max |diff|): {(fused() - unfused()).abs().max().item():.1e}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pygen.demo [args]`` is ``pygen demo [args]``."""
-    from pygen.cli import main as cli
-
-    return cli(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

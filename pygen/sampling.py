@@ -135,8 +135,8 @@ class _Job:
     """The checkpoint's model and what ``sample`` gets for the samples [i0, i0 + m)."""
 
     def __init__(self, model: Any, *, seed: int, sampler: dict[str, Any], labels: str | int | None,
-                 lr: Tensor | None, device: torch.device) -> None:  # fmt: skip
-        self.model, self.seed, self.lr, self.device = model, seed, lr, device
+                 low_res: Tensor | None, device: torch.device) -> None:  # fmt: skip
+        self.model, self.seed, self.low_res, self.device = model, seed, low_res, device
         self.labels = labels
         self.num_classes = (getattr(model, "config", None) or {}).get("num_classes")
         self.params = _parameters(model.sample)
@@ -153,7 +153,7 @@ class _Job:
                 raise SamplingError(f"--labels needs a class-conditional model; this {family!r} model is not one")
             if isinstance(labels, int) and labels >= self.num_classes:
                 raise SamplingError(f"--labels {labels}: the model has classes 0..{self.num_classes - 1}")
-        if "lr" in self.params and lr is None:
+        if "low_res" in self.params and low_res is None:
             raise SamplingError(f"a {family!r} model samples from low-resolution inputs: pass --data SPEC "
                                 "(sample i gets the test input i mod its size)")
 
@@ -163,9 +163,9 @@ class _Job:
             kw["labels"] = torch.full((m,), self.labels, dtype=torch.long, device=self.device)
         elif self.labels == "cycle":
             kw["labels"] = torch.arange(i0, i0 + m, device=self.device) % self.num_classes
-        if "lr" in self.params and self.lr is not None:
-            idx = torch.arange(i0, i0 + m) % len(self.lr)
-            kw["lr"] = self.lr[idx].to(self.device)
+        if "low_res" in self.params and self.low_res is not None:
+            idx = torch.arange(i0, i0 + m) % len(self.low_res)
+            kw["low_res"] = self.low_res[idx].to(self.device)
         with torch.no_grad():
             x = self.model.sample(m, seed=self.seed, offset=i0, **kw)
         return x.detach().float().cpu()
@@ -377,13 +377,13 @@ def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed
         model = load(ckpt_file, ema=ema, map_location=device)
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
         raise SamplingError(f"cannot load the checkpoint {ckpt_file}: {str(e).splitlines()[0] if str(e) else e}") from None
-    lr = None
+    low_res = None
     if data is not None:
         import pygen.data
 
         _, test = pygen.data.train_test(pygen.data.load(data))  # DataError: a user mistake, passed on
-        lr = test.lr
-    job = _Job(model, seed=seed, sampler=sampler, labels=labels, lr=lr, device=device)
+        low_res = test.low_res
+    job = _Job(model, seed=seed, sampler=sampler, labels=labels, low_res=low_res, device=device)
     try:  # the sample shape, and an early failure (a bad --sampler, --steps, ...) before any file is written
         probe = job(0, 1)[0]
     except (ValueError, TypeError) as e:

@@ -110,9 +110,9 @@ def test_toy2d_errors():
 
 
 def test_patches_shapes_lr_and_disjoint_regions():
-    hr, lr = D.patches(32, 4, "train")
+    hr, low_res = D.patches(32, 4, "train")
     hr_t, lr_t = D.patches(32, 4, "test")
-    assert hr.shape == (416, 3, 32, 32) and lr.shape == (416, 3, 8, 8) and hr.dtype == torch.float32
+    assert hr.shape == (416, 3, 32, 32) and low_res.shape == (416, 3, 8, 8) and hr.dtype == torch.float32
     assert hr_t.shape == (104, 3, 32, 32) and lr_t.shape == (104, 3, 8, 8)
     assert 0 <= float(hr.min()) and float(hr.max()) <= 1
     torch.testing.assert_close(lr_t, hr_t.reshape(104, 3, 8, 4, 8, 4).mean((3, 5)))
@@ -143,7 +143,7 @@ def test_load_names(name, shape):
     assert d.shape == shape and d.name == name and d.split == "test" and d.data.dtype == torch.float32
     assert d.kind == ("points" if len(shape) == 1 else "image")
     if name == "patches":
-        assert d.lr.shape == (len(d), 3, 8, 8)
+        assert d.low_res.shape == (len(d), 3, 8, 8)
     tr, te = D.train_test(d)
     assert tr.split == "train" and te.split == "test" and torch.equal(te.data, d.data)
 

@@ -148,8 +148,8 @@ def test_edm_weight_is_one_over_c_out_squared(sd):
     m = M.Diffusion((2,), hidden=8, layers=1, sigma_data=sd)
     sigma = m.train_sigmas[torch.tensor([0, 1, 10, 500, 998, 999])]
     c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-    torch.testing.assert_close(m._edm_weight(sigma).double(), 1 / c_out**2, rtol=1e-6, atol=0)  # float32 out
-    torch.testing.assert_close(m._edm_weight(sigma).double(), (sigma**2 + sd**2) / (sigma**2 * sd**2), rtol=1e-6,
+    torch.testing.assert_close(m.precond.loss_weight(sigma).double(), 1 / c_out**2, rtol=1e-6, atol=0)  # float32 out
+    torch.testing.assert_close(m.precond.loss_weight(sigma).double(), (sigma**2 + sd**2) / (sigma**2 * sd**2), rtol=1e-6,
                                atol=0)
 
 
@@ -318,7 +318,7 @@ def _recover_noise(diff: torch.Tensor, level: torch.Tensor, scale: int) -> torch
 
 
 def test_super_resolution_training_condition_is_noised_at_its_level():
-    """cond = upsample(lr + a noise) with noise ~ N(0, I), a ~ U(0, aug_max) per image, and
+    """cond = upsample(low_res + a noise) with noise ~ N(0, I), a ~ U(0, aug_max) per image, and
     aug_level = 1000 a (model space: data_range (0, 1) maps to [-1, 1])."""
     torch.manual_seed(0)
     sr = M.SuperResolution((1, 8, 8), scale=2, aug_max=0.4, width=8, mults=[1, 2], blocks=1)
@@ -347,13 +347,13 @@ def test_super_resolution_sample_uses_the_clean_condition_at_level_zero(monkeypa
         return torch.zeros_like(x_t)
 
     monkeypatch.setattr(sr, "denoise", recording)
-    lr = torch.rand(64, 1, 4, 4)
-    clean = F.interpolate(lr * 2 - 1, scale_factor=2, mode="bicubic", align_corners=False)
-    sr.sample(lr=lr, seed=0, steps=1, aug_level=0.0)
+    low_res = torch.rand(64, 1, 4, 4)
+    clean = F.interpolate(low_res * 2 - 1, scale_factor=2, mode="bicubic", align_corners=False)
+    sr.sample(low_res=low_res, seed=0, steps=1, aug_level=0.0)
     cond, level = seen[-1]
     torch.testing.assert_close(cond, clean, atol=1e-6, rtol=0)
     assert (level == 0).all()
-    sr.sample(lr=lr, seed=0, steps=1, aug_level=0.25)
+    sr.sample(low_res=low_res, seed=0, steps=1, aug_level=0.25)
     cond, level = seen[-1]
     assert (level == 250).all()
     noise = _recover_noise(cond - clean, level / 1000, 2)

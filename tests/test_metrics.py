@@ -309,8 +309,8 @@ def test_evaluate_image_likelihood_in_bits_per_dim():
 
 def test_evaluate_super_resolution():
     class Bicubic:
-        def sample(self, n, *, seed=None, lr=None):
-            return F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        def sample(self, n, *, seed=None, low_res=None):
+            return F.interpolate(low_res, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
 
     r = evaluate(Bicubic(), "patches", kid_subsets=2)
     assert r["meta"]["feature_space"] == "pixels" and r["meta"]["reference"] == "test targets"

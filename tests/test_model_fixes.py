@@ -226,9 +226,7 @@ def test_bits_per_dim_uses_the_models_quantisation():
     res = evaluate(flow, data, n=20, kid_subsets=2, kid_subset_size=10, n_reference=40)
     assert res["meta"]["bins"] == 17  # the model's config, as training used
     assert data.bins == 17 and load_data("digits").bins == 17 and load_data("two_moons").bins is None
-    from pygen.cli.families import flow_defaults
-
-    assert flow_defaults(data)["bins"] == data.bins  # what `pygen train flow` builds
+    assert Flow.for_data(data).config["bins"] == data.bins  # what `pygen train flow` builds
 
 
 # ---- A7: a seeded IWAE likelihood, independent of the batch size -----------------------------------

@@ -56,7 +56,7 @@ def test_edm_preconditioning(sd):
     torch.testing.assert_close(m.net.seen["c_noise"], (25 * sigma.log()).float())
     assert m.output_type == "sample"
     # 1 / c_out^2: the x0-space error times the weight is the network-space error
-    torch.testing.assert_close(m._edm_weight(sigma).double(), 1 / (c_out[:, 0] ** 2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(m.precond.loss_weight(sigma).double(), 1 / (c_out[:, 0] ** 2), rtol=1e-6, atol=0)
 
 
 def test_vp_preconditioning_passes_the_timestep():
@@ -268,19 +268,19 @@ def test_super_resolution_conditioning_shapes():
     sr = M.SuperResolution((3, 16, 16), scale=4, **TINY).eval()
     for p in sr.parameters():  # non-zero output layers so that the condition matters
         torch.nn.init.normal_(p, std=0.05)
-    assert sr.lr_shape == (3, 4, 4) and sr.net.cond_channels == 3
+    assert sr.low_res_shape == (3, 4, 4) and sr.net.cond_channels == 3
     x = torch.rand(4, 3, 16, 16)
     x0, extra = sr.training_inputs(x)
     assert extra["cond"].shape == (4, 3, 16, 16) and extra["aug_level"].shape == (4,)
     assert 0 <= extra["aug_level"].min() and extra["aug_level"].max() <= 1000 * sr.aug_max
     assert sr.loss(x)["loss"].ndim == 0
-    lr = sr.downsample(x)
-    a = sr.sample(lr=lr, seed=0, steps=3)
+    low_res = sr.downsample(x)
+    a = sr.sample(low_res=low_res, seed=0, steps=3)
     assert a.shape == (4, 3, 16, 16)
-    torch.testing.assert_close(sr.sample(2, lr=lr[2:], seed=0, steps=3, offset=2), a[2:], atol=1e-5, rtol=0)
-    assert not torch.allclose(sr.sample(lr=lr, seed=0, steps=3, aug_level=0.5), a)
-    with pytest.raises(ValueError, match="lr must be"):
-        sr.sample(lr=torch.rand(2, 3, 8, 8), seed=0)
+    torch.testing.assert_close(sr.sample(2, low_res=low_res[2:], seed=0, steps=3, offset=2), a[2:], atol=1e-5, rtol=0)
+    assert not torch.allclose(sr.sample(low_res=low_res, seed=0, steps=3, aug_level=0.5), a)
+    with pytest.raises(ValueError, match="low_res must be"):
+        sr.sample(low_res=torch.rand(2, 3, 8, 8), seed=0)
     with pytest.raises(ValueError, match="shape must be"):
         M.SuperResolution((3, 10, 10), scale=4)
 
@@ -290,14 +290,14 @@ def test_super_resolution_samples_are_consistent_with_their_input():
     sr = M.SuperResolution((3, 8, 8), scale=2, data_range=None, **TINY).eval()
     for p in sr.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    lr = torch.randn(3, 3, 4, 4)
-    raw = sr.sample(lr=lr, seed=0, steps=3, consistent=False)
-    out = sr.sample(lr=lr, seed=0, steps=3)
-    assert (sr.downsample(raw) - lr).abs().max() > 1e-2
-    torch.testing.assert_close(sr.downsample(out), lr, atol=1e-5, rtol=0)
-    hr = torch.randn(3, 3, 8, 8)  # the projection never moves a sample away from an image consistent with lr
-    target = sr.project(hr, lr)
-    assert (sr.project(raw, lr) - target).norm() <= (raw - target).norm() + 1e-6
+    low_res = torch.randn(3, 3, 4, 4)
+    raw = sr.sample(low_res=low_res, seed=0, steps=3, consistent=False)
+    out = sr.sample(low_res=low_res, seed=0, steps=3)
+    assert (sr.downsample(raw) - low_res).abs().max() > 1e-2
+    torch.testing.assert_close(sr.downsample(out), low_res, atol=1e-5, rtol=0)
+    hr = torch.randn(3, 3, 8, 8)  # the projection never moves a sample away from an image consistent with low_res
+    target = sr.project(hr, low_res)
+    assert (sr.project(raw, low_res) - target).norm() <= (raw - target).norm() + 1e-6
 
 
 def test_cascade_and_sr_save_load(tmp_path):
@@ -311,7 +311,7 @@ def test_cascade_and_sr_save_load(tmp_path):
     sr.save(tmp_path / "sr.pt")
     again = M.load(tmp_path / "sr.pt")
     assert type(again) is M.SuperResolution and again.scale == 2
-    torch.testing.assert_close(again.sample(lr=lo, seed=1, steps=3), sr.sample(lr=lo, seed=1, steps=3))
+    torch.testing.assert_close(again.sample(low_res=lo, seed=1, steps=3), sr.sample(low_res=lo, seed=1, steps=3))
     with pytest.raises(ValueError, match="SR stage takes"):
         M.Cascade(M.Diffusion((1, 4, 4), **TINY), sr)
 
@@ -376,5 +376,5 @@ def test_for_data_and_defaults():
     assert set(M.Diffusion.train_defaults) == {"steps", "batch_size", "lr"}
     p = pygen.data.load("patches", "test")
     sr = M.SuperResolution.for_data(p, **TINY)
-    assert sr.scale == p.shape[-1] // p.lr.shape[-1]
-    assert math.prod(sr.lr_shape) * sr.scale**2 == math.prod(sr.shape)
+    assert sr.scale == p.shape[-1] // p.low_res.shape[-1]
+    assert math.prod(sr.low_res_shape) * sr.scale**2 == math.prod(sr.shape)

@@ -152,10 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--option expects KEY=VALUE, got {item!r}")
         options[key.replace("-", "_")] = _parse_value(value)
 
-    try:
-        defaults = fam.train()
-    except F.FamilyUnavailable as e:
-        raise UserError(f"family {args.family!r} is not available: {e}") from None
+    defaults = fam.train()
     settings = {"seed": 0, **defaults, **{k: v for k, v in saved.items() if k in TRAIN_KEYS}, **cfg_train}
     for key in TRAIN_KEYS:
         if getattr(args, key) is not None:
@@ -176,8 +173,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(settings["seed"])  # the model's initialisation
     try:
         model = fam.build(train, dict(options))
-    except F.FamilyUnavailable as e:
-        raise UserError(f"family {args.family!r} is not available: {e}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"cannot build a {args.family} model for {data_spec} with {options}: {e}") from None
     record = {"family": args.family, "data": data_spec, **settings, "options": options,
@@ -200,12 +195,13 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"examples of shape {tuple(train.shape)}): {settings['steps']} steps of {settings['batch_size']}, "
               f"lr {settings['lr'] if settings['lr'] is not None else 'default'}, seed {settings['seed']} -> {out}",
               flush=True)
+    from pygen.models.labels import training_data
     from pygen.train import TrainingDiverged, fit
 
     try:
-        fit(model, F.train_data(model, train), steps=settings["steps"], batch_size=settings["batch_size"],
+        fit(model, training_data(model, train), steps=settings["steps"], batch_size=settings["batch_size"],
             lr=settings["lr"], seed=settings["seed"], out=out, resume=args.resume, progress=not args.no_progress,
-            log_every=args.log_every, eval_every=args.eval_every, eval_data=F.train_data(model, test),
+            log_every=args.log_every, eval_every=args.eval_every, eval_data=training_data(model, test),
             checkpoint_every=args.checkpoint_every, device=args.device)  # fmt: skip
     except FileExistsError as e:
         raise UserError(str(e).replace("resume=True", "--resume")) from None

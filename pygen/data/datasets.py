@@ -195,7 +195,7 @@ _TEST_COLS = (256, 384)
 def patches(
     size: int = 32, scale: int = 4, split: str = "train", *, stride: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Photograph patches for super-resolution: (hr (N, 3, size, size), lr (N, 3, size/scale, size/scale)).
+    """Photograph patches for super-resolution: (hr (N, 3, size, size), low_res (N, 3, size/scale, size/scale)).
 
     Cut from scikit-learn's two sample photographs (china.jpg, flower.jpg, 427 x 640 RGB),
     float32 in [0, 1] (8-bit / 255). The split is by region: columns 256..383 (the middle
@@ -203,7 +203,7 @@ def patches(
     overlaps a train patch. Patches lie on a grid of step ``stride`` (default ``size``: no
     overlap) from the top-left of each region; order: china then flower, region, rows,
     columns.
-    ``lr`` is ``hr`` area-downsampled (mean of scale x scale blocks). ``size`` must be a
+    ``low_res`` is ``hr`` area-downsampled (mean of scale x scale blocks). ``size`` must be a
     multiple of ``scale``; with size=32, scale=4: 416 train and 104 test patches.
     """
     if split not in SPLITS:
@@ -227,5 +227,5 @@ def patches(
             win = t[:, :, c0:c1].unfold(1, size, stride).unfold(2, size, stride)
             out.append(win.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size))
     hr = torch.cat(out).contiguous()
-    lr = F.avg_pool2d(hr, scale) if scale > 1 else hr.clone()
-    return hr, lr
+    low_res = F.avg_pool2d(hr, scale) if scale > 1 else hr.clone()
+    return hr, low_res

@@ -39,7 +39,7 @@ class Data:
 
     data: (N, C, H, W) float32 in [0, 1] for images, (N, D) float32 for points.
     labels: (N,) int64 or None.  name: the spec it came from.  split: "train", "test" or "all".
-    ``lr`` is set for super-resolution data ("patches") only: the low-resolution inputs
+    ``low_res`` is set for super-resolution data ("patches") only: the low-resolution inputs
     (N, 3, h, w) of the images in ``data`` (the high-resolution targets).
     """
 
@@ -47,7 +47,7 @@ class Data:
     labels: Tensor | None
     name: str
     split: str = "all"
-    lr: Tensor | None = None
+    low_res: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -269,8 +269,8 @@ def _seeded_split(d: Data, split: str, seed: int, test_fraction: float) -> Data:
     idx = perm[:n_test] if split == "test" else perm[n_test:]
     idx = idx.sort().values  # keep the file's order within a split
     labels = d.labels[idx] if d.labels is not None else None
-    lr = d.lr[idx] if d.lr is not None else None
-    return Data(d.data[idx], labels, d.name, split, lr)
+    low_res = d.low_res[idx] if d.low_res is not None else None
+    return Data(d.data[idx], labels, d.name, split, low_res)
 
 
 def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fraction: float = 0.2) -> Data:
@@ -279,7 +279,7 @@ def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fra
     Names (fixed splits, see each function): "digits" / "digits16" / "digits32"
     (:func:`digits` at size 8 / 16 / 32, with labels); the :data:`TOY2D` names (``seed``
     draws 10000 "train" points, 2000 "test" ones from seed + 1000003, "all" is train);
-    "patches" (:func:`patches` 32 px, scale 4: data = the 32 px targets, lr = 8 px inputs).
+    "patches" (:func:`patches` 32 px, scale 4: data = the 32 px targets, low_res = 8 px inputs).
 
     Paths:
 
@@ -307,8 +307,8 @@ def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fra
         tseed = seed + _TOY_TEST_SEED if tsplit == "test" else seed
         return Data(toy2d(s, _TOY_N[tsplit], seed=tseed), None, s, split)
     if s == "patches":
-        hr, lr = patches(32, 4, split)
-        return Data(hr, None, s, split, lr=lr)
+        hr, low_res = patches(32, 4, split)
+        return Data(hr, None, s, split, low_res=low_res)
     path = Path(s)
     if not path.exists():
         raise _fail(

@@ -186,7 +186,7 @@ def evaluate(
 
     ``model``: any object with ``sample(n, *, seed=None) -> (n, *data.shape)`` in the data's
     range (``offset=`` is used when sample() takes it; super-resolution data also passes
-    ``lr=`` (n, 3, h, w) inputs); optionally ``log_prob(x) -> (B,)`` (exact) or
+    ``low_res=`` (n, 3, h, w) inputs); optionally ``log_prob(x) -> (B,)`` (exact) or
     ``log_likelihood(x, k=iwae_k) -> (B,)`` (IWAE bound, given ``seed=`` and the examples'
     ``offset=`` when it takes them), called only when present; a class-conditional model
     (``config["num_classes"]``) gets the test labels as ``labels=``. ``None``
@@ -203,8 +203,8 @@ def evaluate(
     density, coverage and mmd (not fd / kid: on raw points they compare only low moments,
     which the fitted Gaussian matches by construction).
 
-    Super-resolution data (``data.lr`` set, "patches"): the model gets the test inputs
-    (``lr=``); the reference is the test targets, since train and test come from different
+    Super-resolution data (``data.low_res`` set, "patches"): the model gets the test inputs
+    (``low_res=``); the reference is the test targets, since train and test come from different
     image regions (their distributions differ: the train split would make a poor floor);
     ``baseline_data`` is then the targets themselves (the ideal values at this n); "psnr"
     (dB, mean over images, higher is better) compares each output with its target, and
@@ -230,7 +230,7 @@ def evaluate(
     n = len(test) if n is None else int(n)
     if n < 2:
         raise ValueError(f"n must be >= 2, got {n}")
-    sr = test.lr is not None
+    sr = test.low_res is not None
     if sr and n > len(test):
         raise ValueError(f"super-resolution data: n must be <= {len(test)} (the test inputs), got {n}")
     floor = test.data[:n]
@@ -252,7 +252,7 @@ def evaluate(
     meta: dict[str, Any] = {"data": train.name, "n": n, "n_reference": len(ref), "n_floor": len(floor),
                             "feature_space": space, "reference": "test targets" if sr else "train split", "seed": seed}
     if model is not None:
-        cond = {"lr": test.lr[:n].to(device)} if sr else {}
+        cond = {"low_res": test.low_res[:n].to(device)} if sr else {}
         x = _sample(model, n, seed, batch_size, **cond)
         want = (n, *train.shape)
         if not isinstance(x, Tensor) or tuple(x.shape) != want:
@@ -293,7 +293,7 @@ def evaluate(
         g2 = torch.Generator().manual_seed(seed + 2)  # the same dequantisation noise as the model's
         results["baseline_gaussian"].update(_gaussian_nll(train.data, test.data, image, bins, g2))
     if sr:
-        up = F.interpolate(test.lr[:n], size=train.shape[1:], mode="bicubic", align_corners=False).clamp(0, 1)
+        up = F.interpolate(test.low_res[:n], size=train.shape[1:], mode="bicubic", align_corners=False).clamp(0, 1)
         results["baseline_bicubic"] = score(up)
     results["meta"] = meta
     return results

@@ -57,7 +57,7 @@ class SuperResolution(Diffusion, family="sr"):
     the condition gets Gaussian noise of a level a ~ U(0, ``aug_max``) (model space, [-1, 1]
     images), and a is passed to the network, so that at sampling a chosen level
     (``aug_level``, default ``sample_aug``) makes the stage robust to the base model's
-    artefacts. Sample with ``sample(n, lr=...)``.
+    artefacts. Sample with ``sample(n, low_res=...)``.
     """
 
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 64, "lr": 5e-4}
@@ -77,14 +77,14 @@ class SuperResolution(Diffusion, family="sr"):
 
     @classmethod
     def for_data(cls, data: Any, **options: Any) -> SuperResolution:
-        """From super-resolution data (``data.lr`` set: its scale) or any image data (x4)."""
-        lr = getattr(data, "lr", None)
-        if lr is not None and "scale" not in options:
-            options["scale"] = data.shape[-1] // lr.shape[-1]
+        """From super-resolution data (``data.low_res`` set: its scale) or any image data (x4)."""
+        low_res = getattr(data, "low_res", None)
+        if low_res is not None and "scale" not in options:
+            options["scale"] = data.shape[-1] // low_res.shape[-1]
         return cls(tuple(data.shape), **options)
 
     @property
-    def lr_shape(self) -> tuple[int, int, int]:
+    def low_res_shape(self) -> tuple[int, int, int]:
         c, h, w = self.shape
         return (c, h // self.scale, w // self.scale)
 
@@ -92,9 +92,9 @@ class SuperResolution(Diffusion, family="sr"):
         """The degradation the stage inverts: the mean of scale x scale blocks."""
         return F.avg_pool2d(hr, self.scale)
 
-    def upsample(self, lr: Tensor) -> Tensor:
+    def upsample(self, low_res: Tensor) -> Tensor:
         """Bicubic upsampling to the output size (the condition, and the PSNR baseline)."""
-        return F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return F.interpolate(low_res, scale_factor=self.scale, mode="bicubic", align_corners=False)
 
     def _condition(self, lr_model: Tensor, level: Tensor, noise: Tensor) -> dict[str, Tensor]:
         up = self.upsample(lr_model + level.view(-1, 1, 1, 1) * noise)
@@ -102,43 +102,43 @@ class SuperResolution(Diffusion, family="sr"):
 
     def training_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x0 = self.to_model(x)
-        lr = self.downsample(x0)
+        low_res = self.downsample(x0)
         level = torch.rand(x0.shape[0], device=x0.device) * self.aug_max
-        return x0, self._condition(lr, level, torch.randn_like(lr))
+        return x0, self._condition(low_res, level, torch.randn_like(low_res))
 
-    def project(self, x: Tensor, lr: Tensor) -> Tensor:
-        """x made consistent with ``lr``: x + nearest-upsample(lr - downsample(x)), the
-        orthogonal projection onto {x : downsample(x) = lr} (area down-sampling), clamped to
-        the data's range. It can only bring a sample closer to any image consistent with lr."""
-        x = x + F.interpolate(lr.to(x.dtype) - self.downsample(x), scale_factor=self.scale, mode="nearest")
+    def project(self, x: Tensor, low_res: Tensor) -> Tensor:
+        """x made consistent with ``low_res``: x + nearest-upsample(low_res - downsample(x)), the
+        orthogonal projection onto {x : downsample(x) = low_res} (area down-sampling), clamped to
+        the data's range. It can only bring a sample closer to any image consistent with low_res."""
+        x = x + F.interpolate(low_res.to(x.dtype) - self.downsample(x), scale_factor=self.scale, mode="nearest")
         return x if self.data_range is None else x.clamp(*self.data_range)
 
     @sampling
-    def sample(self, n: int | None = None, *, lr: Tensor, seed: int | None = None,
+    def sample(self, n: int | None = None, *, low_res: Tensor, seed: int | None = None,
                generator: torch.Generator | None = None, offset: int = 0, aug_level: float | None = None,
                consistent: bool = True, **kwargs: Any) -> Tensor:
-        """(n, *shape) high-resolution samples of ``lr`` (n, *lr_shape) in the data's range
-        (n defaults to len(lr)). ``aug_level``: the condition's noise level (default
+        """(n, *shape) high-resolution samples of ``low_res`` (n, *low_res_shape) in the data's range
+        (n defaults to len(low_res)). ``aug_level``: the condition's noise level (default
         ``sample_aug``). ``consistent``: :meth:`project` each sample onto the images whose
-        down-sampling is ``lr`` (a sample's block means then equal lr exactly). Other
+        down-sampling is ``low_res`` (a sample's block means then equal low_res exactly). Other
         keywords as :meth:`Diffusion.sample`."""
-        if not isinstance(lr, Tensor) or tuple(lr.shape[1:]) != self.lr_shape:
-            raise ValueError(f"lr must be (n, {', '.join(map(str, self.lr_shape))}), got "
-                             f"{tuple(lr.shape) if isinstance(lr, Tensor) else type(lr).__name__}")
-        n = lr.shape[0] if n is None else n
-        if lr.shape[0] != n:
-            raise ValueError(f"lr has {lr.shape[0]} images for n={n} samples")
+        if not isinstance(low_res, Tensor) or tuple(low_res.shape[1:]) != self.low_res_shape:
+            raise ValueError(f"low_res must be (n, {', '.join(map(str, self.low_res_shape))}), got "
+                             f"{tuple(low_res.shape) if isinstance(low_res, Tensor) else type(low_res).__name__}")
+        n = low_res.shape[0] if n is None else n
+        if low_res.shape[0] != n:
+            raise ValueError(f"low_res has {low_res.shape[0]} images for n={n} samples")
         s = resolve_seed(seed, generator)
         level = self.sample_aug if aug_level is None else float(aug_level)
         if not 0 <= level <= 1:
             raise ValueError(f"aug_level must be in [0, 1], got {level}")
         dev = self.alphas_cumprod.device
-        lr_m = self.to_model(lr.to(dev, torch.float32))
-        d = math.prod(self.lr_shape)
-        noise = randn(n, *self.lr_shape, seed=derive_seed(s, Stream.SR_AUGMENT), offset=offset * d, device=dev)
-        cond = self._condition(lr_m, torch.full((n,), level, device=dev), noise)
+        low_res_m = self.to_model(low_res.to(dev, torch.float32))
+        d = math.prod(self.low_res_shape)
+        noise = randn(n, *self.low_res_shape, seed=derive_seed(s, Stream.SR_AUGMENT), offset=offset * d, device=dev)
+        cond = self._condition(low_res_m, torch.full((n,), level, device=dev), noise)
         out = super().sample(n, seed=s, offset=offset, **cond, **kwargs)
-        return self.project(out, lr.to(dev, out.dtype)) if consistent else out
+        return self.project(out, low_res.to(dev, out.dtype)) if consistent else out
 
 
 class Colorization(Diffusion, family="colorize"):
@@ -191,7 +191,7 @@ class Colorization(Diffusion, family="colorize"):
 
 
 class Cascade(nn.Module):
-    """Sample small, then upsample: ``base.sample`` then ``sr.sample(lr=...)``.
+    """Sample small, then upsample: ``base.sample`` then ``sr.sample(low_res=...)``.
 
     Sample i depends on (seed, offset + i) only: the stages use seed and a seed derived from
     it. ``base_kwargs`` / ``sr_kwargs`` go to each stage (sampler, steps, labels, ...).
@@ -204,8 +204,8 @@ class Cascade(nn.Module):
     def __init__(self, base: Diffusion, sr: SuperResolution,
                  adapt: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
-        if tuple(base.shape) != sr.lr_shape:
-            raise ValueError(f"the base model makes {tuple(base.shape)} images, the SR stage takes {sr.lr_shape}")
+        if tuple(base.shape) != sr.low_res_shape:
+            raise ValueError(f"the base model makes {tuple(base.shape)} images, the SR stage takes {sr.low_res_shape}")
         self.base, self.sr, self.adapt = base, sr, adapt
 
     @sampling
@@ -214,6 +214,6 @@ class Cascade(nn.Module):
                return_low: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         s = resolve_seed(seed, generator)
         low = self.base.sample(n, seed=s, offset=offset, **(base_kwargs or {}))
-        lr = low if self.adapt is None else self.adapt(low)
-        high = self.sr.sample(n, lr=lr, seed=derive_seed(s, Stream.CASCADE_SR), offset=offset, **(sr_kwargs or {}))
+        low_res = low if self.adapt is None else self.adapt(low)
+        high = self.sr.sample(n, low_res=low_res, seed=derive_seed(s, Stream.CASCADE_SR), offset=offset, **(sr_kwargs or {}))
         return (high, low) if return_low else high

@@ -7,19 +7,14 @@ eps over ``num_train_timesteps`` levels (ab = alphas_cumprod of a named beta sch
 sigma_t = sqrt((1 - ab_t) / ab_t) the same level in sigma space (x_t / sqrt(ab_t) = x0 +
 sigma_t eps). The network sees x_t and the level:
 
-- ``precond="edm"`` (default; Karras et al. 2022): D(x; sigma) = c_skip x + c_out
-  F(c_in x; c_noise) with x the sigma-space sample, c_in = 1 / sqrt(sigma^2 + sd^2), c_skip
-  = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4
-  (times 100 for the sinusoidal embedding), sd = ``sigma_data``. D predicts x0, so every
-  sampler runs with ``prediction_type="sample"``; the loss weight lambda(sigma) = 1 / c_out^2
-  makes the loss |F - F_target|^2 (unit-variance targets at every level).
-- ``precond="vp"``: F(x_t; t) predicts ``prediction_type`` (epsilon, v or x0) from the
-  timestep (DDPM / diffusers practice), optional Min-SNR-gamma weights.
+- ``precond="edm"`` (default; Karras et al. 2022) or ``"vp"`` (the network predicts
+  ``prediction_type`` from the timestep; optional Min-SNR-gamma weights): wrappers around the
+  network in :mod:`pygen.models.precond`.
 
 Training goes through :func:`pygen.ops.diffusion_loss` (q_sample and the weighted MSE fused,
-eps drawn in-kernel and never stored). Sampling runs pygen's fused steps
-(:mod:`pygen.ops.diffusion`): DDPM (ancestral, the full 1000-step chain), DDIM, Euler,
-Euler-ancestral, DPM-Solver++ 2M, all on the same network. Sample i of a call depends only
+eps drawn in-kernel and never stored). Sampling runs the loops of
+:mod:`pygen.diffusion.samplers` on pygen's fused steps: DDPM (ancestral, the full 1000-step
+chain), DDIM, Euler, Euler-ancestral, DPM-Solver++ 2M, all on the same network. Sample i of a call depends only
 on (seed, offset + i): its initial noise reads Philox stream positions [i D, (i + 1) D) of
 the seed, each stochastic step k reads the same positions of a seed derived from (seed, k),
 and random labels come from another derived stream.
@@ -34,36 +29,22 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pygen.diffusion.schedules import (
-    alphas_cumprod_from_betas,
-    make_betas,
-    sigma_to_t,
-    sigmas_from_alphas_cumprod,
-    spaced_timesteps,
-)
+from pygen.diffusion.samplers import ALPHA_SAMPLERS, DEFAULT_STEPS, SIGMA_SAMPLERS, repaint_schedule, sample_repaint
+from pygen.diffusion.schedules import alphas_cumprod_from_betas, make_betas, sigmas_from_alphas_cumprod, spaced_timesteps
 from pygen.models.base import GenerativeModel
 from pygen.models.inference import sampling
-from pygen.models.labels import Batch, sample_labels, split_batch
+from pygen.models.labels import Batch, num_classes_of, sample_labels, split_batch
+from pygen.models.precond import EDM, VP
 from pygen.models.seeding import Stream, derive_seed, resolve_seed
 from pygen.models.networks import is_image
 from pygen.models.unet import MLPDenoiser, UNet
 from pygen.ops import randn
-from pygen.ops.diffusion import (
-    ddim_step,
-    ddpm_step,
-    diffusion_loss,
-    dpmpp_2m_step,
-    euler_ancestral_step,
-    euler_step,
-    q_sample,
-)
+from pygen.ops.diffusion import diffusion_loss
 
 __all__ = ["Diffusion", "SAMPLERS", "DEFAULT_STEPS", "repaint_schedule"]
 
-#: sampler -> default number of steps
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "euler": 50, "euler_ancestral": 50, "dpmpp_2m": 20}
-SAMPLERS = tuple(DEFAULT_STEPS)
-_ALPHA_SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = tuple(DEFAULT_STEPS)  # the sampler names, DEFAULT_STEPS their step counts
+_REPAINT = {"step": Stream.REPAINT_STEP, "known": Stream.REPAINT_KNOWN, "jump": Stream.REPAINT_JUMP}
 
 
 
@@ -75,23 +56,6 @@ def _default_net(shape: tuple[int, ...]) -> dict[str, Any]:
     levels = max(1, min(3, int(math.log2(max(size, 4))) - 2 + 1))
     mults = [1, 2, 2][:levels]
     return {"width": 32, "mults": mults, "blocks": 2, "attention": True}
-
-
-def repaint_schedule(steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
-    """RePaint's time sequence (Lugmayr et al. 2022) over step indices steps-1 .. 0 then -1:
-    every ``jump_length`` steps down, go ``jump_length`` back up, ``jump_n_sample - 1`` times.
-    Consecutive entries a, b: b < a is a denoising step, b = a + 1 a re-noising step."""
-    jumps = {j: jump_n_sample - 1 for j in range(0, steps - jump_length, jump_length)}
-    t, out = steps, []
-    while t >= 1:
-        t -= 1
-        out.append(t)
-        if jumps.get(t, 0) > 0:
-            jumps[t] -= 1
-            for _ in range(jump_length):
-                t += 1
-                out.append(t)
-    return [*out, -1]
 
 
 class Diffusion(GenerativeModel, family="diffusion"):
@@ -161,7 +125,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
         given = {"width": width, "mults": mults, "blocks": blocks, "attention": attention, "hidden": hidden,
                  "layers": layers}
         net.update({k: v for k, v in given.items() if v is not None and (k in net)})
-        self.shape, self.num_classes, self.precond = shape, num_classes, precond
+        self.shape, self.num_classes = shape, num_classes
         self.prediction_type = prediction_type
         self.sigma_data, self.snr_gamma, self.label_dropout = float(sigma_data), snr_gamma, float(label_dropout)
         self.data_range = None if data_range is None else [float(data_range[0]), float(data_range[1])]
@@ -185,21 +149,23 @@ class Diffusion(GenerativeModel, family="diffusion"):
         # derived from the config: not saved in the state dict
         self.register_buffer("alphas_cumprod", ac.float(), persistent=False)
         self.register_buffer("train_sigmas", sigmas_from_alphas_cumprod(ac), persistent=False)  # float64
+        self.precond = EDM(self.sigma_data) if precond == "edm" else VP(prediction_type, self.train_sigmas.clone())
 
     # ---- construction from data --------------------------------------------------------
     @classmethod
-    def for_data(cls, data: Any, **options: Any) -> Diffusion:
+    def for_data(cls, data: Any, *, unconditional: bool = False, **options: Any) -> Diffusion:
         """The default model for a :class:`pygen.data.Data` (its shape; class-conditional
-        when it has labels), ``options`` overriding constructor arguments."""
-        labels = getattr(data, "labels", None)
-        if labels is not None and "num_classes" not in options:
-            options["num_classes"] = int(labels.max()) + 1
+        when it has labels unless ``unconditional``), ``options`` overriding constructor arguments."""
+        if unconditional:
+            options["num_classes"] = None
+        elif getattr(data, "labels", None) is not None and "num_classes" not in options:
+            options["num_classes"] = num_classes_of(data)
         return cls(tuple(data.shape), **options)
 
     @property
     def output_type(self) -> str:
         """The prediction type of :meth:`denoise`'s output, what the sampler steps are told."""
-        return "sample" if self.precond == "edm" else self.prediction_type
+        return self.precond.output_type
 
     @property
     def num_train_timesteps(self) -> int:
@@ -219,33 +185,12 @@ class Diffusion(GenerativeModel, family="diffusion"):
         return (x.clamp(-1, 1) + 1.0) * ((hi - lo) / 2.0) + lo
 
     # ---- the denoiser ------------------------------------------------------------------
-    def c_noise(self, sigma: Tensor) -> Tensor:
-        """The level the network sees: 25 ln(sigma) (EDM's ln(sigma)/4, scaled for the
-        sinusoidal embedding) or the fractional timestep of sigma (VP)."""
-        if self.precond == "edm":
-            return 25.0 * sigma.double().log().float()
-        return sigma_to_t(sigma, self.train_sigmas).float()
-
     def denoise(self, x_t: Tensor, sigma: Tensor, labels: Tensor | None = None, cond: Tensor | None = None,
                 aug_level: Tensor | None = None) -> Tensor:
         """The network's prediction of type :attr:`output_type` for alpha-space samples
         x_t (B, *shape) at noise levels ``sigma`` (B,) (labels (B,) with ``num_classes`` the
-        null label; cond / aug_level for image-conditioned models)."""
-        if self.precond == "vp":
-            return self.net(x_t, self.c_noise(sigma), labels, cond, aug_level)
-        s = sigma.to(torch.float64).reshape(-1, *([1] * (x_t.dim() - 1)))
-        sd2 = self.sigma_data**2
-        x = x_t * (s * s + 1).sqrt().to(x_t.dtype)  # the sigma-space sample x0 + sigma eps
-        c_in = (1 / (s * s + sd2).sqrt()).to(x_t.dtype)
-        c_skip = (sd2 / (s * s + sd2)).to(x_t.dtype)
-        c_out = (s * self.sigma_data / (s * s + sd2).sqrt()).to(x_t.dtype)
-        f = self.net(c_in * x, self.c_noise(sigma), labels, cond, aug_level)
-        return c_skip * x + c_out * f
-
-    def _edm_weight(self, sigma: Tensor) -> Tensor:
-        """lambda(sigma) = 1 / c_out^2: the x0-space MSE becomes |F - F_target|^2."""
-        s2 = sigma.double() ** 2
-        return ((s2 + self.sigma_data**2) / (s2 * self.sigma_data**2)).float()
+        null label; cond / aug_level for image-conditioned models), through the preconditioning."""
+        return self.precond(self.net, x_t, sigma, labels, cond, aug_level)
 
     # ---- training ------------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
@@ -271,10 +216,11 @@ class Diffusion(GenerativeModel, family="diffusion"):
         def net(x_t: Tensor, tt: Tensor, **kw: Tensor) -> Tensor:
             return self.denoise(x_t, self.train_sigmas[tt], **kw)
 
+        edm = isinstance(self.precond, EDM)
         per = diffusion_loss(net, x0, self.alphas_cumprod, t=t, prediction_type=self.output_type,
-                             snr_gamma=self.snr_gamma if self.precond == "vp" else None, labels=labels, **extra)
-        if self.precond == "edm":
-            per = per * self._edm_weight(self.train_sigmas[t])
+                             snr_gamma=None if edm else self.snr_gamma, labels=labels, **extra)
+        if edm:
+            per = per * self.precond.loss_weight(self.train_sigmas[t])
         return {"loss": per.mean()}
 
     # ---- sampling ------------------------------------------------------------------------
@@ -324,51 +270,22 @@ class Diffusion(GenerativeModel, family="diffusion"):
 
     def sample_loop(self, noise: Tensor, *, seeds: Tensor, offset: int, sampler: str, steps: int,
                     model: Callable[[Tensor, Tensor], Tensor], eta: float = 0.0, progress: bool = False) -> Tensor:
-        """Run ``sampler`` for ``steps`` steps from unit noise (n, *shape) (stream offset
-        ``offset`` elements: the chunk's first element; step k's noise from ``seeds[k]``, see
-        :meth:`step_seeds`) with ``model(x_t, sigma) -> output`` (alpha-space input,
-        :attr:`output_type` output). Returns x0 in model space. No host synchronisation: the
-        loop can be captured in a CUDA graph."""
-        dev = noise.device
+        """Run ``sampler`` (:mod:`pygen.diffusion.samplers`) for ``steps`` steps from unit noise
+        (n, *shape) (stream offset ``offset`` elements: the chunk's first element; step k's
+        noise from ``seeds[k]``, see :meth:`step_seeds`) with ``model(x_t, sigma) -> output``
+        (alpha-space input, :attr:`output_type` output), over the training chain's levels with
+        trailing spacing. Returns x0 in model space. No host synchronisation: the loop can be
+        captured in a CUDA graph."""
         ts = spaced_timesteps(steps, self.num_train_timesteps, "trailing")
-        n = noise.shape[0]
-        it = range(steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc=f"{sampler} {steps} steps", leave=False)
-        ac, otype = self.alphas_cumprod, self.output_type
-        if sampler in _ALPHA_SAMPLERS:
-            x = noise
-            for k in it:
-                t, prev = int(ts[k]), (int(ts[k + 1]) if k + 1 < steps else -1)
-                sigma = self.train_sigmas[t].float().expand(n).to(dev)
-                out = model(x, sigma)
-                step_seed = seeds[k : k + 1]
-                if sampler == "ddpm":
-                    x, _ = ddpm_step(out, x, t, ac, prev, prediction_type=otype, seed=step_seed, offset=offset,
-                                     return_x0=False)
-                else:
-                    x, _ = ddim_step(out, x, t, ac, prev, eta=eta, prediction_type=otype,
-                                     seed=step_seed if eta > 0 else None, offset=offset, return_x0=False)
-            return x
-        table = torch.cat([self.train_sigmas[ts], self.train_sigmas.new_zeros(1)]).float().to(dev)
-        # Euler-type steps move the sigma-space sample x0 + sigma eps (model input: x / sqrt(sigma^2 + 1));
-        # DPM-Solver++ moves the alpha-space one, as diffusers' schedulers do
-        alpha_space = sampler == "dpmpp_2m"
-        x = noise if alpha_space else noise * (table[0] ** 2 + 1).sqrt()
-        prev_x0 = None
-        for k in it:
-            s = table[k]
-            out = model(x if alpha_space else x / (s * s + 1).sqrt(), s.expand(n))
-            if sampler == "euler":
-                x, _ = euler_step(out, x, table, k, prediction_type=otype, return_x0=False)
-            elif sampler == "euler_ancestral":
-                x, _ = euler_ancestral_step(out, x, table, k, prediction_type=otype,
-                                            seed=seeds[k : k + 1], offset=offset, return_x0=False)
-            else:
-                x, prev_x0 = dpmpp_2m_step(out, x, table, k, prev_x0, prediction_type=otype)
-        return x
+        kw: dict[str, Any] = {"prediction_type": self.output_type, "progress": progress}
+        if sampler in ALPHA_SAMPLERS:
+            kw.update(seeds=seeds, offset=offset, **({"eta": eta} if sampler == "ddim" else {}))
+            return ALPHA_SAMPLERS[sampler](model, noise, [int(t) for t in ts], self.alphas_cumprod,
+                                           self.train_sigmas, **kw)
+        sigmas = torch.cat([self.train_sigmas[ts], self.train_sigmas.new_zeros(1)]).float().to(noise.device)
+        if sampler == "euler_ancestral":
+            kw.update(seeds=seeds, offset=offset)
+        return SIGMA_SAMPLERS[sampler](model, noise, sigmas, **kw)
 
     def _graphed(self, key: tuple, run: Callable[..., Tensor], noise: Tensor, lab: Tensor | None,
                  ext: dict[str, Tensor], seeds: Tensor) -> Tensor:
@@ -505,7 +422,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
         if n < 1 or steps < 1 or jump_length < 1 or jump_n_sample < 1:
             raise ValueError("n, steps, jump_length and jump_n_sample must be >= 1")
         dev = self.alphas_cumprod.device
-        b, d = x.shape[0], math.prod(self.shape)
+        b = x.shape[0]
         m = torch.as_tensor(mask, dtype=x.dtype, device=dev).expand_as(x).repeat_interleave(n, 0)
         x0 = self.to_model(x.to(dev)).repeat_interleave(n, 0)
         s = resolve_seed(seed, generator)
@@ -514,28 +431,14 @@ class Diffusion(GenerativeModel, family="diffusion"):
             lab = self._labels(None, b * n, s, 0)  # random labels per completion
         elif lab is not None:
             lab = lab.repeat_interleave(n, 0)
-        ts = spaced_timesteps(steps, self.num_train_timesteps, "trailing").flip(0)  # ascending levels
-        ac = self.alphas_cumprod
-        xt = randn(b * n, *self.shape, seed=s, offset=0, device=dev, dtype=x0.dtype)
-        sched = repaint_schedule(steps, min(jump_length, steps), jump_n_sample)
-        pairs = list(zip(sched[:-1], sched[1:]))
-        if progress:
-            from tqdm.auto import tqdm
+        ts = spaced_timesteps(steps, self.num_train_timesteps, "trailing")
+        noise = randn(b * n, *self.shape, seed=s, offset=0, device=dev, dtype=x0.dtype)
 
-            pairs = tqdm(pairs, desc="inpaint", leave=False)
-        for e, (a, c) in enumerate(pairs):
-            if c < a:  # denoise from level ts[a] to ts[c] (c = -1: to x0)
-                t, prev = int(ts[a]), (int(ts[c]) if c >= 0 else -1)
-                sigma = self.train_sigmas[t].float().expand(b * n).to(dev)
-                out = self.guided(xt, sigma, lab, guidance_scale)
-                xt, _ = ddpm_step(out, xt, t, ac, prev, prediction_type=self.output_type,
-                                  seed=derive_seed(s, Stream.REPAINT_STEP + e), offset=0, return_x0=False)
-                known = x0 if prev < 0 else q_sample(x0, prev, ac, seed=derive_seed(s, Stream.REPAINT_KNOWN + e))
-                xt = m * known + (1 - m) * xt
-            else:  # re-noise one level up: x_c = sqrt(ab_c / ab_a) x_a + sqrt(1 - ab_c / ab_a) z
-                r = (ac[int(ts[c])].double() / ac[int(ts[a])].double()).item()
-                z = randn(b * n, *self.shape, seed=derive_seed(s, Stream.REPAINT_JUMP + e), offset=0, device=dev,
-                          dtype=xt.dtype)
-                xt = math.sqrt(r) * xt + math.sqrt(1 - r) * z
-        del d
+        def model(x_t: Tensor, sigma: Tensor) -> Tensor:
+            return self.guided(x_t, sigma, lab, guidance_scale)
+
+        xt = sample_repaint(model, noise, x0, m, [int(t) for t in ts], self.alphas_cumprod, self.train_sigmas,
+                            prediction_type=self.output_type, jump_length=min(jump_length, steps),
+                            jump_n_sample=jump_n_sample, seed_of=lambda kind, e: derive_seed(s, _REPAINT[kind] + e),
+                            progress=progress)
         return self.from_model(xt).reshape(b, n, *self.shape)

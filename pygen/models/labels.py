@@ -11,7 +11,7 @@ from torch import Tensor
 
 from pygen.models.seeding import Stream, derive_seed, uniform_labels
 
-__all__ = ["Batch", "split_batch", "sample_labels", "one_hot"]
+__all__ = ["Batch", "split_batch", "sample_labels", "one_hot", "num_classes_of", "training_data"]
 
 Batch = Any  # a Tensor, or a tuple (x, labels): what the trainer hands to loss()
 
@@ -60,3 +60,20 @@ def sample_labels(labels: Tensor | int | None, n: int, num_classes: int | None, 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     """(n, num_classes) one-hot rows of int labels (n,), in ``dtype`` (a network's context)."""
     return F.one_hot(labels.long(), num_classes).to(dtype)
+
+
+def num_classes_of(data: Any) -> int:
+    """The number of classes of labelled data (``data.labels``: max label + 1)."""
+    labels = getattr(data, "labels", None)
+    if labels is None:
+        raise ValueError(f"a class-conditional model needs labelled data; {getattr(data, 'name', 'the data')} has no labels")
+    return int(labels.max()) + 1
+
+
+def training_data(model: Any, data: Any) -> Any:
+    """What :func:`pygen.train.fit` trains ``model`` on from a :class:`pygen.data.Data`: (x,
+    labels) for a class-conditional model, else x (super-resolution models make their
+    low-resolution inputs from x themselves)."""
+    if (getattr(model, "config", None) or {}).get("num_classes") and data.labels is not None:
+        return (data.data, data.labels)
+    return data.data
