@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from pygen.ops import randn
 from pygen.flows.base import Transform, check_event_shape
 
-__all__ = ["StandardNormal", "Flow", "dequantize"]
+__all__ = ["StandardNormal", "FlowDistribution", "dequantize"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -74,7 +74,7 @@ def dequantize(x: Tensor, n_bins: int, *, generator: torch.Generator | None = No
     return (k + u) / n_bins
 
 
-class Flow(nn.Module):
+class FlowDistribution(nn.Module):
     """A normalizing flow: ``transform`` (data -> latent) and a ``base`` distribution over z.
 
     Methods (x and z have shape (B, *base.shape); ``context`` is an optional

@@ -1,6 +1,6 @@
 """Ready-made flows: RealNVP and NSF for vectors, Glow for images.
 
-Each is a :class:`~pygen.flows.distribution.Flow` (``log_prob``, ``sample``,
+Each is a :class:`~pygen.flows.distribution.FlowDistribution` (``log_prob``, ``sample``,
 ``sample_and_log_prob``, ``bits_per_dim``) with a standard-normal prior; pass
 ``context_features`` for a conditional flow (e.g. a one-hot class), then give every call
 a (B, context_features) ``context``.
@@ -12,7 +12,7 @@ from torch import nn
 
 from pygen.flows.base import Chain, Transform
 from pygen.flows.coupling import AffineCoupling, SplineCoupling
-from pygen.flows.distribution import Flow, StandardNormal
+from pygen.flows.distribution import FlowDistribution, StandardNormal
 from pygen.flows.image import MultiScale
 from pygen.flows.linear import InvConv1x1
 from pygen.flows.masks import channel_mask
@@ -28,7 +28,7 @@ def _check_features(features: int, n_layers: int) -> None:
         raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
 
 
-class RealNVP(Flow):
+class RealNVP(FlowDistribution):
     """RealNVP for (B, features) vectors.
 
     ``n_layers`` x ([ActNorm], AffineCoupling) with channel masks alternating between the
@@ -56,8 +56,8 @@ class RealNVP(Flow):
         super().__init__(Chain(layers), StandardNormal(features))
 
 
-class NSF(Flow):
-    """Neural Spline Flow (coupling, rational-quadratic splines) for (B, features) vectors.
+class NSF(FlowDistribution):
+    """Neural Spline FlowDistribution (coupling, rational-quadratic splines) for (B, features) vectors.
 
     ``n_layers`` x ([ActNorm], [LU linear], SplineCoupling): the LU-parameterised linear
     layer (:class:`InvConv1x1` on vectors) mixes the features between couplings, and the
@@ -97,7 +97,7 @@ class NSF(Flow):
         super().__init__(Chain(layers), StandardNormal(features))
 
 
-class Glow(Flow):
+class Glow(FlowDistribution):
     """Multi-scale Glow for (B, in_channels, H, W) images.
 
     ``levels`` scales; at each: squeeze (C -> 4C channels, H, W halved), then ``depth``

@@ -32,6 +32,7 @@ from torch import Tensor
 from pygen.diffusion.samplers import ALPHA_SAMPLERS, DEFAULT_STEPS, SIGMA_SAMPLERS, repaint_schedule, sample_repaint
 from pygen.diffusion.schedules import alphas_cumprod_from_betas, make_betas, sigmas_from_alphas_cumprod, spaced_timesteps
 from pygen.models.base import GenerativeModel
+from pygen.models.cuda_graphs import GraphCache
 from pygen.models.inference import sampling
 from pygen.models.labels import Batch, num_classes_of, sample_labels, split_batch
 from pygen.models.precond import EDM, VP
@@ -287,35 +288,6 @@ class Diffusion(GenerativeModel, family="diffusion"):
             kw.update(seeds=seeds, offset=offset)
         return SIGMA_SAMPLERS[sampler](model, noise, sigmas, **kw)
 
-    def _graphed(self, key: tuple, run: Callable[..., Tensor], noise: Tensor, lab: Tensor | None,
-                 ext: dict[str, Tensor], seeds: Tensor) -> Tensor:
-        """``run(noise, lab, ext)`` replayed from a cached CUDA graph: the inputs and the step
-        seeds are copied into the graph's static tensors first."""
-        graphs = self.__dict__.setdefault("_cuda_graphs", {})
-        if key not in graphs:
-            st_noise = noise.clone()
-            st_lab = None if lab is None else lab.clone()
-            st_ext = {k: v.clone() for k, v in ext.items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the capture (lazy init, allocator)
-                run(st_noise, st_lab, st_ext)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                result = run(st_noise, st_lab, st_ext)
-            # the graph reads this call's ``seeds`` tensor: later calls copy theirs into it
-            graphs[key] = (graph, st_noise, st_lab, st_ext, seeds, result)
-        graph, st_noise, st_lab, st_ext, captured_seeds, result = graphs[key]
-        st_noise.copy_(noise)
-        captured_seeds.copy_(seeds)
-        if st_lab is not None:
-            st_lab.copy_(lab)
-        for k, v in ext.items():
-            st_ext[k].copy_(v)
-        graph.replay()
-        return result.clone()
-
     def _chunks(self, n: int, batch_size: int | None) -> list[tuple[int, int]]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
@@ -372,20 +344,21 @@ class Diffusion(GenerativeModel, family="diffusion"):
             ext = {k: v[i0:i1].to(dev) for k, v in extra.items() if v is not None}
             noise = randn(i1 - i0, *self.shape, seed=s, offset=(offset + i0) * d, device=dev, dtype=dtype)
 
-            def run(noise: Tensor, lab: Tensor | None, ext: dict[str, Tensor], i0: int = i0) -> Tensor:
+            def run(noise: Tensor, lab: Tensor | None, ext: dict[str, Tensor], seeds: Tensor, i0: int = i0) -> Tensor:
                 def model(x_t: Tensor, sigma: Tensor) -> Tensor:
                     return self.guided(x_t, sigma, lab, guidance_scale, **ext)
 
                 return self.sample_loop(noise, seeds=seeds, offset=(offset + i0) * d, sampler=sampler, steps=steps,
                                         model=model, eta=eta, progress=progress)
 
-            if cuda_graph:
+            if cuda_graph:  # the stream offset is a launch argument: stochastic samplers capture per offset
                 stochastic = sampler in ("ddpm", "euler_ancestral") or (sampler == "ddim" and eta > 0)
                 key = (sampler, steps, guidance_scale, eta, i1 - i0, (offset + i0) if stochastic else None,
                        lab is None, tuple(sorted(ext)))
-                x0 = self._graphed(key, run, noise, lab, ext, seeds)
+                graphs = self.__dict__.setdefault("_cuda_graphs", GraphCache())  # not a module attribute
+                x0 = graphs(key, run, noise, lab, ext, seeds)
             else:
-                x0 = run(noise, lab, ext)
+                x0 = run(noise, lab, ext, seeds)
             out.append(self.from_model(x0))
         if not out:
             return torch.empty(0, *self.shape, device=dev, dtype=dtype)

@@ -49,7 +49,7 @@ class Flow(GenerativeModel, family="flow"):
         **flow_kwargs: passed to the flow's constructor (hidden, n_layers, levels, depth, ...).
     """
 
-    #: ``pygen train flow``: benchmarks/flow_digits.py's Glow (2 levels x depth 4, hidden 64,
+    #: ``pygen train flow``: benchmarks/quality/flow_digits.py's Glow (2 levels x depth 4, hidden 64,
     #: 17 bins), 1500 steps of 128 at lr 1e-3: FD 6.7, 2.35 bits/dim on the digits, ~40 s
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 1500, "batch_size": 128, "lr": 1e-3}
 

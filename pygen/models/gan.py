@@ -293,7 +293,7 @@ class GAN(GenerativeModel, family="gan"):
     #: both networks are frozen in turn, so each DDP forward leaves half the parameters unused
     ddp_find_unused_parameters = True
 
-    #: ``pygen train gan``: benchmarks/gan_digits.py's default, 4000 steps of 64 at lr 5e-4
+    #: ``pygen train gan``: benchmarks/quality/gan_digits.py's default, 4000 steps of 64 at lr 5e-4
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 4000, "batch_size": 64, "lr": 5e-4}
     #: the constructor options :meth:`for_data` starts from (hinge loss, spectral norm, lazy R1
     #: 0.1 every 4, EMA 0.999, Adam betas (0, 0.99))

@@ -99,7 +99,7 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
     """
 
     default_lr = 1e-3
-    #: ``pygen train vae``: benchmarks/vae_digits.py's "gaussian-running" VAE (MLP, 16 latents,
+    #: ``pygen train vae``: benchmarks/quality/vae_digits.py's "gaussian-running" VAE (MLP, 16 latents,
     #: running-MSE decoder variance), 2000 steps of 128 at lr 2e-3: FD 5.0 vs the Gaussian bar's
     #: 14.85 on the digits, ~95 s on one thread
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 128, "lr": 2e-3}

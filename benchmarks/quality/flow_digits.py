@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train a small Glow on scikit-learn's 8x8 digits through the model layer and measure it.
 
-    python benchmarks/flow_digits.py                     # ~40 s on 2 CPU cores
-    python benchmarks/flow_digits.py --steps 300 --out /tmp/flow   # quicker
+    python benchmarks/quality/flow_digits.py                     # ~40 s on 2 CPU cores
+    python benchmarks/quality/flow_digits.py --steps 300 --out /tmp/flow   # quicker
 
 pygen.models.Flow("glow", bins=17) trained by pygen.train.fit on the fixed train split of
 pygen.data.digits (pixel levels v / 16, dequantised y = (v + u) / 17), then
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid = Path(args.grid or Path(args.out) / "samples.png")
     pygen.images.save_grid(trained.sample(64, seed=args.seed), grid, scale=4)
     record = {
-        "command": "python benchmarks/flow_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/quality/flow_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"pygen": pygen.__version__, "torch": torch.__version__},
         "threads": torch.get_num_threads(),

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train pygen.models.GAN on scikit-learn's digits and score its samples (not a test).
 
-    python benchmarks/gan_digits.py                      # the default GAN: 16x16, ~3 min on one free core
-    python benchmarks/gan_digits.py --ablations          # + the same run with DiffAugment, without R1
-    python benchmarks/gan_digits.py --steps 200 --no-save   # smoke run
+    python benchmarks/quality/gan_digits.py                      # the default GAN: 16x16, ~3 min on one free core
+    python benchmarks/quality/gan_digits.py --ablations          # + the same run with DiffAugment, without R1
+    python benchmarks/quality/gan_digits.py --steps 200 --no-save   # smoke run
 
 Trains with :func:`pygen.train.fit` on the 1442 training digits (labels unused) and scores
 64-d DigitsFeatures (the digits' FID space) of 355 samples with :func:`pygen.metrics.evaluate`:
@@ -36,7 +36,7 @@ from pygen.metrics import evaluate
 from pygen.models.gan import GAN
 from pygen.train import fit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ("fd", "kid", "precision", "recall", "density", "coverage")
 
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = {
         "benchmark": "gan_digits",
-        "command": " ".join(["python", "benchmarks/gan_digits.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "benchmarks/quality/gan_digits.py", *(sys.argv[1:] if argv is None else argv)]),
         "args": vars(args),
         "data": spec,
         "n_train": int(x.shape[0]),

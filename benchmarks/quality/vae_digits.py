@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """VAEs on scikit-learn's 8x8 digits: the four classic problems measured, with and without their remedies.
 
-    python benchmarks/vae_digits.py                      # ~3-6 min on a shared 2-core CPU
-    python benchmarks/vae_digits.py --steps 200 --quick  # smoke run (numbers meaningless)
+    python benchmarks/quality/vae_digits.py                      # ~3-6 min on a shared 2-core CPU
+    python benchmarks/quality/vae_digits.py --steps 200 --quick  # smoke run (numbers meaningless)
 
 Trains VAEs with :func:`pygen.train.fit` on the fixed train split of :func:`pygen.data.digits`
 (1442 images; MLP encoder/decoder, 16 latents, 2000 steps of batch 128):
@@ -61,7 +61,7 @@ from pygen.metrics.vae import (
 from pygen.models.vae import VAE
 from pygen.train import fit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 VARIANTS = {
     "bernoulli": {"likelihood": "bernoulli"},

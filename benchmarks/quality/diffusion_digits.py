@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train pygen's diffusion models and write the results table (not a test).
 
-    python benchmarks/diffusion_digits.py                 # everything (base ~10 min, the rest ~15 min, 2 cores)
-    python benchmarks/diffusion_digits.py --only base     # the base model and its samplers / guidance / inpainting
-    python benchmarks/diffusion_digits.py --steps 200 --sr-steps 100 --no-save   # smoke run
+    python benchmarks/quality/diffusion_digits.py                 # everything (base ~10 min, the rest ~15 min, 2 cores)
+    python benchmarks/quality/diffusion_digits.py --only base     # the base model and its samplers / guidance / inpainting
+    python benchmarks/quality/diffusion_digits.py --steps 200 --sr-steps 100 --no-save   # smoke run
 
 Stages (``--only`` picks some):
 
@@ -50,7 +50,7 @@ from pygen.models.conditioned import luminance
 from pygen.models.unet import UNet
 from pygen.train import fit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 COLUMNS = ("fd", "kid", "precision", "recall")
 STAGES = ("base", "sr-digits", "sr-patches", "colorize", "cascade")
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "colorize" in stages:
         stage_colorize(args, out)
     out.update({
-        "command": " ".join(["python", "benchmarks/diffusion_digits.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "benchmarks/quality/diffusion_digits.py", *(sys.argv[1:] if argv is None else argv)]),
         "args": vars(args), "total_seconds": time.perf_counter() - t0,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "pygen": str(pygen.__version__)},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
