@@ -82,7 +82,7 @@ README_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", 
 SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
              "set_alpha_to_one": False, "steps_offset": 1}
 SD_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")  # where the sd config differs in what the kernel does
-SHAPES = ("1x4x32x32", "16x4x32x32", "8x4x64x64", "64x4x32x32", "256x4x32x32")
+SHAPES = ("1x4x32x32", "16x4x32x32", "8x4x64x64", "16x3x64x64", "64x4x32x32", "256x4x32x32")
 QUICK_SHAPES = ("1x4x32x32",)
 GOAL_SHAPE, GOAL_SPEEDUP = "64x4x32x32", 1.5  # the issue: every loop >= 1.5x diffusers' at this shape (CPU)
 STEPS = 50

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -108,6 +109,17 @@ std::pair<Tensor, int64_t> row_contiguous(const Tensor& t) {
   if (ok) return {t, expected};
   return {t.contiguous(), expected};
 }
+// For elementwise work (no per-row sums): the stride of a flat (numel, 1) view, when there is
+// one: 0 for a fully broadcast value (every stride 0, e.g. randn's expanded zeros), 1 for a
+// contiguous tensor.
+std::optional<int64_t> flat_stride(const Tensor& t) {
+  bool all_zero = true;
+  for (int64_t d = 0; d < t.dim(); ++d) all_zero = all_zero && (t.size(d) == 1 || t.stride(d) == 0);
+  if (all_zero) return 0;
+  if (t.is_contiguous()) return 1;
+  return std::nullopt;
+}
+
 Rows rows_of(const Tensor& mu) {
   const int64_t rows = mu.size(0);
   int64_t cols = 1;
@@ -207,11 +219,21 @@ std::tuple<Tensor, Tensor> sample_forward(const Tensor& mu_in, const Tensor& lv_
   check_like(lv_in, mu_in, "logvar");
   check_seed(seed, mu_in);
   TORCH_CHECK(offset >= 0, "pygen: offset must be >= 0, got ", offset);
-  const auto [mu, mu_sr] = row_contiguous(mu_in);
-  const auto [lv, lv_sr] = row_contiguous(lv_in);
-  const Rows rc = rows_of(mu);
+  Tensor mu, lv;
+  int64_t mu_sr, lv_sr;
+  Rows rc;
+  const auto fm = flat_stride(mu_in), fl = flat_stride(lv_in);
+  if (!with_kl && fm && fl && (*fm == 0 || *fl == 0)) {
+    // elementwise (no per-row sum): a broadcast value is read in place as a (numel, 1) view
+    mu = mu_in, lv = lv_in, mu_sr = *fm, lv_sr = *fl;
+    rc = {mu_in.numel(), 1};
+  } else {
+    std::tie(mu, mu_sr) = row_contiguous(mu_in);
+    std::tie(lv, lv_sr) = row_contiguous(lv_in);
+    rc = rows_of(mu);
+  }
   const Tensor seed_c = seed.contiguous();
-  Tensor z = new_output(mu.sizes(), mu);
+  Tensor z = new_output(mu_in.sizes(), mu);
   Tensor kl = with_kl ? new_row_output(rc.rows, mu) : Tensor();
   GaussianFwdArgs a;
   a.rows = rc.rows;
@@ -278,10 +300,18 @@ Tensor reparameterize_backward(const Tensor& grad_z, const Tensor& lv_in, const 
   check_float(lv_in, "logvar");
   check_like(grad_z, lv_in, "grad_z");
   check_seed(seed, lv_in);
-  const auto [lv, lv_sr] = row_contiguous(lv_in);
+  Tensor lv;
+  int64_t lv_sr;
+  Rows rc;
+  if (flat_stride(lv_in) == std::optional<int64_t>(0)) {  // a broadcast logvar, read in place
+    lv = lv_in, lv_sr = 0;
+    rc = {lv_in.numel(), 1};
+  } else {
+    std::tie(lv, lv_sr) = row_contiguous(lv_in);
+    rc = rows_of(lv);
+  }
   const Tensor gz = grad_z.contiguous(), seed_c = seed.contiguous();
-  const Rows rc = rows_of(lv);
-  Tensor glv = new_output(lv.sizes(), lv);
+  Tensor glv = new_output(lv_in.sizes(), lv);
   GaussianBwdArgs a;
   a.rows = rc.rows;
   a.cols = rc.cols;

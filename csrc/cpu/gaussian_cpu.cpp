@@ -57,6 +57,66 @@ void forward_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
   });
 }
 
+// z only: elementwise over the flattened tensor (no row sums), so flat blocks whatever the
+// row length; each input row is read in place at its row stride (0: a broadcast row).
+template <typename T>
+void sample_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
+  const T* __restrict mu = static_cast<const T*>(a.mu);
+  const T* __restrict lv = static_cast<const T*>(a.logvar);
+  T* __restrict z = static_cast<T*>(a.z);
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  if (a.cols == 0) return;
+  for_each_flat_block(a.rows * a.cols, parallel_for, [&](int64_t i0, int64_t n) {
+    alignas(64) float eps[kBlock];
+    fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
+    if (a.cols == 1) {  // one element per row (a (N,) view, or a broadcast scalar: row stride 0)
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t r = i0 + j;
+        z[r] = reparam_sample(mu[r * a.mu_stride_row], lv[r * a.lv_stride_row], static_cast<T>(eps[j]), CExp{});
+      }
+      return;
+    }
+    for_each_row_segment(i0, n, a.cols, [&](int64_t j0, int64_t r, int64_t c, int64_t len) {
+      const T* __restrict m = mu + r * a.mu_stride_row + c;
+      const T* __restrict l = lv + r * a.lv_stride_row + c;
+      T* __restrict zo = z + i0 + j0;
+      const float* __restrict e = eps + j0;
+      for (int64_t j = 0; j < len; ++j) zo[j] = reparam_sample(m[j], l[j], static_cast<T>(e[j]), CExp{});
+    });
+  });
+}
+
+// The gradients of z only (no KL term): elementwise, flat blocks as sample_kernel.
+template <typename T, bool WRITE_GMU>
+void sample_backward_kernel(const GaussianBwdArgs& a, const ParallelFor& parallel_for) {
+  const T* __restrict lv = static_cast<const T*>(a.logvar);
+  const T* __restrict gz = static_cast<const T*>(a.grad_z);
+  T* __restrict gmu = static_cast<T*>(a.grad_mu);
+  T* __restrict glv = static_cast<T*>(a.grad_logvar);
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  if (a.cols == 0) return;
+  for_each_flat_block(a.rows * a.cols, parallel_for, [&](int64_t i0, int64_t n) {
+    alignas(64) float eps[kBlock];
+    fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
+    if (a.cols == 1) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = i0 + j;
+        if constexpr (WRITE_GMU) gmu[i] = gz[i];
+        glv[i] = reparam_grad_logvar(gz[i], lv[i * a.lv_stride_row], static_cast<T>(eps[j]), CExp{});
+      }
+      return;
+    }
+    for_each_row_segment(i0, n, a.cols, [&](int64_t j0, int64_t r, int64_t c, int64_t len) {
+      const T* __restrict l = lv + r * a.lv_stride_row + c;
+      const int64_t i = i0 + j0;
+      for (int64_t j = 0; j < len; ++j) {
+        if constexpr (WRITE_GMU) gmu[i + j] = gz[i + j];
+        glv[i + j] = reparam_grad_logvar(gz[i + j], l[j], static_cast<T>(eps[j0 + j]), CExp{});
+      }
+    });
+  });
+}
+
 template <typename T, bool GZ, bool GKL, bool PRIOR, bool WRITE_GMU>
 void backward_kernel(const GaussianBwdArgs& a, const ParallelFor& parallel_for) {
   const int64_t cols = a.cols;
@@ -116,6 +176,7 @@ void backward_kernel(const GaussianBwdArgs& a, const ParallelFor& parallel_for) 
 
 template <typename T>
 void forward_typed(const GaussianFwdArgs& a, const ParallelFor& pf) {
+  if (a.z != nullptr && a.kl == nullptr) return sample_kernel<T>(a, pf);
   with_bool(a.z != nullptr, [&](auto sample) {
     with_bool(a.kl != nullptr, [&](auto kl) {
       with_bool(a.prior_mu != nullptr, [&](auto prior) {
@@ -127,6 +188,9 @@ void forward_typed(const GaussianFwdArgs& a, const ParallelFor& pf) {
 
 template <typename T>
 void backward_typed(const GaussianBwdArgs& a, const ParallelFor& pf) {
+  if (a.grad_z != nullptr && a.grad_kl == nullptr) {
+    return a.grad_mu != nullptr ? sample_backward_kernel<T, true>(a, pf) : sample_backward_kernel<T, false>(a, pf);
+  }
   with_bool(a.grad_z != nullptr, [&](auto gz) {
     with_bool(a.grad_kl != nullptr, [&](auto gkl) {
       with_bool(a.prior_mu != nullptr, [&](auto prior) {

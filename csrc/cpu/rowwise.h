@@ -75,5 +75,32 @@ void for_each_row_chunk(int64_t rows, int64_t cols, const ParallelFor& parallel_
   }
 }
 
+// Runs f(i0, n) over [0, numel) in blocks of at most kBlock elements, kChunk elements per
+// parallel task: for elementwise work (no per-row sum), whatever the row length. A (N,) or
+// (B, 1) view has one element per row, which for_each_row_chunk would run as N one-element
+// tasks.
+template <typename F>
+void for_each_flat_block(int64_t numel, const ParallelFor& parallel_for, F&& f) {
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t end = (t + 1) * kChunk < numel ? (t + 1) * kChunk : numel;
+      for (int64_t b0 = t * kChunk; b0 < end; b0 += kBlock) f(b0, b0 + kBlock < end ? kBlock : end - b0);
+    }
+  });
+}
+
+// Calls g(j, r, c, len) for the row segments of the flat elements [i0, i0 + n) of a
+// (rows, cols) view: element i0 + j .. i0 + j + len - 1 is (r, c) .. (r, c + len - 1).
+template <typename G>
+inline void for_each_row_segment(int64_t i0, int64_t n, int64_t cols, G&& g) {
+  int64_t r = i0 / cols, c = i0 - r * cols;
+  for (int64_t j = 0; j < n; ++r, c = 0) {
+    const int64_t len = cols - c < n - j ? cols - c : n - j;
+    g(j, r, c, len);
+    j += len;
+  }
+}
+
 }  // namespace
 }  // namespace pygen::cpu

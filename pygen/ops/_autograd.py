@@ -33,14 +33,18 @@ def grads_via_reference(
     Returns one entry per input (None where not needed).
     """
     with torch.enable_grad():
-        outs = ref(*inputs)
+        # one view per input slot: when one tensor is passed as two inputs (x and log_scale),
+        # the gradient w.r.t. each slot is its own partial derivative; w.r.t. the tensor itself
+        # it would be the total, returned for both slots and summed twice by autograd
+        slots = [t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in inputs]
+        outs = ref(*slots)
         outs = (outs,) if isinstance(outs, Tensor) else tuple(outs)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
         wrt = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and isinstance(t, Tensor) and t.requires_grad]
         result: list[Tensor | None] = [None] * len(inputs)
         if not pairs or not wrt:
             return result
-        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs],
+        grads = torch.autograd.grad([o for o, _ in pairs], [slots[i] for i in wrt], [g for _, g in pairs],
                                     create_graph=True, allow_unused=True)
     for i, g in zip(wrt, grads):
         result[i] = g if g is not None else torch.zeros_like(inputs[i])
