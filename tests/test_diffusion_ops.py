@@ -74,10 +74,16 @@ def test_step_matches_reference_with_per_sample_timesteps(backend, device, dtype
     prev, x0 = step(mo, x, t, table, tp, seed=seed, backend=backend, **extra, **kw)
     prev_n, x0_n = step(mo, x, t, table, tp, noise=noise, backend=backend, **extra, **kw)
     ref_prev, ref_x0 = _reference(kind, mo, x, t, tp, table, noise, **kw)
-    for got in (prev, prev_n):
-        torch.testing.assert_close(got.double().cpu(), ref_prev, **TOL[dtype])
-    for got in (x0, x0_n):
-        torch.testing.assert_close(got.double().cpu(), ref_x0, **TOL[dtype])
+    # the step divides by sqrt(1 - ab_t): a kernel computing its coefficients in float32 (Triton)
+    # has its rounding amplified by up to that factor at small t; tolerances scale with it (a
+    # wrong coefficient is off by O(0.1))
+    ab = R.gather(table.double().cpu(), t.cpu(), x.dim())
+    cond = 1 + 1 / (1 - ab).clamp_min(1e-12).sqrt() if dtype != torch.float64 else torch.ones_like(ab)
+    tol = TOL[dtype]
+    for got, want in ((prev, ref_prev), (prev_n, ref_prev), (x0, ref_x0), (x0_n, ref_x0)):
+        err = (got.double().cpu() - want).abs()
+        bound = (tol["atol"] + tol["rtol"] * want.abs()) * cond
+        assert bool((err <= bound).all()), f"max error {float(err.max()):.3g}, at most {float((err / bound).max()):.3g} x the bound"
     # stepping each sample alone gives the same result
     for i in range(b):
         p_i, _ = step(mo[i:i + 1], x[i:i + 1], t[i:i + 1], table, tp[i:i + 1], noise=noise[i:i + 1],
