@@ -15,7 +15,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup build test demo cuda-check isa-check bench clean
+.PHONY: setup build test demo cuda-check isa-check bench clean mutation
 
 setup: $(VENV)/.deps
 
@@ -73,7 +73,7 @@ isa-check:
 # The CPU suites (about 12 minutes on 2 cores; schedulers about 4): JSON per suite in $(BENCH_OUT), then the
 # Markdown tables. One suite: make bench BENCH_SUITES=diffusion
 BENCH_OUT ?= /tmp/pygen-bench
-BENCH_SUITES ?= gaussian diffusion coupling schedulers
+BENCH_SUITES ?= gaussian diffusion coupling schedulers noise
 bench: build
 	@mkdir -p $(BENCH_OUT)
 	@for s in $(BENCH_SUITES); do \
@@ -81,6 +81,50 @@ bench: build
 	    --benchmark-columns=median,iqr,ops --benchmark-json=$(BENCH_OUT)/cpu-$$s.json || exit 1; \
 	done
 	@for s in $(BENCH_SUITES); do $(BIN)/python benchmarks/summarize.py $(BENCH_OUT)/cpu-$$s.json; echo; done
+
+# make mutation  - mutation testing (mutmut 3, configured in [tool.mutmut] of pyproject.toml) of
+# pygen/models, pygen/train, pygen/sampling.py and pygen/metrics; prints per file and in total
+# mutants, killed, survived, timeout and the score killed / (killed + survived). Installs mutmut
+# into $(VENV) if missing. Runs in a scratch copy ($(MUTATION_DIR), rebuilt each time) so the work
+# tree gets no mutants/: the compiled pygen/_C*.so and kernels/ (pygen.kernels) are placed in the
+# copy's pygen/, and SKBUILD_EDITABLE_SKIP switches off the editable install's import redirect to
+# this tree. One worker, niced, one torch thread (MUTATION_CHILDREN, MUTATION_THREADS). A subset:
+#   make mutation MUTANTS='pygen.train.* pygen.models.base.*'
+# Survivors: cd $(MUTATION_DIR) && $(abspath $(BIN))/mutmut results; ... mutmut show NAME
+MUTATION_DIR ?= /tmp/pygen-mutation
+MUTATION_CHILDREN ?= 1
+MUTATION_THREADS ?= 1
+MUTANTS ?=
+define MUTATION_SCORE
+import collections, glob, json
+from mutmut.stats import status_by_exit_code as status
+def row(name, c):
+    k, s = c["killed"], c["survived"]
+    print(f"{name:36} {sum(c.values()):6} {k:6} {s:8} {c['timeout']:7} {c['no tests']:8} {c['not checked']:11}  "
+          + (f"{100 * k / (k + s):.1f}%" if k + s else "-"))
+print(f"{'file':36} {'total':>6} {'killed':>6} {'survived':>8} {'timeout':>7} {'no tests':>8} {'not checked':>11}  score")
+total = collections.Counter()
+for meta in sorted(glob.glob("mutants/pygen/**/*.py.meta", recursive=True)):
+    c = collections.Counter(status[e] for e in json.load(open(meta))["exit_code_by_key"].values())
+    total.update(c)
+    if c["not checked"] < sum(c.values()):
+        row(meta[len("mutants/"):-len(".meta")], c)
+row("all", total)
+endef
+export MUTATION_SCORE
+mutation: build
+	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q "mutmut>=3.8,<4"
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
+	cp -r pygen kernels tests pyproject.toml $(MUTATION_DIR)/
+	rm -rf $(MUTATION_DIR)/pygen/kernels && cp -r kernels $(MUTATION_DIR)/pygen/kernels
+	find $(MUTATION_DIR) -name __pycache__ -prune -exec rm -rf {} +
+	cp "$$($(BIN)/python -c 'import pygen._C as c; print(c.__file__)')" $(MUTATION_DIR)/pygen/
+	cd $(MUTATION_DIR) && export SKBUILD_EDITABLE_SKIP="$$($(abspath $(BIN))/python -c "import sys; \
+	  print(':'.join(f.path for f in sys.meta_path if type(f).__name__ == 'ScikitBuildRedirectingFinder' and f.path))")" \
+	  OMP_NUM_THREADS=$(MUTATION_THREADS) MKL_NUM_THREADS=$(MUTATION_THREADS) && \
+	  $(abspath $(BIN))/python -c "import pygen; assert pygen.__file__.startswith('$(MUTATION_DIR)/'), pygen.__file__" && \
+	  { nice -n 10 $(abspath $(BIN))/mutmut run --max-children $(MUTATION_CHILDREN) $(foreach m,$(MUTANTS),'$(m)'); rc=$$?; \
+	    $(abspath $(BIN))/python -c "$$MUTATION_SCORE"; exit $$rc; }
 
 clean:
 	rm -rf build $(VENV)/.built

@@ -69,6 +69,12 @@ void sample_kernel(const GaussianFwdArgs& a, const ParallelFor& parallel_for) {
   for_each_flat_block(a.rows * a.cols, parallel_for, [&](int64_t i0, int64_t n) {
     alignas(64) float eps[kBlock];
     fill_normals(seed, a.offset + static_cast<uint64_t>(i0), n, eps);
+    if (a.cols == 1 && a.mu_stride_row == 0 && a.lv_stride_row == 0) {  // one value for all: randn
+      const T m = mu[0], l = lv[0];
+      T* __restrict zo = z + i0;
+      for (int64_t j = 0; j < n; ++j) zo[j] = reparam_sample(m, l, static_cast<T>(eps[j]), CExp{});
+      return;
+    }
     if (a.cols == 1) {  // one element per row (a (N,) view, or a broadcast scalar: row stride 0)
       for (int64_t j = 0; j < n; ++j) {
         const int64_t r = i0 + j;

@@ -123,7 +123,7 @@ def _check_resumable(model: GenerativeModel, ckpt: dict[str, Any], path: Path, t
             warnings.warn(
                 f"resuming {path} with {key}={value} (the run used {ckpt.get('train', {}).get(key)}): "
                 f"the continuation will not equal an uninterrupted run",
-                stacklevel=3,
+                stacklevel=4,  # _check_resumable < _fit < fit < the caller
             )
 
 
