@@ -107,6 +107,11 @@ std::pair<Tensor, int64_t> row_contiguous(const Tensor& t) {
   }
   if (ok && t.size(0) > 1) return {t, t.stride(0)};
   if (ok) return {t, expected};
+  if (t.dim() > 1 && t.stride(0) == 0) {
+    // every row is the same (a batch-broadcast view whose rows are not contiguous, e.g. an
+    // expanded scalar): materialise one row and read it with row stride 0, not B copies
+    return {t.select(0, 0).contiguous().unsqueeze(0).expand(t.sizes()), 0};
+  }
   return {t.contiguous(), expected};
 }
 // For elementwise work (no per-row sums): the stride of a flat (numel, 1) view, when there is
