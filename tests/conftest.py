@@ -43,3 +43,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """``trained_run(name, model, data, **fit_kwargs) -> Path``: a run directory of ``model``
+    trained by pygen.train.fit on one torch thread (tiny models), for module-scoped fixtures."""
+    from pygen.train import fit
+
+    def make(name, model, data, **kw):
+        run = tmp_path_factory.mktemp("run") / name
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fit(model, data, out=run, progress=False, **kw)
+        finally:
+            torch.set_num_threads(threads)
+        return run
+
+    return make

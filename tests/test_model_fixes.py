@@ -36,16 +36,9 @@ def tiny_diffusion(**kw) -> Diffusion:
 
 
 @pytest.fixture(scope="module")
-def diffusion_run(tmp_path_factory) -> Path:
+def diffusion_run(trained_run) -> Path:
     """A class-conditional vector diffusion model with an EMA, trained for 3 steps."""
-    run = tmp_path_factory.mktemp("run") / "diffusion"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fit(tiny_diffusion(num_classes=2, ema_decay=0.5), points(), steps=3, batch_size=32, out=run, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return run
+    return trained_run("diffusion", tiny_diffusion(num_classes=2, ema_decay=0.5), points(), steps=3, batch_size=32)
 
 
 # ---- A1: the sampling job's identity -------------------------------------------------------

@@ -227,15 +227,8 @@ def test_training_step_returns_detached_terms_and_accepts_floats():
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("run") / "flow"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fit(tiny_flow(), points(), steps=2, batch_size=32, out=run, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return run
+def flow_run(trained_run) -> Path:
+    return trained_run("flow", tiny_flow(), points(), steps=2, batch_size=32)
 
 
 def test_sampling_directory_shards_resume_and_reads(flow_run, tmp_path):
