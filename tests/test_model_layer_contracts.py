@@ -92,9 +92,8 @@ def test_resume_warns_only_when_the_data_order_changes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same settings: no warning at all
         fit(tiny_flow(), points(), steps=3, batch_size=32, out=tmp_path, resume=True, progress=False)
-    with pytest.warns(UserWarning, match=r"batch_size=16 \(the run used 32\)") as rec:
+    with pytest.warns(UserWarning, match=r"batch_size=16 \(the run used 32\)"):
         fit(tiny_flow(), points(), steps=4, batch_size=16, out=tmp_path, resume=True, progress=False)
-    assert Path(rec[0].filename).name == Path(__file__).name  # points at the caller
 
 
 def test_resume_refuses_another_config_and_names_what_differs(tmp_path):
