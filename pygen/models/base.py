@@ -60,6 +60,8 @@ class TrainingDiverged(FloatingPointError):
     def __init__(self, message: str, *, step: int, checkpoint: Path | None) -> None:
         super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
+
+
 class GenerativeModel(nn.Module):
     """Base class of pygen's generative models (see the module docstring for the contract).
 
