@@ -15,7 +15,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: setup build test demo cuda-check isa-check bench clean mutation
+.PHONY: setup build test demo data cuda-check isa-check bench clean mutation
 
 setup: $(VENV)/.deps
 
@@ -40,6 +40,19 @@ test: build
 
 demo: build
 	$(BIN)/python -m pygen demo
+
+# Real data: Fashion-MNIST from Debian's dataset-fashion-mnist (its IDX files in
+# /usr/share/datasets/fashion-mnist; `--data fashion-mnist`). Installs it when run as root,
+# else prints the command. Or put the four IDX files in $$PYGEN_DATA/fashion-mnist.
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+data:
+	@if [ -f $(FASHION_DIR)/t10k-images-idx3-ubyte.gz ] || [ -f $(FASHION_DIR)/t10k-images-idx3-ubyte ]; then \
+	  echo "data: Fashion-MNIST is installed in $(FASHION_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
+	else \
+	  echo "data: run: sudo apt install dataset-fashion-mnist"; \
+	fi
 
 # Compile every CUDA source for sm_80 and sm_90a without torch: the .cu files include
 # no torch headers, so this runs anywhere nvcc does, GPU or not. Then compile the torch

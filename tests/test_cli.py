@@ -233,6 +233,16 @@ def test_user_mistakes_caught_early(vae_run, tmp_path, capsys):
     assert not (tmp_path / "t1").exists() and not (tmp_path / "o1").exists() and not (tmp_path / "t6").exists()
 
 
+def test_missing_fashion_mnist_is_one_line(tmp_path, capsys, monkeypatch):
+    import pygen.data.files
+
+    monkeypatch.setattr(pygen.data.files, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.delenv("PYGEN_DATA", raising=False)
+    rc, err = run_main(["train", "vae", "--data", "fashion-mnist", "--out", tmp_path / "r"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "apt install dataset-fashion-mnist" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_user_mistakes(vae_run, tmp_path):
     """Mistakes found while loading data or a checkpoint: one line, exit 2, no traceback."""
     a_file = tmp_path / "file.txt"

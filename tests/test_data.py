@@ -345,3 +345,53 @@ def test_tensor_data():
     assert len(ds) == 4 and [int(v) for v in ds[2]] == [2, 6]
     with pytest.raises(ValueError):
         D.TensorData(torch.arange(4), torch.arange(3))
+
+
+# ---- Fashion-MNIST ---------------------------------------------------------------------------
+
+def _fashion_installed() -> bool:
+    try:
+        D.files._fashion_mnist_file("test")
+    except D.DataError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _fashion_installed(), reason="Fashion-MNIST is not installed (make data)")
+def test_fashion_mnist_official_split():
+    train, test = D.train_test(D.load("fashion-mnist"))
+    assert train.shape == test.shape == (1, 28, 28) and (len(train), len(test)) == (60000, 10000)
+    assert train.data.dtype == torch.float32 and float(train.data.min()) == 0 and float(train.data.max()) == 1
+    assert torch.equal(torch.bincount(train.labels), torch.full((10,), 6000))  # balanced classes
+    assert torch.equal(torch.bincount(test.labels), torch.full((10,), 1000))
+    levels = torch.unique(test.data[:50] * 255)
+    torch.testing.assert_close(levels, levels.round())  # 8-bit levels k / 255
+    assert train.bins == 256 and len(D.FASHION_MNIST_CLASSES) == 10
+    assert len(D.load("fashion-mnist:test")) == 10000 and len(D.load("fashion-mnist", "test")) == 10000
+
+
+def test_fashion_mnist_missing_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(D.files, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.delenv("PYGEN_DATA", raising=False)
+    with pytest.raises(D.DataError, match="apt install dataset-fashion-mnist"):
+        D.load("fashion-mnist")
+
+
+def test_fashion_mnist_from_pygen_data(tmp_path, monkeypatch):
+    """$PYGEN_DATA (or its fashion-mnist/ folder) holds the four IDX files instead."""
+
+    def idx(path, arr, code):
+        head = b"\0\0" + bytes([code, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape)
+        with gzip.open(path, "wb") as f:
+            f.write(head + arr.tobytes())
+
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 5)):
+        idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), 0x08)
+        idx(folder / f"{split}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8), 0x08)
+    monkeypatch.setattr(D.files, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setenv("PYGEN_DATA", str(tmp_path))
+    train, test = D.train_test("fashion-mnist")
+    assert (len(train), len(test)) == (12, 5) and train.labels.tolist() == [i % 10 for i in range(12)]

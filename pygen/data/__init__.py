@@ -21,7 +21,7 @@ from pygen.data.datasets import (
     toy2d,
     toy2d_log_prob,
 )
-from pygen.data.files import NAMES, Data, DataError, load, train_test
+from pygen.data.files import FASHION_MNIST_CLASSES, NAMES, Data, DataError, fashion_mnist, load, train_test
 from pygen.data.loader import InMemoryLoader, TensorData, as_tensors, epoch_permutation
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "TOY2D",
     "TOY2D_DENSITIES",
     "NAMES",
+    "fashion_mnist",
+    "FASHION_MNIST_CLASSES",
     "digits",
     "digits_split_index",
     "toy2d",

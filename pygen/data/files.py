@@ -1,7 +1,8 @@
 """``load(spec)``: one entry point from a name or a path to tensors in memory.
 
 Built-in names: "digits", "digits16", "digits32", the :data:`~pygen.data.datasets.TOY2D`
-names and "patches". Paths: a folder of images, an .npz / .npy array, or MNIST-style IDX
+names, "patches" and "fashion-mnist" / "fashion-mnist:test" (read from the Debian package
+``dataset-fashion-mnist``'s IDX files, or from ``$PYGEN_DATA``). Paths: a folder of images, an .npz / .npy array, or MNIST-style IDX
 files. Every failure to read data is one :class:`DataError` (a ValueError) whose message
 names the file and what was expected, so a command-line tool can print it as one line.
 """
@@ -20,9 +21,9 @@ from torch import Tensor
 
 from pygen.data.datasets import SPLITS, TOY2D, digits, patches, toy2d
 
-__all__ = ["DataError", "Data", "NAMES", "load", "train_test"]
+__all__ = ["DataError", "Data", "NAMES", "load", "train_test", "fashion_mnist", "FASHION_MNIST_CLASSES"]
 
-NAMES = ("digits", "digits16", "digits32", *TOY2D, "patches")
+NAMES = ("digits", "digits16", "digits32", *TOY2D, "patches", "fashion-mnist", "fashion-mnist:test")
 #: points drawn for a toy2d name: train, and test (a different seed: seed + _TOY_TEST_SEED)
 _TOY_N = {"train": 10_000, "test": 2_000}
 _TOY_TEST_SEED = 1_000_003
@@ -273,13 +274,53 @@ def _seeded_split(d: Data, split: str, seed: int, test_fraction: float) -> Data:
     return Data(d.data[idx], labels, d.name, split, low_res)
 
 
+# ---- Fashion-MNIST (Xiao, Rasul & Vollgraf 2017) ---------------------------------------------
+# 70,000 28x28 grayscale images of 10 clothing classes, the official 60k / 10k split. Not
+# downloaded: Debian packages the four IDX files (apt install dataset-fashion-mnist).
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+FASHION_MNIST_INSTALL = "sudo apt install dataset-fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where the Debian package puts it
+_FASHION_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+
+
+def _fashion_mnist_file(split: str) -> Path:
+    """The images file of a split: in $PYGEN_DATA (or its fashion-mnist/ folder), else in the
+    Debian package's folder; gzipped or not."""
+    dirs = []
+    if os.environ.get("PYGEN_DATA"):
+        root = Path(os.environ["PYGEN_DATA"])
+        dirs += [root / "fashion-mnist", root]
+    dirs.append(FASHION_MNIST_DIR)
+    for d in dirs:
+        for name in (_FASHION_FILES[split] + ".gz", _FASHION_FILES[split]):
+            if (d / name).is_file():
+                return d / name
+    raise DataError(f"fashion-mnist is not installed (looked in {', '.join(map(str, dirs))}): "
+                    f"{FASHION_MNIST_INSTALL}, or `make data`, or put its IDX files in $PYGEN_DATA")
+
+
+def fashion_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST's official ``split`` ("train": 60000, "test": 10000) as (x (N, 1, 28, 28)
+    float32 in [0, 1] (levels k / 255), labels (N,) int64 in 0..9, :data:`FASHION_MNIST_CLASSES`)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    d = _load_idx(_fashion_mnist_file(split), split)
+    if d.labels is None:
+        raise DataError(f"{_fashion_mnist_file(split)}: its labels file is missing beside it")
+    return d.data, d.labels
+
+
 def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fraction: float = 0.2) -> Data:
     """Load a data set by name or path -> :class:`Data` (tensors in memory, CPU).
 
     Names (fixed splits, see each function): "digits" / "digits16" / "digits32"
     (:func:`digits` at size 8 / 16 / 32, with labels); the :data:`TOY2D` names (``seed``
     draws 10000 "train" points, 2000 "test" ones from seed + 1000003, "all" is train);
-    "patches" (:func:`patches` 32 px, scale 4: data = the 32 px targets, low_res = 8 px inputs).
+    "patches" (:func:`patches` 32 px, scale 4: data = the 32 px targets, low_res = 8 px inputs);
+    "fashion-mnist" (:func:`fashion_mnist`: "train" and "all" the 60000 training images,
+    "test" the 10000 test images; "fashion-mnist:test" is the test set as "all").
 
     Paths:
 
@@ -309,6 +350,10 @@ def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fra
     if s == "patches":
         hr, low_res = patches(32, 4, split)
         return Data(hr, None, s, split, low_res=low_res)
+    if s in ("fashion-mnist", "fashion-mnist:test"):  # "all" is the train set, as for toy2d
+        fsplit = "test" if split == "test" or (s.endswith(":test") and split == "all") else "train"
+        x, y = fashion_mnist(fsplit)
+        return Data(x, y, s, split)
     path = Path(s)
     if not path.exists():
         raise _fail(
