@@ -269,3 +269,22 @@ def test_sampling_directory_png_in_process(tmp_path):
     torch.testing.assert_close(x, vae.sample(10, seed=0), rtol=0, atol=0.5 / 255 + 1e-6)  # 8-bit
     (tmp_path / "p" / png_file(5)).unlink()
     assert sample_to_dir(tmp_path / "vae.pt", 10, tmp_path / "p", fmt="png", progress=False, grid=False)["sampled"] == 4
+
+
+def test_labels_helpers():
+    from pygen.data import Data
+    from pygen.models import VAE
+    from pygen.models.labels import num_classes_of, one_hot, training_data
+
+    x = torch.zeros(4, 2)
+    labelled, plain = Data(x, torch.tensor([0, 4, 1, 4]), "d"), Data(x, None, "p")
+    assert num_classes_of(labelled) == 5
+    with pytest.raises(ValueError, match="needs labelled data; p has no labels"):
+        num_classes_of(plain)
+    oh = one_hot(torch.tensor([2, 0]), 3, torch.float64)
+    assert oh.dtype == torch.float64 and oh.tolist() == [[0, 0, 1], [1, 0, 0]]
+    cond, uncond = VAE((2,), 2, hidden=8, num_classes=5), VAE((2,), 2, hidden=8)
+    got = training_data(cond, labelled)
+    assert isinstance(got, tuple) and got[0] is x and torch.equal(got[1], labelled.labels)
+    assert training_data(uncond, labelled) is x and training_data(cond, plain) is x
+    assert VAE.for_data(labelled, conditional=True).num_classes == 5 and VAE.for_data(labelled).num_classes is None
