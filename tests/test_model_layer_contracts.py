@@ -288,3 +288,19 @@ def test_labels_helpers():
     assert isinstance(got, tuple) and got[0] is x and torch.equal(got[1], labelled.labels)
     assert training_data(uncond, labelled) is x and training_data(cond, plain) is x
     assert VAE.for_data(labelled, conditional=True).num_classes == 5 and VAE.for_data(labelled).num_classes is None
+
+
+def test_sample_labels_forms():
+    from pygen.models.labels import sample_labels
+
+    assert sample_labels(torch.tensor([2]), 3, 5, seed=0).tolist() == [2, 2, 2]  # a 1-element tensor broadcasts
+    assert sample_labels(torch.tensor(4), 2, 5, seed=0).tolist() == [4, 4] and sample_labels(1, 2, 5, seed=0).tolist() == [1, 1]
+    with pytest.raises(TypeError, match="labels must be integers"):
+        sample_labels(torch.tensor([1.0, 2.0]), 2, 5, seed=0)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\), got values in \[-1, 4\]"):
+        sample_labels(torch.tensor([-1, 4]), 2, 5, seed=0)
+    with pytest.raises(ValueError, match=r"labels must be an int or \(3,\)"):
+        sample_labels(torch.tensor([1, 2]), 3, 5, seed=0)
+    with pytest.raises(ValueError, match="unconditional GAN"):
+        sample_labels(1, 3, None, seed=0, owner="GAN")
+    assert sample_labels(None, 3, None, seed=0) is None
