@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "fsync_dir", "save_atomic", "write_text_atomic", "checkpoints", "resolve_checkpoint", "LATEST"]
+__all__ = ["write_atomic", "fsync_dir", "save_atomic", "write_text_atomic", "checkpoints", "resolve_checkpoint",
+           "select_checkpoint", "LATEST", "BEST"]
 
 
 def _read_umask() -> int:
@@ -99,3 +100,34 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
         return path / name
     found = checkpoints(path)
     return found[-1][1] if found else None
+
+
+BEST = "best.pt"  # the checkpoint of the best held-out metric (pygen.train.callbacks.BestCheckpoint)
+
+
+def select_checkpoint(path: str | os.PathLike, which: str | int | None = None) -> Path | None:
+    """The checkpoint to sample or evaluate: ``path`` itself when it is a file; in a training
+    directory ``which`` = "best" (``best.pt``), "latest" (what ``latest`` names), a step
+    (``ckpt-<step>.pt``), or None: best.pt when the run kept one, else the latest.
+    None for a directory without checkpoints; FileNotFoundError for one asked for and absent."""
+    path = Path(path)
+    if not path.is_dir():
+        if which is not None:
+            raise ValueError(f"{path} is a checkpoint file: choosing a checkpoint ({which!r}) needs a training directory")
+        return resolve_checkpoint(path)
+    if which is None:
+        return path / BEST if (path / BEST).is_file() else resolve_checkpoint(path)
+    if which == "best":
+        if not (path / BEST).is_file():
+            raise FileNotFoundError(f"{path} holds no {BEST} (train with --keep-best to keep one)")
+        return path / BEST
+    if which == "latest":
+        return resolve_checkpoint(path)
+    step = int(which) if isinstance(which, int) or (isinstance(which, str) and which.isdigit()) else None
+    if step is None:
+        raise ValueError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}")
+    file = path / f"ckpt-{step}.pt"
+    if not file.is_file():
+        kept = ", ".join(str(s) for s, _ in checkpoints(path)) or "none"
+        raise FileNotFoundError(f"{path} holds no checkpoint of step {step} (kept steps: {kept})")
+    return file

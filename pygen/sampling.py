@@ -290,6 +290,7 @@ def sample_to_dir(
     progress: bool = True,
     grid: bool = True,
     on_shard: Callable[[int, int], None] | None = None,
+    which: str | int | None = None,
 ) -> dict[str, Any]:
     """Write samples 0 .. n-1 of ``checkpoint`` (a file or a training directory) to ``out``.
 
@@ -304,13 +305,16 @@ def sample_to_dir(
     ``ema``: sample with the checkpoint's EMA weights (False: the raw ones; part of the job's
     identity, like the seed and the sampler settings, which the manifest records with their
     defaults filled in). ``on_shard(start, stop)`` is called after each shard this process
-    wrote. Under torchrun (WORLD_SIZE > 1) every rank must call it with the same arguments.
+    wrote. ``which``: a training directory's checkpoint, "best", "latest" or a step (default:
+    best.pt when the run kept one, else the latest; see :func:`pygen._io.select_checkpoint`);
+    the manifest records the file and its sha256. Under torchrun (WORLD_SIZE > 1) every rank
+    must call it with the same arguments.
 
     Returns the manifest (the final one on rank 0; the planned one on the other ranks).
     Raises :class:`SamplingError` for a job that cannot run as asked.
     """
     from pygen.models import load
-    from pygen._io import resolve_checkpoint
+    from pygen._io import select_checkpoint
     from pygen.train import ddp
 
     for name, v in {"n": n, "batch_size": batch_size}.items():
@@ -325,8 +329,8 @@ def sample_to_dir(
     labels = parse_labels(labels)
     out = Path(out)
     try:
-        ckpt_file = resolve_checkpoint(checkpoint)
-    except FileNotFoundError as e:
+        ckpt_file = select_checkpoint(checkpoint, which)
+    except (FileNotFoundError, ValueError) as e:
         raise SamplingError(str(e)) from None
     if ckpt_file is None:
         raise SamplingError(f"{checkpoint} holds no checkpoint (no 'latest' file, no ckpt-*.pt)")

@@ -13,6 +13,7 @@ import pygen.data
 from pygen.metrics import mmd
 from pygen.models import load
 from pygen.models.labels import sample_labels
+from pygen.models.update import Update
 from pygen.models.gan import (
     GAN,
     LOSSES,
@@ -166,12 +167,12 @@ def test_frozen_network_gets_no_gradient_and_flags_are_restored():
                      {p.requires_grad for p in gan.discriminator.parameters()}))
         return gan(batch, **kw)
 
-    gan.generator_step(x, 0, opt_g, forward=forward)  # G's grads exist before the D phase
-    gan.discriminator_step(x, 1, opt_d, forward=forward)
+    gan.generator_step(x, 0, opt_g, update=Update(forward))  # G's grads exist before the D phase
+    gan.discriminator_step(x, 1, opt_d, update=Update(forward))
     assert all(g is None for g in _grads(gan.generator))
     assert all(g is not None for g in _grads(gan.discriminator))  # (hinge: the head's bias grad can be 0)
     assert sum(g.abs().sum() for g in _grads(gan.discriminator)) > 0
-    gan.generator_step(x, 1, opt_g, forward=forward)
+    gan.generator_step(x, 1, opt_g, update=Update(forward))
     assert all(g is None for g in _grads(gan.discriminator))
     assert all(g is not None for g in _grads(gan.generator))
     assert seen[1:] == [("d", {False}, {True}), ("g", {True}, {False})]
@@ -197,7 +198,7 @@ def test_n_dis_discriminator_steps_per_generator_step():
 
     x = digits_batch(8)
     for step in range(2):
-        out = gan.training_step(x, step, opts, forward=forward)
+        out = gan.training_step(x, step, opts, update=Update(forward))
     assert calls == [("d", 0), ("d", 1), ("d", 2), ("g", None), ("d", 3), ("d", 4), ("d", 5), ("g", None)]
     assert opts[0].state[next(gan.discriminator.parameters())]["step"] == 6
     assert opts[1].state[next(gan.generator.parameters())]["step"] == 2

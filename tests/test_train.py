@@ -100,7 +100,8 @@ def test_checkpoint_contents_complete(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "ckpt-4.pt"
     assert not list(tmp_path.glob(".tmp-*"))
     ckpt = torch.load(tmp_path / "ckpt-4.pt", weights_only=True)
-    assert set(ckpt) == {"family", "config", "model", "ema", "ema_n_averaged", "optimizers", "schedulers", "step", "rng", "train", "versions"}
+    assert set(ckpt) == {"family", "config", "model", "ema", "ema_n_averaged", "optimizers", "schedulers", "scaler",
+                         "callbacks", "step", "rng", "train", "versions"}
     assert ckpt["family"] == "test-scheduled-flow" and ckpt["config"] == m.config and ckpt["step"] == 4
     for name, v in m.state_dict().items():  # after fit the model holds the EMA weights, as load(out) gives
         assert torch.equal(ckpt["ema"][name], v)
@@ -110,7 +111,9 @@ def test_checkpoint_contents_complete(tmp_path):
     assert ckpt["schedulers"][0]["last_epoch"] == 4 and ckpt["schedulers"][0]["_last_lr"] == [5e-3]
     (rng,) = ckpt["rng"]  # one entry per rank
     assert {"torch", "numpy", "python"} <= set(rng) and rng["torch"].dtype == torch.uint8
-    assert ckpt["train"] == {"seed": 0, "batch_size": 16, "world_size": 1}
+    assert ckpt["train"] == {"seed": 0, "batch_size": 16, "world_size": 1, "steps": 4, "grad_accum": 1, "precision": "fp32",
+                             "lr_schedule": "constant", "warmup": 0, "weight_decay": None}
+    assert ckpt["scaler"] is None and ckpt["callbacks"] == []
     assert set(ckpt["versions"]) == {"pygen", "torch"}
     # the metrics log is the history
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -90,7 +90,64 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---- train --------------------------------------------------------------------------------
 
 TRAIN_JSON = "train.json"  # the command's settings, so that --resume needs no repetition
-TRAIN_KEYS = ("steps", "batch_size", "lr", "seed")
+TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "lr_schedule", "warmup", "weight_decay", "grad_accum", "precision",
+              "keep_best", "early_stop", "tensorboard", "sample_every", "eval_fd_every")
+#: the trainer settings' values when neither the command, --config nor train.json gives one
+TRAIN_FALLBACKS = {"seed": 0, "lr_schedule": "constant", "warmup": 0, "weight_decay": None, "grad_accum": 1,
+                   "precision": "fp32", "keep_best": None, "early_stop": None, "tensorboard": False,
+                   "sample_every": None, "eval_fd_every": None}
+
+
+def _int_at_least(lowest: int) -> Any:
+    """An argparse type: an int >= lowest (checked at parse time: one line, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {v}")
+        return v
+
+    return parse
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _callbacks(settings: dict[str, Any], model: Any, test: Any) -> list[Any]:
+    """The trainer callbacks the settings ask for (held-out FD first: the best checkpoint may
+    be chosen by it; TensorBoard last: it logs what the others added)."""
+    from pygen.train import callbacks as C
+
+    cbs: list[Any] = []
+    if settings["eval_fd_every"]:
+        try:
+            cbs.append(C.HeldOutFD(test, settings["eval_fd_every"]))
+        except ValueError as e:
+            raise UserError(f"--eval-fd-every: {e}") from None
+    metric = settings["keep_best"] or ("auto" if settings["early_stop"] else None)
+    if metric == "auto":
+        metric = "eval_ema/loss" if getattr(model, "ema_decay", None) is not None else "eval/loss"
+    if metric is not None:
+        cbs.append(C.BestCheckpoint(metric, patience=settings["early_stop"]))
+    tb = None
+    if settings["tensorboard"]:
+        try:
+            tb = C.TensorBoard()
+        except ImportError as e:
+            raise UserError(f"--tensorboard: {e}") from None
+    if settings["sample_every"]:
+        cbs.append(C.SampleGrids(settings["sample_every"], tensorboard=tb))
+    return cbs + ([tb] if tb is not None else [])
 
 
 def _parse_value(text: str) -> Any:
@@ -153,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         options[key.replace("-", "_")] = _parse_value(value)
 
     defaults = fam.train()
-    settings = {"seed": 0, **defaults, **{k: v for k, v in saved.items() if k in TRAIN_KEYS}, **cfg_train}
+    settings = {**TRAIN_FALLBACKS, **defaults, **{k: v for k, v in saved.items() if k in TRAIN_KEYS}, **cfg_train}
     for key in TRAIN_KEYS:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -198,21 +255,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pygen.models.labels import training_data
     from pygen.train import TrainingDiverged, fit
 
+    callbacks = _callbacks(settings, model, test)
     try:
-        fit(model, training_data(model, train), steps=settings["steps"], batch_size=settings["batch_size"],
+        history = fit(
+            model, training_data(model, train), steps=settings["steps"], batch_size=settings["batch_size"],
             lr=settings["lr"], seed=settings["seed"], out=out, resume=args.resume, progress=not args.no_progress,
             log_every=args.log_every, eval_every=args.eval_every, eval_data=training_data(model, test),
-            checkpoint_every=args.checkpoint_every, device=args.device)  # fmt: skip
+            checkpoint_every=args.checkpoint_every, device=args.device, lr_schedule=settings["lr_schedule"],
+            warmup=settings["warmup"], weight_decay=settings["weight_decay"], grad_accum=settings["grad_accum"],
+            precision=settings["precision"], callbacks=callbacks,
+        )  # fmt: skip
     except FileExistsError as e:
         raise UserError(str(e).replace("resume=True", "--resume")) from None
     except TrainingDiverged as e:  # not a usage mistake (exit 1), but one clear line too
         print(f"pygen train: training diverged: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # a resume from another model config, batch size not divisible by the ranks
-        if "resume" in str(e) or "divisible" in str(e):
+    except ValueError as e:  # a resume from another model config or schedule, batch size not divisible, precision
+        if any(w in str(e) for w in ("resume", "divisible", "precision", "grad_accum", "lr_schedule", "warmup",
+                                     "weight_decay", "lr schedulers")):
             raise UserError(str(e)) from None
         raise
     if rank0:
+        stop = next((r for r in history if r.get("stopped_early")), None)
+        if stop is not None:
+            print(f"stopped early at step {stop['step']} (--early-stop {settings['early_stop']})")
+        best = out / "best.pt"
+        if best.exists():
+            import torch as _t
+
+            info = _t.load(best, map_location="cpu", weights_only=True).get("best", {})
+            print(f"best: {best} (step {info.get('step')}, {info.get('metric')} = {info.get('value', float('nan')):.6g}); "
+                  f"pygen sample / eval use it unless --checkpoint latest")
         print(f"done: {out}/latest -> {(out / 'latest').read_text().strip()}; log {out}/metrics.jsonl")
         print(f"next: pygen sample {out} -n 10000 --out {out}-samples    pygen eval {out} --data {data_spec}")
         if args.evaluate:
@@ -229,18 +302,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     manifest = sample_to_dir(
         args.checkpoint, args.n, args.out, batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size,
         sampler=args.sampler, steps=args.steps, guidance=args.guidance, labels=args.labels, data=args.data,
-        fmt=args.format, device=args.device, ema=not args.no_ema, progress=not args.no_progress,
+        fmt=args.format, device=args.device, ema=not args.no_ema, progress=not args.no_progress, which=args.which,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         grid = Path(args.out) / "grid.png"
-        print(f"{describe(manifest)} -> {args.out} (manifest.json, shards{', grid.png' if grid.exists() else ''})")
+        print(f"{describe(manifest)} from {manifest['checkpoint']} -> {args.out} "
+              f"(manifest.json, shards{', grid.png' if grid.exists() else ''})")
     return 0
 
 
 # ---- eval ---------------------------------------------------------------------------------
 
 
-def _evaluate(source: str, data: str, *, seed: int, n: int | None, ema: bool = True) -> dict[str, Any]:
+def _evaluate(source: str, data: str, *, seed: int, n: int | None, ema: bool = True,
+              which: str | None = None) -> dict[str, Any]:
     from pygen.metrics import evaluate
 
     path = Path(source)
@@ -260,10 +335,15 @@ def _evaluate(source: str, data: str, *, seed: int, n: int | None, ema: bool = T
     else:
         from pygen.models import load
 
+        from pygen._io import select_checkpoint
+
         try:
-            model = load(path, ema=ema)
-        except FileNotFoundError as e:
+            file = select_checkpoint(path, which)
+            model = load(path, ema=ema, checkpoint=which)
+        except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
+        if path.is_dir():
+            print(f"evaluating {file}", file=sys.stderr)
     return evaluate(model, data, seed=seed, n=n)
 
 
@@ -283,7 +363,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"no checkpoint, training directory or sampling directory at {args.source}")
     if args.n is not None and args.n < 2:
         raise UserError(f"--n must be >= 2, got {args.n}")
-    _print_eval(_evaluate(args.source, args.data, seed=args.seed, n=args.n, ema=not args.no_ema), args.json)
+    _print_eval(_evaluate(args.source, args.data, seed=args.seed, n=args.n, ema=not args.no_ema, which=args.which),
+                args.json)
     return 0
 
 
@@ -411,6 +492,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     s.add_argument("--evaluate", action="store_true", help="at the end, print pygen eval's table")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t = s.add_argument_group("optimisation")
+    t.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"),
+                   help="lr decay to 0 at --steps after the warm-up (default constant)")
+    t.add_argument("--warmup", type=_int_at_least(0), metavar="STEPS", help="linear lr warm-up steps (default 0)")
+    t.add_argument("--weight-decay", type=_nonnegative_float, metavar="WD",
+                   help="decoupled weight decay (Adam becomes AdamW; default: none)")
+    t.add_argument("--grad-accum", type=_int_at_least(1), metavar="K",
+                   help="micro-batches per optimizer step: the same --batch-size in 1/K of the memory (default 1)")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="autocast dtype: bf16 (GPU, or a CPU with native bf16), fp16 (GPU, loss scaling); default fp32")
+    m = s.add_argument_group("monitoring")
+    m.add_argument("--keep-best", nargs="?", const="auto", metavar="METRIC",
+                   help="keep best.pt, the checkpoint of the lowest held-out METRIC (default: eval_ema/loss, or "
+                        "eval/loss without EMA; eval/fd with --eval-fd-every; max:KEY for higher is better); "
+                        "sample and eval then use it")
+    m.add_argument("--early-stop", type=_int_at_least(1), metavar="PATIENCE",
+                   help="stop after PATIENCE held-out evaluations without improvement (implies --keep-best)")
+    m.add_argument("--tensorboard", action="store_true", default=None,
+                   help="log scalars (and --sample-every grids) to DIR/tensorboard (needs the tensorboard package)")
+    m.add_argument("--sample-every", type=_int_at_least(1), metavar="N",
+                   help="every N steps a grid of 64 samples as DIR/samples/step-<N>.png (image data)")
+    m.add_argument("--eval-fd-every", type=_int_at_least(1), metavar="N",
+                   help="every N steps the FD of 1000 samples vs the held-out split, logged as eval/fd")
     seen: set[str] = set()
     for f in FAMILIES.values():
         group = s.add_argument_group(f"{f.name} options") if any(fl not in seen for fl in f.flags) else None
@@ -450,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda (default: cuda:LOCAL_RANK when available)")
     s.add_argument("--format", choices=("npz", "png"), default="npz", help="(default npz)")
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA ones")
+    s.add_argument("--checkpoint", dest="which", metavar="best|latest|STEP",
+                   help="a training directory's checkpoint (default: best.pt when the run kept one, else latest)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_sample)
 
@@ -465,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", metavar="FILE", help="write the results as JSON")
     s.add_argument("--no-ema", action="store_true", help="a checkpoint's raw weights instead of the EMA ones")
+    s.add_argument("--checkpoint", dest="which", metavar="best|latest|STEP",
+                   help="a training directory's checkpoint (default: best.pt when the run kept one, else latest)")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser(

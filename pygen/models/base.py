@@ -12,10 +12,11 @@ calls only the methods below, so a new family needs no trainer change:
 - ``setup(batch)``: once, on a fresh run, with the first global batch, before DDP wraps the
   model (data-dependent initialisation such as ActNorm: every rank sees the same batch).
 - ``configure_optimizers(lr) -> list[Optimizer]`` (or ``(optimizers, schedulers)``).
-- ``training_step(batch, step, optimizers, *, forward, grad_clip) -> dict``: one update; a GAN
-  overrides it to alternate D and G. ``forward`` is the trainer's wrapper of ``self``
-  (DistributedDataParallel, torch.compile): call it instead of ``self.loss`` so that
-  gradients are all-reduced. ``model.forward(*a, **k)`` is ``model.loss(*a, **k)``.
+- ``training_step(batch, step, optimizers, *, update) -> dict``: one update; a GAN overrides
+  it to alternate D and G. ``update`` (:class:`pygen.models.update.Update`) runs the forward
+  through the trainer's wrapper of ``self`` (DistributedDataParallel, torch.compile: so that
+  gradients are all-reduced), micro-batches, autocast, clipping and the optimizer step.
+  ``model.forward(*a, **k)`` is ``model.loss(*a, **k)``.
 - ``ema_decay``: a float makes the trainer keep an EMA of the weights; ``ema_warmup = True``
   warms its decay up as min(decay, (1 + k) / (10 + k)) over the first updates.
 - ``evaluate_step(batch) -> dict``: the loss terms without gradient by default.
@@ -36,15 +37,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from pygen._io import LATEST, resolve_checkpoint, save_atomic
+from pygen._io import LATEST, save_atomic, select_checkpoint
 from pygen.models.labels import Batch
+from pygen.models.update import Update
 
 __all__ = ["GenerativeModel", "TrainingDiverged", "Batch", "load", "families", "versions"]
 
@@ -130,27 +132,22 @@ class GenerativeModel(nn.Module):
         return [torch.optim.Adam(self.parameters(), lr=self.default_lr if lr is None else lr)]
 
     def training_step(
-        self,
-        batch: Batch,
-        step: int,
-        optimizers: Sequence[torch.optim.Optimizer],
-        *,
-        forward: Callable[..., dict[str, Tensor]] | None = None,
-        grad_clip: float | None = None,
+        self, batch: Batch, step: int, optimizers: Sequence[torch.optim.Optimizer], *, update: Update | None = None
     ) -> dict[str, Tensor]:
-        """One update (step is 0-based): zero_grad, loss backward, clip the grad norm, step.
+        """One update (step is 0-based): zero_grad, forward and backward through ``update``
+        (the trainer's wrapper, micro-batches, precision), clip, step every optimizer.
 
         Returns the detached loss terms, plus ``"grad_norm"`` (before clipping) when clipping.
         """
-        terms = (self if forward is None else forward)(batch)
+        update = Update() if update is None else update
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        out = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
-        if grad_clip is not None:
-            out["grad_norm"] = nn.utils.clip_grad_norm_(self.parameters(), grad_clip)
-        for opt in optimizers:
-            opt.step()
+        out = update.backward(self, batch)
+        for i, opt in enumerate(optimizers):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            norm = update.step(opt, params)
+            if update.grad_clip is not None and i == 0:
+                out["grad_norm"] = norm
         return out
 
     @torch.no_grad()
@@ -190,15 +187,22 @@ def versions() -> dict[str, str]:
     return {"pygen": str(pygen.__version__), "torch": str(torch.__version__)}  # plain str: weights_only loads
 
 
-def load(path: str | os.PathLike, *, ema: bool = True, map_location: str | torch.device = "cpu") -> GenerativeModel:
+def load(
+    path: str | os.PathLike,
+    *,
+    ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    checkpoint: str | int | None = None,
+) -> GenerativeModel:
     """Rebuild a model from a file written by :meth:`GenerativeModel.save` or the trainer, or
-    from a training directory (its latest checkpoint).
+    from a training directory: its ``best.pt`` when the run kept one (``--keep-best``), else
+    its latest checkpoint; ``checkpoint`` = "best", "latest" or a step picks one.
 
     ema=True takes the EMA weights when the checkpoint has them (the raw weights otherwise),
     and makes a model that keeps its EMA inside itself (the GAN) sample with it; ema=False
     the raw weights everywhere. The model is returned in eval mode on ``map_location``.
     """
-    file = resolve_checkpoint(path)
+    file = select_checkpoint(path, checkpoint)
     if file is None:
         raise FileNotFoundError(f"{path} holds no checkpoint (no {LATEST} file, no ckpt-*.pt)")
     ckpt = torch.load(file, map_location=map_location, weights_only=True)

@@ -62,6 +62,7 @@ from pygen.models.base import GenerativeModel, TrainingDiverged
 from pygen.models.inference import sampling
 from pygen.models.labels import Batch, num_classes_of, sample_labels, split_batch
 from pygen.models.seeding import resolve_seed
+from pygen.models.update import Update
 from pygen.models.networks import ConvEncoder, decoder, encoder, is_image
 from pygen.ops import randn
 
@@ -478,53 +479,40 @@ class GAN(GenerativeModel, family="gan"):
             )
         return True
 
-    @staticmethod
-    def _clip(params: list[nn.Parameter], grad_clip: float | None) -> Tensor:
-        grads = [p.grad for p in params if p.grad is not None]
-        if grad_clip is None:
-            return nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        return nn.utils.clip_grad_norm_(params, grad_clip)
-
     def discriminator_step(self, batch: Batch, step: int, optimizer: torch.optim.Optimizer, *,
-                           forward: Callable[..., dict[str, Tensor]] | None = None,
-                           grad_clip: float | None = None) -> dict[str, Tensor]:
+                           update: Update | None = None) -> dict[str, Tensor]:
         """``n_dis`` D updates on ``batch`` with G frozen; the terms averaged over them.
 
         Returns NaN/inf terms without stepping as soon as a loss is non-finite.
         """
-        fwd = self if forward is None else forward
+        update = Update() if update is None else update
         params = list(self.discriminator.parameters())
         sums: dict[str, Tensor] = {}
         self.generator.zero_grad(set_to_none=True)
         with self.frozen(self.generator):
             for i in range(self.n_dis):
-                terms = fwd(batch, phase="d", d_step=step * self.n_dis + i)
                 optimizer.zero_grad(set_to_none=True)
+                terms = update.backward(self, batch, phase="d", d_step=step * self.n_dis + i)
                 if not self._check("loss_d", terms["loss"], step):
-                    return {k: v.detach() for k, v in terms.items()}
-                terms["loss"].backward()
-                terms["grad_norm_d"] = self._clip(params, grad_clip)
-                optimizer.step()
+                    return terms
+                terms["grad_norm_d"] = update.step(optimizer, params)
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0) + v.detach()
+                    sums[k] = sums.get(k, 0) + v
         return {k: v / self.n_dis for k, v in sums.items()}
 
     def generator_step(self, batch: Batch, step: int, optimizer: torch.optim.Optimizer, *,
-                       forward: Callable[..., dict[str, Tensor]] | None = None,
-                       grad_clip: float | None = None) -> dict[str, Tensor]:
+                       update: Update | None = None) -> dict[str, Tensor]:
         """One G update with D frozen, then the EMA update of G."""
-        fwd = self if forward is None else forward
+        update = Update() if update is None else update
         self.discriminator.zero_grad(set_to_none=True)
         with self.frozen(self.discriminator):
-            terms = fwd(batch, phase="g")
             optimizer.zero_grad(set_to_none=True)
+            terms = update.backward(self, batch, phase="g")
             if not self._check("loss_g", terms["loss"], step):
-                return {k: v.detach() for k, v in terms.items()}
-            terms["loss"].backward()
-            terms["grad_norm_g"] = self._clip(list(self.generator.parameters()), grad_clip)
-            optimizer.step()
+                return terms
+            terms["grad_norm_g"] = update.step(optimizer, list(self.generator.parameters()))
         self.update_ema(step)
-        return {k: v.detach() for k, v in terms.items()}
+        return terms
 
     @torch.no_grad()
     def update_ema(self, step: int) -> None:
@@ -539,8 +527,7 @@ class GAN(GenerativeModel, family="gan"):
             be.copy_(b)
 
     def training_step(self, batch: Batch, step: int, optimizers: Sequence[torch.optim.Optimizer], *,
-                      forward: Callable[..., dict[str, Tensor]] | None = None,
-                      grad_clip: float | None = None) -> dict[str, Tensor]:
+                      update: Update | None = None) -> dict[str, Tensor]:
         """``n_dis`` D steps, one G step, the EMA update. ``optimizers`` = [D's, G's].
 
         Returns the detached terms: "loss" (D's loss with its penalties + G's loss: NaN if
@@ -551,9 +538,9 @@ class GAN(GenerativeModel, family="gan"):
         G step and returns "loss" NaN; an exploding one (|loss| > max_loss) raises.
         """
         opt_d, opt_g = optimizers
-        out = self.discriminator_step(batch, step, opt_d, forward=forward, grad_clip=grad_clip)
+        out = self.discriminator_step(batch, step, opt_d, update=update)
         if torch.isfinite(out["loss"]):
-            g = self.generator_step(batch, step, opt_g, forward=forward, grad_clip=grad_clip)
+            g = self.generator_step(batch, step, opt_g, update=update)
         else:  # the trainer stops on the NaN: no G step on a broken D
             g = {"loss": torch.full_like(out["loss"], math.nan)}
         out["loss"] = out["loss"] + g.pop("loss")

@@ -96,3 +96,13 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    """Rank 0's flag on every rank (a decision taken by rank-0-only code, such as a callback's
+    stop request, that every rank must follow)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=info.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())

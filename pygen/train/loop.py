@@ -16,9 +16,12 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pygen.data.loader import as_tensors, epoch_permutation
-from pygen._io import write_text_atomic
+from pygen._io import save_atomic, write_text_atomic
 from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions
+from pygen.models.update import PRECISIONS, Update
 from pygen.train import ddp
+from pygen.train.callbacks import Callback, Run
+from pygen.train.schedules import apply_weight_decay, lr_schedulers
 from pygen.train.checkpoint import (
     describe,
     is_run_directory,
@@ -108,7 +111,14 @@ def _optimizers(model: GenerativeModel, lr: float | None) -> tuple[list[torch.op
     return (list(got) if isinstance(got, (list, tuple)) else [got]), []
 
 
-def _check_resumable(model: GenerativeModel, ckpt: dict[str, Any], path: Path, train: dict[str, int]) -> None:
+#: training settings recorded in checkpoints, with the value a checkpoint that lacks one had
+TRAIN_DEFAULTS: dict[str, Any] = {"grad_accum": 1, "precision": "fp32", "lr_schedule": "constant", "warmup": 0,
+                                  "weight_decay": None}
+#: settings a resume must keep (the schedulers' state means nothing under another schedule)
+FIXED_ON_RESUME = ("lr_schedule", "warmup")
+
+
+def _check_resumable(model: GenerativeModel, ckpt: dict[str, Any], path: Path, train: dict[str, Any]) -> None:
     config = _json_config(model)
     if ckpt.get("family") != model.family or ckpt.get("config") != config:
         old = ckpt.get("config") or {}
@@ -118,12 +128,34 @@ def _check_resumable(model: GenerativeModel, ckpt: dict[str, Any], path: Path, t
             f"this is a {model.family!r} model with config {config} (differs in {keys}). "
             f"Use the same model, or another out directory."
         )
+    saved = {**TRAIN_DEFAULTS, **ckpt.get("train", {})}
+    for key in FIXED_ON_RESUME:
+        if saved.get(key) != train[key]:
+            raise ValueError(f"cannot resume from {path} with {key}={train[key]!r}: the run used {saved.get(key)!r}")
+    if train["lr_schedule"] != "constant" and saved.get("steps") is not None and saved["steps"] != train["steps"]:
+        warnings.warn(f"resuming {path} with steps={train['steps']}: the {train['lr_schedule']} lr schedule now "
+                      f"decays to 0 at step {train['steps']} (was {saved['steps']}); its lr jumps at the resume",
+                      stacklevel=4)  # fmt: skip
     for key, value in train.items():
-        if ckpt.get("train", {}).get(key) != value:
+        if key in ("seed", "batch_size", "world_size") and saved.get(key) != value:
             warnings.warn(
-                f"resuming {path} with {key}={value} (the run used {ckpt.get('train', {}).get(key)}): "
+                f"resuming {path} with {key}={value} (the run used {saved.get(key)}): "
                 f"the continuation will not equal an uninterrupted run",
                 stacklevel=4,  # _check_resumable < _fit < fit < the caller
+            )
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("precision='fp16' needs a CUDA device (on a CPU use bf16 where the CPU has it, or fp32)")
+    if device.type == "cpu" and precision == "bf16":
+        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        if not any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")):
+            raise ValueError(
+                "precision='bf16' needs a CPU with native bfloat16 (AVX512-BF16 or AMX); this one has none: "
+                "emulated bf16 is slower than fp32. Use precision='fp32'."
             )
 
 
@@ -158,9 +190,10 @@ def _evaluate(
 
 
 def _training_state(
-    model: GenerativeModel, ema: AveragedModel | None, optimizers: list[torch.optim.Optimizer], schedulers: list[Any]
-) -> dict[str, Any]:
-    """The model, EMA, optimizer and scheduler parts of a checkpoint."""
+    model: GenerativeModel, ema: AveragedModel | None, optimizers: list[torch.optim.Optimizer], schedulers: list[Any],
+    scaler: torch.amp.GradScaler | None, callbacks: list[Callback],
+) -> dict[str, Any]:  # fmt: skip
+    """The model, EMA, optimizer, scheduler, loss-scaler and callback parts of a checkpoint."""
     return {
         "family": model.family,
         "config": _json_config(model),
@@ -169,6 +202,8 @@ def _training_state(
         "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
         "optimizers": [o.state_dict() for o in optimizers],
         "schedulers": [s.state_dict() for s in schedulers],
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "callbacks": [[type(c).__name__, c.state_dict()] for c in callbacks],
     }
 
 
@@ -206,6 +241,12 @@ def fit(
     checkpoint_every: int = 1000,
     keep: int = 2,
     grad_clip: float | None = None,
+    lr_schedule: str = "constant",
+    warmup: int = 0,
+    weight_decay: float | None = None,
+    grad_accum: int = 1,
+    precision: str = "fp32",
+    callbacks: list[Callback] | tuple[Callback, ...] = (),
     compile: bool | str = False,
     device: str | torch.device | None = None,
 ) -> list[dict[str, float]]:
@@ -214,51 +255,71 @@ def fit(
     Args:
         data: x (N, ...), (x, labels), an object with ``.data``/``.labels``, or a Dataset;
             held in memory, batched in a seeded order that is a pure function of (seed, step).
-        batch_size: the global batch; under torchrun each of W ranks takes a disjoint
-            batch_size / W slice of it.
+        batch_size: the global batch of one optimizer step; under torchrun each of W ranks
+            takes a disjoint batch_size / W slice of it.
         lr: passed to ``model.configure_optimizers`` (None: the model's default).
         seed: seeds python, numpy and torch (per rank) and fixes the data order. It does not
             touch the model's initialisation, which happened before: seed that yourself.
         out: the run directory: ``ckpt-<step>.pt`` (every ``checkpoint_every`` steps and at
             the end; the newest ``keep`` kept, all if keep <= 0), ``latest``, ``metrics.jsonl``.
-            A directory
-            that already holds a run needs ``resume=True``.
-        resume: continue from ``out/latest`` (weights, EMA, optimizers, schedulers, step,
-            RNG states): the result equals an uninterrupted run bitwise on CPU with the same
-            threads. Starts fresh if ``out`` holds no checkpoint yet. Refuses a checkpoint of
-            another model config.
+            A directory that already holds a run needs ``resume=True``.
+        resume: continue from ``out/latest`` (weights, EMA, optimizers, schedulers, loss
+            scaler, callback states, step, RNG states): the result equals an uninterrupted run
+            bitwise on CPU with the same threads. Starts fresh if ``out`` holds no checkpoint
+            yet. Refuses a checkpoint of another model config or lr schedule; a run that
+            stopped early stays stopped.
         log_every, eval_every: steps between records (mean loss terms over the window,
-            lr, steps/s, samples/s) and between evaluations of ``eval_data`` ("eval/<term>",
-            "eval_ema/<term>" with an EMA). Both also happen at the last step.
-        grad_clip: max grad norm, passed to the model's ``training_step``.
+            the lr of the step, steps/s, samples/s) and between evaluations of ``eval_data``
+            ("eval/<term>", "eval_ema/<term>" with an EMA). Both also happen at the last step.
+        grad_clip: max total grad norm per optimizer (None: no clipping).
+        lr_schedule, warmup: "constant", "cosine" or "linear" decay of every optimizer's lr
+            to 0 at ``steps``, after a linear warm-up over ``warmup`` steps
+            (:func:`pygen.train.schedules.lr_factor`).
+        weight_decay: decoupled weight decay on every parameter group (Adam becomes AdamW);
+            None: the model's optimizers as configured.
+        grad_accum: each rank's share of the batch runs as ``grad_accum`` micro-batches whose
+            gradients add up before the step (DDP all-reduces once, on the last): the same
+            update at 1/grad_accum of the activation memory.
+        precision: "fp32"; "bf16" (autocast; on a CPU only one with native bfloat16);
+            "fp16" (CUDA: autocast and a GradScaler, checkpointed).
+        callbacks: :class:`pygen.train.callbacks.Callback` hooks (best checkpoint and early
+            stopping, sample grids, TensorBoard, held-out FD are callbacks too).
         compile: torch.compile the model's forward (= loss); a string picks the backend.
         device: default ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
 
     Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (NCCL on
-    CUDA, gloo on CPU); rank 0 writes checkpoints and metrics and evaluates.
+    CUDA, gloo on CPU); rank 0 writes checkpoints and metrics, evaluates and runs callbacks.
 
     Returns the records (also written to ``out/metrics.jsonl``): dicts with "step" (steps
     completed) and float values. Raises :class:`TrainingDiverged` on a NaN/inf loss term.
 
     After ``fit`` returns, ``model`` is what :func:`pygen.models.load` of the run gives: in
     eval mode, holding the EMA weights when the model keeps an EMA (``ema_decay``; the raw
-    final weights are in the checkpoints, ``load(out, ema=False)``), so ``model.sample()``
+    final weights are in the checkpoints, ``load(out, ema=False)``) — the best checkpoint's
+    when a :class:`~pygen.train.callbacks.BestCheckpoint` kept one — so ``model.sample()``
     right after training equals sampling the saved run.
     """
     if not isinstance(model, GenerativeModel):
         raise TypeError(f"model must be a pygen.models.GenerativeModel, got {type(model).__name__}")
     counts = {"steps": steps, "batch_size": batch_size, "log_every": log_every, "eval_every": eval_every}
-    for name, v in {**counts, "checkpoint_every": checkpoint_every, "seed": seed}.items():
-        lowest = 0 if name in ("steps", "seed") else 1
+    for name, v in {**counts, "checkpoint_every": checkpoint_every, "seed": seed, "grad_accum": grad_accum,
+                    "warmup": warmup}.items():  # fmt: skip
+        lowest = 0 if name in ("steps", "seed", "warmup") else 1
         if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
             raise ValueError(f"{name} must be an int >= {lowest}, got {v!r}")
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks must be pygen.train.callbacks.Callback instances, got {type(cb).__name__}")
     info = ddp.setup(device)
     failed = True
     try:
+        _check_precision(precision, info.device)
         history = _fit(
             model, data, info, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, resume=resume,
             progress=progress, log_every=log_every, eval_every=eval_every, eval_data=eval_data,
-            checkpoint_every=checkpoint_every, keep=keep, grad_clip=grad_clip, compile=compile,
+            checkpoint_every=checkpoint_every, keep=keep, grad_clip=grad_clip, lr_schedule=lr_schedule,
+            warmup=warmup, weight_decay=weight_decay, grad_accum=grad_accum, precision=precision,
+            callbacks=list(callbacks), compile=compile,
         )  # fmt: skip
         failed = False
         return history
@@ -269,15 +330,22 @@ def fit(
 def _fit(
     model: GenerativeModel, data: Any, info: ddp.DistInfo, *, steps: int, batch_size: int, lr: float | None,
     seed: int, out: str | Path | None, resume: bool, progress: bool, log_every: int, eval_every: int,
-    eval_data: Any, checkpoint_every: int, keep: int, grad_clip: float | None, compile: bool | str,
+    eval_data: Any, checkpoint_every: int, keep: int, grad_clip: float | None, lr_schedule: str, warmup: int,
+    weight_decay: float | None, grad_accum: int, precision: str, callbacks: list[Callback], compile: bool | str,
 ) -> list[dict[str, float]]:  # fmt: skip
     device, rank, world = info.device, info.rank, info.world_size
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} must be divisible by the number of ranks ({world})")
+    local = batch_size // world
+    if local < grad_accum:
+        raise ValueError(f"grad_accum={grad_accum} needs at least that many examples per rank; "
+                         f"batch_size {batch_size} over {world} rank(s) gives {local}")  # fmt: skip
     x, labels = as_tensors(data)
     ev = as_tensors(eval_data) if eval_data is not None else None
-    order, local = BatchOrder(len(x), batch_size, seed), batch_size // world
-    train_settings = {"seed": seed, "batch_size": batch_size, "world_size": world}
+    order = BatchOrder(len(x), batch_size, seed)
+    train_settings = {"seed": seed, "batch_size": batch_size, "world_size": world, "steps": steps, "grad_accum": grad_accum,
+                      "precision": precision, "lr_schedule": lr_schedule, "warmup": warmup,
+                      "weight_decay": weight_decay}  # fmt: skip
     _seed_everything(seed, rank)
     model.to(device).train()
 
@@ -302,32 +370,68 @@ def _fit(
         # the same (global) batch on every rank: data-dependent init agrees across ranks
         model.setup(_batch(x, labels, order.indices(0), device))
     optimizers, schedulers = _optimizers(model, lr)
+    if weight_decay is not None:
+        apply_weight_decay(optimizers, weight_decay)
+    added = lr_schedulers(optimizers, lr_schedule, warmup, steps)
+    if added and schedulers:
+        raise ValueError(f"lr_schedule={lr_schedule!r} / warmup={warmup}: {type(model).__name__}.configure_optimizers "
+                         f"returns its own lr schedulers; use those or the trainer's, not both")  # fmt: skip
+    schedulers += added
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ema = None
     if model.ema_decay is not None:
         avg = _ema_warmup_fn(model.ema_decay) if model.ema_warmup else get_ema_multi_avg_fn(model.ema_decay)
         ema = AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
+    stopped = None
     if found is not None:
         if len(ckpt["optimizers"]) != len(optimizers) or len(ckpt.get("schedulers", [])) != len(schedulers):
             raise ValueError(f"cannot resume from {last_ckpt}: the model configures other optimizers/schedulers")
         for o, s in zip(optimizers, ckpt["optimizers"]):
             o.load_state_dict(s)
+        if weight_decay is not None:  # a resume may change it: the given value applies
+            apply_weight_decay(optimizers, weight_decay)
         for sch, s in zip(schedulers, ckpt.get("schedulers", [])):
             sch.load_state_dict(s)
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.module.load_state_dict(ckpt["ema"])
             ema.n_averaged.fill_(int(ckpt["ema_n_averaged"]))
+        saved_cbs = {name: state for name, state in ckpt.get("callbacks", [])}
+        for cb in callbacks:
+            if type(cb).__name__ in saved_cbs:
+                cb.load_state_dict(saved_cbs[type(cb).__name__])
         rngs = ckpt["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        stopped = ckpt.get("stopped")
+        if stopped:
+            warnings.warn(f"{last_ckpt}: the run stopped early at step {start} ({stopped}); nothing to resume",
+                          stacklevel=3)  # fmt: skip
 
     engine: nn.Module = ddp.wrap(model, info)
+    no_sync = engine.no_sync if isinstance(engine, nn.parallel.DistributedDataParallel) else None
     if compile:
         engine = torch.compile(engine, backend="inductor" if compile is True else compile)
+    update = Update(engine, grad_clip=grad_clip, grad_accum=grad_accum, precision=precision,
+                    device_type=device.type, scaler=scaler, no_sync=no_sync)  # fmt: skip
+
+    def payload(step: int, rngs: list[Any], **extra: Any) -> dict[str, Any]:
+        state = _training_state(model, ema, optimizers, schedulers, scaler, callbacks)
+        return {**state, "step": step, "rng": rngs, "train": train_settings, "versions": versions(), **extra}
+
+    run = Run(model, ema, steps=steps, out=out_dir, seed=seed,
+              save=lambda path, extra: save_atomic(payload(run.step, [rng_state()], **extra), path) or path)
+    run.step = start
+    cbs = callbacks if info.is_main else []
+    for cb in cbs:
+        cb.on_start(run)
 
     metrics = out_dir / METRICS if out_dir is not None and info.is_main else None
     if metrics is not None:
         _rewrite_metrics(metrics, start)
+    end = start if stopped else steps
     pbar = None
-    if progress and info.is_main and start < steps:
+    if progress and info.is_main and start < end:
         from tqdm.auto import tqdm  # the 'models' extra
 
         pbar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
@@ -336,11 +440,12 @@ def _fit(
     window: dict[str, float] = {}
     window_n, t_last = 0, time.perf_counter()
     try:
-        for step in range(start, steps):
+        for step in range(start, end):
             k = step + 1  # steps completed after this one
             batch = _batch(x, labels, order.indices(step)[rank * local : (rank + 1) * local], device)
+            lr_used = optimizers[0].param_groups[0]["lr"]
             try:
-                terms = model.training_step(batch, step, optimizers, forward=engine, grad_clip=grad_clip)
+                terms = model.training_step(batch, step, optimizers, update=update)
             except TrainingDiverged as e:  # raised by the model (an exploding GAN loss): name the checkpoint
                 if e.checkpoint is not None:
                     raise
@@ -350,6 +455,7 @@ def _fit(
                 sch.step()
             if ema is not None:
                 ema.update_parameters(model)
+            run.step = k
             # one all-reduce: the global mean, so that all ranks log the same and stop together
             values = dict(zip(terms, ddp.mean_over_ranks(_scalars(terms, device), info).tolist()))
             bad = [name for name, v in values.items() if not math.isfinite(v)]
@@ -371,23 +477,31 @@ def _fit(
             if k % log_every == 0 or k == steps:
                 rate = window_n / max(time.perf_counter() - t_last, 1e-9)
                 record.update({name: v / window_n for name, v in window.items()})
-                record.update(lr=optimizers[0].param_groups[0]["lr"], steps_per_s=rate, samples_per_s=rate * batch_size)
+                record.update(lr=lr_used, steps_per_s=rate, samples_per_s=rate * batch_size)
                 window, window_n = {}, 0
                 if pbar is not None:
                     shown = {n: f"{v:.4g}" for n, v in record.items() if n in terms}
                     pbar.set_postfix(shown | {"samples/s": f"{rate * batch_size:.4g}"})
             if ev is not None and info.is_main and (k % eval_every == 0 or k == steps):
+                held_out: dict[str, float] = {}
                 for prefix, module in (("eval", model), ("eval_ema", ema.module if ema is not None else None)):
                     if module is not None:
                         terms_ev = _evaluate(module, *ev, batch_size, device, seed)
-                        record.update({f"{prefix}/{n}": v for n, v in terms_ev.items()})
-            if out_dir is not None and (k % checkpoint_every == 0 or k == steps):
+                        held_out.update({f"{prefix}/{n}": v for n, v in terms_ev.items()})
+                for cb in cbs:
+                    cb.on_eval(run, held_out)
+                record.update(held_out)
+            for cb in cbs:
+                cb.on_step(run, record)
+            stop = ddp.broadcast_flag(run.stop_reason is not None, info)
+            if out_dir is not None and (k % checkpoint_every == 0 or k == steps or stop):
                 rngs = ddp.gather_objects(rng_state(), info)  # every rank's, for an exact resume
                 last_ckpt = out_dir / f"ckpt-{k}.pt"
                 if info.is_main:
-                    state = _training_state(model, ema, optimizers, schedulers)
-                    payload = {**state, "step": k, "rng": rngs, "train": train_settings, "versions": versions()}
-                    last_ckpt = write_checkpoint(out_dir, payload, keep)
+                    extra = {"stopped": run.stop_reason} if stop else {}
+                    last_ckpt = write_checkpoint(out_dir, payload(k, rngs, **extra), keep)
+            if stop:
+                record["stopped_early"] = 1.0
             if record:
                 record = {"step": k, **record}
                 history.append(record)
@@ -396,10 +510,16 @@ def _fit(
                         f.write(json.dumps(record) + "\n")
             if "steps_per_s" in record:
                 t_last = time.perf_counter()  # eval and checkpoint time stays out of the rate
+            if stop:
+                if pbar is not None:
+                    pbar.write(f"stopped early at step {k}: {run.stop_reason}")
+                break
     finally:
         if pbar is not None:
             pbar.close()
     if ema is not None:  # the model samples as load(out) does: with the averaged weights
         model.load_state_dict(ema.module.state_dict())
     model.eval()
+    for cb in cbs:
+        cb.on_end(run)
     return history

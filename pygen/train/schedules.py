@@ -1,0 +1,58 @@
+"""Learning-rate schedules and weight decay applied on top of a model's optimizers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["LR_SCHEDULES", "lr_factor", "apply_weight_decay", "lr_schedulers"]
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
+    """The multiplier of the base lr at 0-based optimizer step k: a linear warm-up
+    (k + 1) / warmup over the first ``warmup`` steps, then constant, or a cosine / linear decay
+    that reaches 0 after step ``steps`` (the last step runs at a small positive lr)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        p = (k - warmup + 1) / max(1, steps - warmup + 1)  # in (0, 1): never exactly 0 inside the run
+        return 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
+
+    return factor
+
+
+def apply_weight_decay(optimizers: list[torch.optim.Optimizer], weight_decay: float) -> None:
+    """Set decoupled weight decay (AdamW's, Loshchilov & Hutter) on every parameter group:
+    Adam becomes AdamW; optimizers without the decoupled form (SGD) get their own
+    ``weight_decay``. Every group, biases and norm scales included (AdamW's default too)."""
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if "weight_decay" not in group:
+                raise ValueError(f"{type(opt).__name__} has no weight_decay setting")
+            group["weight_decay"] = float(weight_decay)
+            if "decoupled_weight_decay" in group:
+                group["decoupled_weight_decay"] = True
+
+
+def lr_schedulers(
+    optimizers: list[torch.optim.Optimizer], schedule: str, warmup: int, steps: int
+) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    """One LambdaLR per optimizer with :func:`lr_factor` (nothing for a constant lr without
+    warm-up, so that such runs and their checkpoints are what they were)."""
+    factor = lr_factor(schedule, warmup, steps)
+    if schedule == "constant" and warmup == 0:
+        return []
+    return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
