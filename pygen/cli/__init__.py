@@ -91,11 +91,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 TRAIN_JSON = "train.json"  # the command's settings, so that --resume needs no repetition
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "lr_schedule", "warmup", "weight_decay", "grad_accum", "precision",
-              "keep_best", "early_stop", "tensorboard", "sample_every", "eval_fd_every")
+              "keep_best", "early_stop", "tensorboard", "sample_every", "eval_fd_every", "log_every", "eval_every",
+              "checkpoint_every")
 #: the trainer settings' values when neither the command, --config nor train.json gives one
 TRAIN_FALLBACKS = {"seed": 0, "lr_schedule": "constant", "warmup": 0, "weight_decay": None, "grad_accum": 1,
                    "precision": "fp32", "keep_best": None, "early_stop": None, "tensorboard": False,
-                   "sample_every": None, "eval_fd_every": None}
+                   "sample_every": None, "eval_fd_every": None, "log_every": 100, "eval_every": 500,
+                   "checkpoint_every": 500}
 
 
 def _int_at_least(lowest: int) -> Any:
@@ -260,8 +262,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = fit(
             model, training_data(model, train), steps=settings["steps"], batch_size=settings["batch_size"],
             lr=settings["lr"], seed=settings["seed"], out=out, resume=args.resume, progress=not args.no_progress,
-            log_every=args.log_every, eval_every=args.eval_every, eval_data=training_data(model, test),
-            checkpoint_every=args.checkpoint_every, device=args.device, lr_schedule=settings["lr_schedule"],
+            log_every=settings["log_every"], eval_every=settings["eval_every"], eval_data=training_data(model, test),
+            checkpoint_every=settings["checkpoint_every"], device=args.device, lr_schedule=settings["lr_schedule"],
             warmup=settings["warmup"], weight_decay=settings["weight_decay"], grad_accum=settings["grad_accum"],
             precision=settings["precision"], callbacks=callbacks,
         )  # fmt: skip
@@ -487,9 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any model constructor option (JSON value), repeatable, e.g. --option ema_decay=0.999")
     s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available)")
     s.add_argument("--threads", type=int, help="torch CPU threads (tiny models: 1 is often fastest)")
-    s.add_argument("--log-every", type=int, default=100, help="steps between log records (default 100)")
-    s.add_argument("--eval-every", type=int, default=500, help="steps between held-out losses (default 500)")
-    s.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    s.add_argument("--log-every", type=_int_at_least(1), metavar="N", help="steps between log records (default 100)")
+    s.add_argument("--eval-every", type=_int_at_least(1), metavar="N",
+                   help="steps between held-out losses (default 500)")
+    s.add_argument("--checkpoint-every", type=_int_at_least(1), metavar="N",
+                   help="steps between checkpoints (default 500)")
     s.add_argument("--evaluate", action="store_true", help="at the end, print pygen eval's table")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     t = s.add_argument_group("optimisation")

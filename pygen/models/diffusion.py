@@ -33,6 +33,7 @@ from pygen.diffusion.samplers import ALPHA_SAMPLERS, DEFAULT_STEPS, SIGMA_SAMPLE
 from pygen.diffusion.schedules import alphas_cumprod_from_betas, make_betas, sigmas_from_alphas_cumprod, spaced_timesteps
 from pygen.models.base import GenerativeModel
 from pygen.models.cuda_graphs import GraphCache
+from pygen.models.custom import NetSpec, build_network, normalize_spec
 from pygen.models.inference import sampling
 from pygen.models.labels import Batch, num_classes_of, sample_labels, split_batch
 from pygen.models.precond import EDM, VP
@@ -75,6 +76,13 @@ class Diffusion(GenerativeModel, family="diffusion"):
         cond_channels, aug_conditioning: an image condition (see the conditioned stages).
         ema_decay: the trainer keeps an EMA of the weights; :func:`pygen.models.load` uses it.
         sampler, steps: the defaults of :meth:`sample` (steps None: ``DEFAULT_STEPS``).
+        net: your own denoiser instead of the UNet / MLP, as an import spec
+            (:mod:`pygen.models.custom`): an ``nn.Module`` whose ``forward(x, c_noise,
+            labels=None, cond=None, aug_level=None)`` maps x (B, *shape) in model space and the
+            noise-level input c_noise (B,) to a tensor of x's shape (what the preconditioning
+            expects: EDM's F_theta, or the VP prediction); labels (B,) in [0, num_classes],
+            num_classes being the null label. Its constructor gets ``shape`` / ``num_classes``
+            when it takes them.
     """
 
     default_lr: ClassVar[float] = 5e-4
@@ -107,6 +115,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
         ema_decay: float | None = 0.999,
         sampler: str = "dpmpp_2m",
         steps: int | None = None,
+        net: NetSpec | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
@@ -122,10 +131,10 @@ class Diffusion(GenerativeModel, family="diffusion"):
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout!r}")
         if data_range == "auto":
             data_range = [0.0, 1.0] if is_image(shape) else None
-        net = _default_net(shape)
+        arch = _default_net(shape)
         given = {"width": width, "mults": mults, "blocks": blocks, "attention": attention, "hidden": hidden,
                  "layers": layers}
-        net.update({k: v for k, v in given.items() if v is not None and (k in net)})
+        arch.update({k: v for k, v in given.items() if v is not None and (k in arch)})
         self.shape, self.num_classes = shape, num_classes
         self.prediction_type = prediction_type
         self.sigma_data, self.snr_gamma, self.label_dropout = float(sigma_data), snr_gamma, float(label_dropout)
@@ -135,15 +144,18 @@ class Diffusion(GenerativeModel, family="diffusion"):
             "shape": list(shape), "num_classes": num_classes, "precond": precond, "prediction_type": prediction_type,
             "snr_gamma": snr_gamma, "sigma_data": self.sigma_data, "num_train_timesteps": num_train_timesteps,
             "beta_schedule": beta_schedule, "label_dropout": self.label_dropout, "data_range": self.data_range,
-            **{k: net[k] for k in net}, "dropout": dropout, "cond_channels": cond_channels,
+            **{k: arch[k] for k in arch}, "dropout": dropout, "cond_channels": cond_channels,
             "aug_conditioning": aug_conditioning, "ema_decay": ema_decay, "sampler": sampler, "steps": steps,
         }  # fmt: skip
-        if is_image(shape):
-            self.net = UNet(shape[0], width=net["width"], mults=net["mults"], blocks=net["blocks"],
-                            attention=net["attention"], dropout=dropout, num_classes=num_classes,
+        if net is not None:  # the user's denoiser (saved as its import spec: load rebuilds it)
+            self.config["net"] = normalize_spec(net, "net")
+            self.net = build_network(net, "net", shape=shape, num_classes=num_classes)
+        elif is_image(shape):
+            self.net = UNet(shape[0], width=arch["width"], mults=arch["mults"], blocks=arch["blocks"],
+                            attention=arch["attention"], dropout=dropout, num_classes=num_classes,
                             cond_channels=cond_channels, aug_conditioning=aug_conditioning)
         else:
-            self.net = MLPDenoiser(math.prod(shape), hidden=net["hidden"], layers=net["layers"],
+            self.net = MLPDenoiser(math.prod(shape), hidden=arch["hidden"], layers=arch["layers"],
                                    num_classes=num_classes)
         ac = alphas_cumprod_from_betas(make_betas(num_train_timesteps, beta_schedule=beta_schedule,
                                                   dtype=torch.float64))

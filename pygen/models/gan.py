@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from pygen.models.base import GenerativeModel, TrainingDiverged
+from pygen.models.custom import NetSpec, build_network, normalize_spec
 from pygen.models.inference import sampling
 from pygen.models.labels import Batch, num_classes_of, sample_labels, split_batch
 from pygen.models.seeding import resolve_seed
@@ -288,6 +289,11 @@ class GAN(GenerativeModel, family="gan"):
         ema_decay: the EMA of the generator used by :meth:`sample` (None: no EMA).
         lr_ratio: D's learning rate over G's (TTUR); betas: Adam's (both optimizers).
         max_loss: |D or G loss| above this raises :class:`pygen.train.TrainingDiverged`.
+        generator, discriminator: your own networks as import specs (:mod:`pygen.models.custom`):
+            G(z (B, z_dim), labels (B,) or None) -> (B, *data_shape) in the data's range;
+            D(x (B, *data_shape), labels or None) -> (B,) logits. Constructors get ``z_dim`` /
+            ``shape`` / ``num_classes`` when they take them. The built-in options of the
+            replaced network (widths, norms, spectral_norm for D) then do not apply.
     """
 
     default_lr = 2e-4
@@ -338,6 +344,8 @@ class GAN(GenerativeModel, family="gan"):
         lr_ratio: float = 1.0,
         betas: Sequence[float] = (0.0, 0.99),
         max_loss: float = 1e4,
+        generator: NetSpec | None = None,
+        discriminator: NetSpec | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in data_shape)
@@ -374,6 +382,11 @@ class GAN(GenerativeModel, family="gan"):
                                    hidden=g_hidden, norm=g_norm, output=output)
         self.discriminator = Discriminator(shape, num_classes=num_classes, width=d_width, hidden=d_hidden,
                                            spectral=spectral_norm)
+        for role, spec in (("generator", generator), ("discriminator", discriminator)):
+            if spec is not None:  # the user's network, saved as its import spec (load rebuilds it)
+                self.config[role] = normalize_spec(spec, role)
+                known = {"shape": shape, "num_classes": num_classes} | ({"z_dim": z_dim} if role == "generator" else {})
+                setattr(self, role, build_network(spec, role, **known))
         self.g_ema: Generator | None = None
         if ema_decay is not None:
             self.g_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()

@@ -55,7 +55,8 @@ from pygen.models.base import GenerativeModel
 from pygen.models.flow import Flow
 from pygen.models.inference import sampling
 from pygen.models.labels import Batch, num_classes_of, one_hot, sample_labels, split_batch
-from pygen.models.networks import decoder, encoder, is_image
+from pygen.models.custom import NetSpec, build_network, normalize_spec
+from pygen.models.networks import decoder as build_decoder, encoder as build_encoder, is_image
 from pygen.models.seeding import resolve_seed
 from pygen.models.vae_stages import PostHocStages
 from pygen.nn.gaussian import GaussianReparameterize
@@ -96,6 +97,13 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
         second_stage: set by :meth:`fit_second_stage` (``{"kind": "gmm", "components": K}``
             or ``{"kind": "flow", ...flow kwargs}``) so that :func:`pygen.models.load`
             rebuilds it; leave None when constructing.
+        encoder, decoder: your own networks as import specs (:mod:`pygen.models.custom`). The
+            encoder maps what the built-in one gets — images (B, C + num_classes, H, W) with
+            network "conv"/"auto" (one-hot labels as constant channels), else flattened
+            (B, D + num_classes) — to (B, 2 latent_dim) (mu, then logvar); the decoder maps
+            (B, latent_dim + num_classes) to B x prod(data_shape) values (reshaped): logits
+            (Bernoulli) or the mean before the output link. Constructors get ``shape`` /
+            ``latent_dim`` / ``num_classes`` when they take them.
     """
 
     default_lr = 1e-3
@@ -128,6 +136,8 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
         logvar_range: Sequence[float] | None = None,
         ema_decay: float | None = None,
         second_stage: dict[str, Any] | None = None,
+        encoder: NetSpec | None = None,
+        decoder: NetSpec | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in data_shape)
@@ -172,8 +182,14 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
         else:  # flattened (MLP); labels appended as features
             enc_shape = (math.prod(shape) + k,)
         self._conv = conv
-        self.encoder = encoder(enc_shape, 2 * latent_dim, **kw)
-        self.decoder = decoder(latent_dim + k, shape if conv else (math.prod(shape),), **kw)
+        user = {"encoder": encoder, "decoder": decoder}
+        self.encoder = build_encoder(enc_shape, 2 * latent_dim, **kw)
+        self.decoder = build_decoder(latent_dim + k, shape if conv else (math.prod(shape),), **kw)
+        for role, spec in user.items():
+            if spec is not None:  # the user's network, saved as its import spec (load rebuilds it)
+                self.config[role] = normalize_spec(spec, role)
+                setattr(self, role, build_network(spec, role, shape=shape, latent_dim=latent_dim,
+                                                  num_classes=num_classes))
         self.reparam = GaussianReparameterize(logvar_range=tuple(logvar_range) if logvar_range is not None else None)
 
         if likelihood == "gaussian" and gamma == "learned":

@@ -21,7 +21,7 @@ from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, v
 from pygen.models.update import PRECISIONS, Update
 from pygen.train import ddp
 from pygen.train.callbacks import Callback, Run
-from pygen.train.schedules import apply_weight_decay, lr_schedulers
+from pygen.train.schedules import apply_weight_decay, lr_schedulers, set_current_lr
 from pygen.train.checkpoint import (
     describe,
     is_run_directory,
@@ -392,6 +392,7 @@ def _fit(
             apply_weight_decay(optimizers, weight_decay)
         for sch, s in zip(schedulers, ckpt.get("schedulers", [])):
             sch.load_state_dict(s)
+        set_current_lr(added)
         if scaler is not None and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:

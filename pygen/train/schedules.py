@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "apply_weight_decay", "lr_schedulers"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "apply_weight_decay", "lr_schedulers", "set_current_lr"]
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -56,3 +56,13 @@ def lr_schedulers(
     if schedule == "constant" and warmup == 0:
         return []
     return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+
+
+def set_current_lr(schedulers: list[torch.optim.lr_scheduler.LambdaLR]) -> None:
+    """Set each optimizer's lr to its scheduler's value at the scheduler's step, as LambdaLR
+    computes it (base_lr * factor). After a resume, the restored lr is the one the old
+    schedule gave; a resume with more steps stretches the schedule, and this applies it."""
+    for sch in schedulers:
+        for group, base, fn in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+            group["lr"] = base * fn(sch.last_epoch)
+        sch._last_lr = [group["lr"] for group in sch.optimizer.param_groups]
