@@ -98,7 +98,7 @@ def test_sample_and_eval_say_which_checkpoint_and_pick_it(monitored, tmp_path):
     assert_user_error(cli("sample", monitored, "-n", "8", "--out", tmp_path / "d", "--checkpoint", "7", check=False),
                       "no checkpoint of step 7", "kept steps: 10, 20")  # fmt: skip
     ev = cli("eval", monitored, "--data", "digits", "--n", "50", "--checkpoint", "latest")
-    assert "evaluating" in ev.stderr and "ckpt-20.pt" in ev.stderr
+    assert "evaluating" in ev.stdout and "ckpt-20.pt" in ev.stdout
 
 
 @pytest.mark.parametrize(

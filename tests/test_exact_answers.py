@@ -89,7 +89,7 @@ class _Scripted(GenerativeModel, family="test-exact-scripted"):
     def loss(self, batch):
         return {"loss": ((batch - self.w) ** 2).mean()}
 
-    def training_step(self, batch, step, optimizers, *, forward=None, grad_clip=None):
+    def training_step(self, batch, step, optimizers, *, update=None):
         with torch.no_grad():
             self.w.copy_(_SEQUENCE[step])
         return {"loss": torch.zeros(())}

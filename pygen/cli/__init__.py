@@ -345,7 +345,7 @@ def _evaluate(source: str, data: str, *, seed: int, n: int | None, ema: bool = T
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
         if path.is_dir():
-            print(f"evaluating {file}", file=sys.stderr)
+            print(f"evaluating {file}")
     return evaluate(model, data, seed=seed, n=n)
 
 
