@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 __all__ = ["write_atomic", "fsync_dir", "save_atomic", "write_text_atomic", "checkpoints", "resolve_checkpoint",
-           "select_checkpoint", "LATEST", "BEST"]
+           "select_checkpoint", "verify_checkpoint", "load_checkpoint", "CorruptCheckpoint", "LATEST", "BEST"]
 
 
 def _read_umask() -> int:
@@ -105,12 +107,82 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
 BEST = "best.pt"  # the checkpoint of the best held-out metric (pygen.train.callbacks.BestCheckpoint)
 
 
-def select_checkpoint(path: str | os.PathLike, which: str | int | None = None) -> Path | None:
-    """The checkpoint to sample or evaluate: ``path`` itself when it is a file; in a training
-    directory ``which`` = "best" (``best.pt``), "latest" (what ``latest`` names), a step
-    (``ckpt-<step>.pt``), or None: best.pt when the run kept one, else the latest.
-    None for a directory without checkpoints; FileNotFoundError for one asked for and absent."""
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that is damaged (flipped bytes, truncated) or not a checkpoint at all."""
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check a ``torch.save`` file before use: it must be a complete zip archive whose every
+    record matches its CRC-32 (``torch.load`` checks neither: flipped weight bytes load
+    silently). Reads the whole file once; raises :class:`CorruptCheckpoint` naming it."""
     path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except OSError:
+        raise
+    except Exception as e:  # BadZipFile, or header fields damaged into nonsense (zlib, struct, ...)
+        raise CorruptCheckpoint(f"{path} is corrupt, truncated or not a checkpoint (not a complete torch.save "
+                                f"archive: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if bad is not None:
+        raise CorruptCheckpoint(f"{path} is corrupt: its record {bad!r} fails its CRC check (damaged bytes)")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, verify: bool = True) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a verified file (:func:`verify_checkpoint`;
+    ``verify=False`` for one :func:`select_checkpoint` just verified); a file that holds
+    something else than tensors and plain values is :class:`CorruptCheckpoint` too."""
+    import pickle
+
+    import torch
+
+    if verify:
+        verify_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ImportError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CorruptCheckpoint(f"{path} is not a pygen checkpoint (a weights-only load refuses it: {first})") from None
+    if not isinstance(ckpt, dict):
+        raise CorruptCheckpoint(f"{path} is not a pygen checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def _intact(path: Path, file: Path, which: str | int | None) -> Path:
+    """``file`` if it verifies; for the default or "latest" choice in a training directory the
+    newest intact ``ckpt-*.pt`` instead (with a warning naming both); else CorruptCheckpoint."""
+    try:
+        verify_checkpoint(file)
+        return file
+    except CorruptCheckpoint as e:
+        if not (path.is_dir() and which in (None, "latest")):
+            raise
+        for _, older in reversed(checkpoints(path)):
+            if older == file:
+                continue
+            try:
+                verify_checkpoint(older)
+            except CorruptCheckpoint:
+                continue
+            warnings.warn(f"{e}; falling back to {older}, the newest intact checkpoint", stacklevel=3)
+            return older
+        raise CorruptCheckpoint(f"{e}; no intact checkpoint is left in {path}") from None
+
+
+def select_checkpoint(path: str | os.PathLike, which: str | int | None = None, *, verify: bool = True) -> Path | None:
+    """The checkpoint to sample, evaluate or resume from: ``path`` itself when it is a file; in
+    a training directory ``which`` = "best" (``best.pt``), "latest" (what ``latest`` names), a
+    step (``ckpt-<step>.pt``), or None: best.pt when the run kept one, else the latest.
+    None for a directory without checkpoints; FileNotFoundError for one asked for and absent.
+
+    ``verify``: the file is checked (:func:`verify_checkpoint`); a damaged default or latest
+    choice falls back to the newest intact checkpoint of the directory, with a warning; a
+    damaged file asked for by name or step raises :class:`CorruptCheckpoint`."""
+    file = _select(Path(path), which)
+    return _intact(Path(path), file, which) if verify and file is not None else file
+
+
+def _select(path: Path, which: str | int | None) -> Path | None:
     if not path.is_dir():
         if which is not None:
             raise ValueError(f"{path} is a checkpoint file: choosing a checkpoint ({which!r}) needs a training directory")

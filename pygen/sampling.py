@@ -35,6 +35,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor
 
 from pygen._io import write_atomic
+from pygen._lock import LOCK, DirectoryBusy
 
 __all__ = ["SamplingError", "sample_to_dir", "SampleDir", "plan_shards", "file_sha256", "MANIFEST"]
 
@@ -200,7 +202,14 @@ def _parameters(fn: Any) -> set[str]:
 
 
 def _is_empty(out: Path) -> bool:
-    return not out.exists() or all(p.name.startswith(".tmp-") for p in out.iterdir())
+    return not out.exists() or all(p.name.startswith(".tmp-") or p.name == LOCK for p in out.iterdir())
+
+
+def _check_finite(x: Tensor, start: int, stop: int) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = start + int((~torch.isfinite(x.flatten(1))).any(1).nonzero()[0, 0])
+        raise SamplingError(f"samples {start}..{stop - 1} hold NaN or inf (first: sample {bad}): the checkpoint's "
+                            "weights or the sampler settings (--guidance, --steps) diverge; nothing of them was written")
 
 
 def _check_writable(out: Path) -> None:
@@ -212,6 +221,24 @@ def _check_writable(out: Path) -> None:
         raise SamplingError(f"cannot create the output directory {out}: {e.strerror or e}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise SamplingError(f"cannot write to the output directory {out} (permission denied)")
+
+
+def _check_space(out: Path, n: int, probe: Tensor, fmt: str) -> None:
+    """Refuse an ``n`` whose samples cannot fit the free space of ``out`` (float32 in .npz;
+    about one byte per value as PNG), counting the shards already there: a job that would fill
+    the disk half-way, or an -n typo of 10**12, is one line before anything is written."""
+    import shutil
+
+    per = probe.numel() * (4 if fmt == "npz" else 1)
+    done = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".npz", ".png"))
+    need, free = n * per - done, shutil.disk_usage(out).free
+    if need > free:
+        raise SamplingError(f"-n {n} needs about {_gb(n * per)} in {out} ({_gb(done)} of it written); "
+                            f"{_gb(free)} are free there: sample fewer, or into a larger disk")  # fmt: skip
+
+
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.3g} GB"
 
 
 def _read_manifest(out: Path) -> dict[str, Any] | None:
@@ -339,10 +366,11 @@ def sample_to_dir(
     info = ddp.setup(device)
     failed = True
     try:
-        manifest = _run(ckpt_file, n, out, info, batch_size=batch_size, seed=seed, shard_size=shard_size,
-                        sampler={"sampler": sampler, "steps": steps, "guidance_scale": guidance}, labels=labels,
-                        data=data, fmt=fmt, ema=ema, progress=progress, grid=grid, load=load,
-                        on_shard=on_shard)  # fmt: skip
+        with ExitStack() as held:
+            manifest = _run(ckpt_file, n, out, info, batch_size=batch_size, seed=seed, shard_size=shard_size,
+                            sampler={"sampler": sampler, "steps": steps, "guidance_scale": guidance}, labels=labels,
+                            data=data, fmt=fmt, ema=ema, progress=progress, grid=grid, load=load,
+                            on_shard=on_shard, held=held)  # fmt: skip
         failed = False
         return manifest
     finally:
@@ -375,7 +403,7 @@ def _barrier(info: Any) -> None:
 
 def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed: int, shard_size: int | None,
          sampler: dict[str, Any], labels: str | int | None, data: str | None, fmt: str, ema: bool, progress: bool,
-         grid: bool, load: Any, on_shard: Callable[[int, int], None] | None) -> dict[str, Any]:  # fmt: skip
+         grid: bool, load: Any, on_shard: Callable[[int, int], None] | None, held: ExitStack) -> dict[str, Any]:  # fmt: skip
     device, rank, world = info.device, info.rank, info.world_size
     try:
         model = load(ckpt_file, ema=ema, map_location=device)
@@ -393,10 +421,20 @@ def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed
     except (ValueError, TypeError) as e:
         raise SamplingError(f"the {manifest_family(model)} model cannot sample with these settings: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    _check_finite(probe, 0, 1)
     if fmt == "png" and not (probe.dim() == 3 and probe.shape[0] in (1, 3)):
         raise SamplingError(f"--format png needs images of 1 or 3 channels; this model samples {tuple(probe.shape)}")
 
     _check_writable(out)
+    from pygen.train import ddp
+
+    try:  # one job per directory, held by ``held`` until the job ends; before anything is written
+        held.enter_context(ddp.job_lock(out, info, "sampling directory"))
+    except DirectoryBusy as e:
+        raise SamplingError(str(e)) from None
+    except OSError as e:
+        raise SamplingError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    _check_space(out, n, probe, fmt)
     old = _read_manifest(out)
     if old is None and not _is_empty(out):
         raise SamplingError(f"{out} is not empty and holds no {MANIFEST}: not a sampling directory; "
@@ -452,7 +490,13 @@ def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed
                 parts.append(job(i, m))
                 if pbar is not None:
                     pbar.update(m)
-            _write_shard(out, a, torch.cat(parts), fmt)
+            x = torch.cat(parts)
+            _check_finite(x, a, b)  # a shard is complete only with finite samples
+            try:
+                _write_shard(out, a, x, fmt)
+            except OSError as e:  # a full disk, a vanished mount: one line, the complete shards stay
+                raise SamplingError(f"cannot write samples {a}..{b - 1} to {out}: {e.strerror or e}; the complete "
+                                    "shards are kept: free space and run the same command to go on") from None
             if on_shard is not None:
                 on_shard(a, b)
     finally:
@@ -505,6 +549,30 @@ def write_grid(out: str | os.PathLike, count: int = 64) -> Path | None:
 # ---- reading a sampling directory -----------------------------------------------------------------
 
 
+def _valid_manifest(m: Any, path: Path) -> tuple[int, int, str, tuple[int, ...]]:
+    """(n, shard_size, format, sample_shape) of a manifest, each checked: a damaged or hand-made
+    one is one clear error, and its size claims are bounded by the shards it lists."""
+    def bad(what: str) -> SamplingError:
+        return SamplingError(f"{path} is not a valid manifest ({what}): rerun the sampling job into a new directory")
+
+    if not isinstance(m, dict):
+        raise bad(f"a JSON {type(m).__name__}, not an object")
+    for key in ("n", "shard_size"):
+        v = m.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise bad(f"{key} must be a positive integer, got {v!r}")
+    n, size, fmt, shape = m["n"], m["shard_size"], m.get("format"), m.get("sample_shape")
+    if fmt not in ("npz", "png"):
+        raise bad(f"format must be npz or png, got {fmt!r}")
+    if not (isinstance(shape, list) and shape and all(type(d) is int and d >= 1 for d in shape)):
+        raise bad(f"sample_shape must be a list of positive integers, got {shape!r}")
+    shards = m.get("shards")
+    if not isinstance(shards, list) or len(shards) != -(-n // size):
+        listed = len(shards) if isinstance(shards, list) else "no"
+        raise bad(f"it lists {listed} shards for n={n} in shards of {size}")
+    return n, size, fmt, tuple(shape)
+
+
 class SampleDir:
     """The samples of a complete sampling directory, read shard by shard.
 
@@ -522,9 +590,8 @@ class SampleDir:
         if m is None:
             raise SamplingError(f"{self.path} holds no {MANIFEST}: not a sampling directory")
         self.manifest = m
-        self.n, self.fmt = int(m["n"]), m["format"]
-        self.sample_shape = tuple(m["sample_shape"])
-        self.shards = plan_shards(self.n, int(m["shard_size"]))
+        self.n, size, self.fmt, self.sample_shape = _valid_manifest(m, self.path / MANIFEST)
+        self.shards = plan_shards(self.n, size)
 
     @property
     def complete(self) -> bool:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,30 @@ def _nonnegative_float(text: str) -> float:
     return v
 
 
+def _positive_float(text: str) -> float:
+    v = _nonnegative_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _check_writable_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written before the work that fills it runs."""
+    if path is None:
+        return
+    import tempfile as _tempfile
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {path} is a directory; expected a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
 def _callbacks(settings: dict[str, Any], model: Any, test: Any) -> list[Any]:
     """The trainer callbacks the settings ask for (held-out FD first: the best checkpoint may
     be chosen by it; TensorBoard last: it logs what the others added)."""
@@ -229,25 +254,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_device(args.device)
     data = pygen.data.load(data_spec)  # DataError: one line
     train, test = pygen.data.train_test(data)
+    if len(train) == 0 or len(test) == 0:
+        raise UserError(f"{data_spec}: {len(data)} example(s); training needs at least 2 (a share is held out)")
     torch.manual_seed(settings["seed"])  # the model's initialisation
     try:
         model = fam.build(train, dict(options))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot build a {args.family} model for {data_spec} with {options}: {e}") from None
     record = {"family": args.family, "data": data_spec, **settings, "options": options,
               "command": "pygen " + " ".join(sys.argv[1:])}
-    if rank0:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} exists and is not a directory")
-        from pygen._io import write_text_atomic
+    with ExitStack() as held:
+        if rank0:
+            if out.exists() and not out.is_dir():
+                raise UserError(f"--out {out} exists and is not a directory")
+            from pygen._lock import lock_directory
 
-        is_run = (out / "latest").exists() or any(out.glob("ckpt-*.pt")) if out.is_dir() else False
-        if is_run and not args.resume:
-            raise UserError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
-        try:
-            write_text_atomic(out / TRAIN_JSON, json.dumps(record, indent=1) + "\n")
-        except OSError as e:
-            raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+            try:  # one job per run directory, before anything is written (fit takes it again)
+                held.enter_context(lock_directory(out, "run directory"))
+            except OSError as e:
+                raise UserError(f"cannot write to --out {out}: {e.strerror or e}") from None
+            is_run = (out / "latest").exists() or any(out.glob("ckpt-*.pt"))
+            if is_run and not args.resume:
+                raise UserError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+        return _train(args, model, train, test, settings, record, data_spec, rank0)
+
+
+def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings: dict[str, Any],
+           record: dict[str, Any], data_spec: str, rank0: bool) -> int:  # fmt: skip
+    from pygen._io import write_text_atomic
+
+    out = Path(args.out)
     nparams = sum(p.numel() for p in model.parameters())
     if rank0:
         print(f"training {args.family} ({nparams:,} parameters) on {data_spec} ({len(train)} train / {len(test)} test "
@@ -256,8 +292,17 @@ def cmd_train(args: argparse.Namespace) -> int:
               flush=True)
     from pygen.models.labels import training_data
     from pygen.train import TrainingDiverged, fit
+    from pygen.train.callbacks import Callback
 
-    callbacks = _callbacks(settings, model, test)
+    class WriteSettings(Callback):
+        """train.json, written when training starts: after fit accepted the run, so that a
+        refused ``--resume`` leaves the old settings in place."""
+
+        def on_start(self, run: Any) -> None:
+            if rank0:
+                write_text_atomic(out / TRAIN_JSON, json.dumps(record, indent=1) + "\n")
+
+    callbacks = [WriteSettings(), *_callbacks(settings, model, test)]
     try:
         history = fit(
             model, training_data(model, train), steps=settings["steps"], batch_size=settings["batch_size"],
@@ -269,6 +314,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except FileExistsError as e:
         raise UserError(str(e).replace("resume=True", "--resume")) from None
+    except OSError as e:  # a full disk while writing a checkpoint or the log: the complete ones stay
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            raise
+        from pygen._io import resolve_checkpoint
+
+        kept = resolve_checkpoint(out) if out.is_dir() else None
+        raise UserError(f"cannot write to {out}: {e.strerror or e}; latest complete checkpoint: {kept or 'none'} "
+                        "(free space, then --resume)") from None
     except TrainingDiverged as e:  # not a usage mistake (exit 1), but one clear line too
         print(f"pygen train: training diverged: {e}", file=sys.stderr)
         return 1
@@ -340,13 +395,18 @@ def _evaluate(source: str, data: str, *, seed: int, n: int | None, ema: bool = T
         from pygen._io import select_checkpoint
 
         try:
-            file = select_checkpoint(path, which)
-            model = load(path, ema=ema, checkpoint=which)
+            file = select_checkpoint(path, which)  # verified; a damaged latest falls back, saying so
+            if file is None:
+                raise FileNotFoundError(f"{path} holds no checkpoint (no 'latest' file, no ckpt-*.pt)")
+            model = load(file, ema=ema)
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
         if path.is_dir():
             print(f"evaluating {file}")
-    return evaluate(model, data, seed=seed, n=n)
+    try:
+        return evaluate(model, data, seed=seed, n=n)
+    except ValueError as e:  # evaluate checks that the model and the data fit each other
+        raise UserError(f"{source} does not fit --data {data}: {str(e).splitlines()[0]}") from None
 
 
 def _print_eval(results: dict[str, Any], json_path: str | None) -> None:
@@ -363,8 +423,7 @@ def _print_eval(results: dict[str, Any], json_path: str | None) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.source).exists():
         raise UserError(f"no checkpoint, training directory or sampling directory at {args.source}")
-    if args.n is not None and args.n < 2:
-        raise UserError(f"--n must be >= 2, got {args.n}")
+    _check_writable_file(args.json, "--json")  # before the evaluation, not after it
     _print_eval(_evaluate(args.source, args.data, seed=args.seed, n=args.n, ema=not args.no_ema, which=args.which),
                 args.json)
     return 0
@@ -479,16 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("family", choices=list(FAMILIES), metavar="FAMILY", help=f"one of {', '.join(FAMILIES)}")
     s.add_argument("--data", metavar="SPEC", help="digits, digits16, digits32, a toy2d name, patches, an image folder, .npy/.npz, IDX")
     s.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, log)")
-    s.add_argument("--steps", type=int, help="optimizer steps in total (default: the family's)")
-    s.add_argument("--batch-size", type=int, help="global batch (default: the family's)")
-    s.add_argument("--lr", type=float, help="learning rate (default: the family's)")
-    s.add_argument("--seed", type=int, help="model init and data order (default 0)")
+    s.add_argument("--steps", type=_int_at_least(1), help="optimizer steps in total (default: the family's)")
+    s.add_argument("--batch-size", type=_int_at_least(1), help="global batch (default: the family's)")
+    s.add_argument("--lr", type=_positive_float, help="learning rate (default: the family's)")
+    s.add_argument("--seed", type=_int_at_least(0), help="model init and data order (default 0)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
     s.add_argument("--config", metavar="FILE", help="JSON: steps, batch_size, lr, seed and model options ('model': {...})")
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="any model constructor option (JSON value), repeatable, e.g. --option ema_decay=0.999")
     s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when available)")
-    s.add_argument("--threads", type=int, help="torch CPU threads (tiny models: 1 is often fastest)")
+    s.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (tiny models: 1 is often fastest)")
     s.add_argument("--log-every", type=_int_at_least(1), metavar="N", help="steps between log records (default 100)")
     s.add_argument("--eval-every", type=_int_at_least(1), metavar="N",
                    help="steps between held-out losses (default 500)")
@@ -549,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--batch-size", type=int, default=256, help="samples per model call (default 256)")
     s.add_argument("--shard-size", type=int, help="samples per shard (default: batch multiples up to ~64 MB)")
-    s.add_argument("--seed", type=int, default=0, help="(default 0)")
+    s.add_argument("--seed", type=_int_at_least(0), default=0, help="(default 0)")
     s.add_argument("--sampler", help="diffusion: ddpm, ddim, euler, euler_ancestral, dpmpp_2m (default: the model's)")
     s.add_argument("--steps", type=int, help="diffusion sampling steps (default: the sampler's: 1000, 50, 50, 50, 20)")
     s.add_argument("--labels", help="conditional models: random (default), cycle (i mod classes) or a class number")
@@ -571,8 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples("pygen eval runs/flow --data digits", "pygen eval samples/flow --data digits --json eval.json"))
     s.add_argument("source", metavar="CHECKPOINT|SAMPLES_DIR")
     s.add_argument("--data", required=True, metavar="SPEC")
-    s.add_argument("--n", type=int, help="samples compared (default: the test split's size)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=_int_at_least(2), help="samples compared (default: the test split's size)")
+    s.add_argument("--seed", type=_int_at_least(0), default=0)
     s.add_argument("--json", metavar="FILE", help="write the results as JSON")
     s.add_argument("--no-ema", action="store_true", help="a checkpoint's raw weights instead of the EMA ones")
     s.add_argument("--checkpoint", dest="which", metavar="best|latest|STEP",
@@ -631,12 +690,24 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         pass
+    import warnings
+
+    from pygen._io import CorruptCheckpoint
+    from pygen._lock import DirectoryBusy
     from pygen.data import DataError
     from pygen.sampling import SamplingError
 
+    default_format, ours = warnings.formatwarning, str(Path(__file__).resolve().parents[1])
+
+    def one_line(message: Any, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        if not str(Path(filename).resolve()).startswith(ours):  # torch's and the others' as usual
+            return default_format(message, category, filename, lineno, line)
+        return f"pygen {args.command}: warning: {message}\n"
+
+    warnings.formatwarning = one_line  # pygen's own: what a user reads, not our source lines
     try:
         return int(args.fn(args) or 0)
-    except (UserError, DataError, SamplingError) as e:
+    except (UserError, DataError, SamplingError, DirectoryBusy, CorruptCheckpoint) as e:
         print(f"pygen {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER
     except FileNotFoundError as e:

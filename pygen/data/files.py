@@ -12,6 +12,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,9 @@ def _as_float(arr: np.ndarray, path: Path) -> Tensor:
     return t
 
 
+MAX_CLASSES = 65536  # a larger label is a mistake, not a class: each class gets an embedding row
+
+
 def _to_data(arr: np.ndarray, labels: np.ndarray | None, path: Path, split: str) -> Data:
     """Shape rules: (N, D) points; (N, H, W) grayscale; (N, C, H, W) or (N, H, W, C) images
     (channels-last when the last dim is 1, 3 or 4 and dim 1 is not); float images must lie in
@@ -125,11 +130,27 @@ def _to_data(arr: np.ndarray, labels: np.ndarray | None, path: Path, split: str)
         labels = np.asarray(labels).reshape(-1)
         if labels.shape[0] != x.shape[0] or not np.issubdtype(labels.dtype, np.integer):
             raise _fail(path, f"labels must be {x.shape[0]} integers, got shape {labels.shape} dtype {labels.dtype}")
+        if labels.size and (labels.min() < 0 or labels.max() >= MAX_CLASSES):
+            bad = labels.min() if labels.min() < 0 else labels.max()
+            raise _fail(path, f"label {bad} is out of range: labels are class indices 0..K-1 (K <= {MAX_CLASSES})")
         y = torch.from_numpy(labels.astype(np.int64))
     return Data(x, y, str(path), split)
 
 
+def _npy_claim(path: Path) -> None:
+    """Check what an .npy header claims before numpy allocates it."""
+    try:
+        with open(path, "rb") as f:
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (OSError, ValueError, EOFError):
+        return  # np.load reports it
+    _check_claim(path, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, f"its .npy header {shape} {dtype}")
+
+
 def _load_npy(path: Path, split: str) -> Data:
+    _npy_claim(path)
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -141,7 +162,7 @@ def _load_npz(path: Path, split: str) -> Data:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise _fail(path, f"not a readable .npz archive ({e})") from None
     key = next((k for k in ("images", "x") if k in arrays), None)
     if key is None:
@@ -169,24 +190,45 @@ def _is_idx(path: Path) -> bool:
     return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES and head[3] >= 1
 
 
+def _memory_bytes() -> int:
+    """This machine's RAM (a bound on what a data file may claim to hold)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def _check_claim(path: Path, nbytes: int, what: str) -> None:
+    if nbytes > _memory_bytes():
+        raise _fail(path, f"{what} claims {nbytes / 1e9:.3g} GB, more than this machine's memory "
+                          f"({_memory_bytes() / 1e9:.3g} GB): a damaged header, or data to split into smaller files")
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    """The IDX format of MNIST: magic (0, 0, dtype code, ndim), ndim big-endian int32 dims, data."""
+    """The IDX format of MNIST: magic (0, 0, dtype code, ndim), ndim big-endian int32 dims, data.
+    The header is read first and bounds what is read (a .gz cannot inflate beyond it)."""
     try:
         with _open(path) as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES or head[3] < 1:
+                raise _fail(path, "expected an IDX file (magic bytes 00 00 <dtype> <ndim>)")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise _fail(path, "IDX header is truncated")
+            dims = struct.unpack(f">{ndim}i", raw_dims)
+            dt = np.dtype(_IDX_DTYPES[head[2]])
+            if any(d < 0 for d in dims):
+                raise _fail(path, f"IDX header has negative dimensions {dims}")
+            count = int(np.prod(dims, dtype=np.int64)) if dims else 0
+            want = count * dt.itemsize
+            _check_claim(path, want, f"its IDX header {dims}")
+            body = f.read(want + 1)  # one byte more: a longer file is as wrong as a shorter one
+    except (OSError, EOFError, zlib.error) as e:
         raise _fail(path, f"not a readable IDX file ({e})") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] < 1:
-        raise _fail(path, "expected an IDX file (magic bytes 00 00 <dtype> <ndim>)")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise _fail(path, "IDX header is truncated")
-    dims = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
-    dt = np.dtype(_IDX_DTYPES[raw[2]])
-    count = int(np.prod(dims))
-    body = raw[4 + 4 * ndim :]
-    if len(body) != count * dt.itemsize:
-        raise _fail(path, f"IDX header says {dims} ({count * dt.itemsize} bytes of data), file has {len(body)}")
+    if len(body) != want:
+        more = "more" if len(body) > want else f"{len(body)}"
+        raise _fail(path, f"IDX header says {dims} ({want} bytes of data), file has {more}")
     return np.frombuffer(body, dtype=dt).reshape(dims).astype(dt.newbyteorder("="))
 
 
@@ -237,6 +279,8 @@ def _load_folder(path: Path, split: str) -> Data:
             with Image.open(f) as im:
                 im.load()
                 images.append(im.copy())
+        except Image.DecompressionBombError as e:  # Pillow's limit stays: say it in one line
+            raise _fail(f, f"refused by Pillow's decompression-bomb limit ({str(e).split('.')[0]})") from None
         except (OSError, UnidentifiedImageError) as e:
             raise _fail(f, f"not a readable image ({e})") from None
     gray = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in images)

@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from pygen._io import LATEST, save_atomic, select_checkpoint
+from pygen._io import LATEST, load_checkpoint, save_atomic, select_checkpoint
 from pygen.models.labels import Batch
 from pygen.models.update import Update
 
@@ -201,11 +201,15 @@ def load(
     ema=True takes the EMA weights when the checkpoint has them (the raw weights otherwise),
     and makes a model that keeps its EMA inside itself (the GAN) sample with it; ema=False
     the raw weights everywhere. The model is returned in eval mode on ``map_location``.
+
+    The file is verified first (:func:`pygen._io.verify_checkpoint`): a damaged one raises
+    :class:`pygen._io.CorruptCheckpoint`, except that a training directory's default or
+    latest checkpoint falls back to its newest intact one, with a warning.
     """
     file = select_checkpoint(path, checkpoint)
     if file is None:
         raise FileNotFoundError(f"{path} holds no checkpoint (no {LATEST} file, no ckpt-*.pt)")
-    ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    ckpt = load_checkpoint(file, map_location, verify=False)
     family = ckpt.get("family")
     if family not in _REGISTRY:
         import pygen.models  # noqa: F401  registers the built-in families

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pygen._io import LATEST, checkpoints, resolve_checkpoint, save_atomic, write_text_atomic
+from pygen._io import LATEST, checkpoints, load_checkpoint, save_atomic, select_checkpoint, write_text_atomic
 
 __all__ = ["write_checkpoint", "read_checkpoint", "rng_state", "set_rng_state", "remove_temp_files"]
 
@@ -73,11 +73,13 @@ def write_checkpoint(out: Path, ckpt: dict[str, Any], keep: int = 2) -> Path:
 
 
 def read_checkpoint(out: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
-    """The checkpoint ``latest`` names in ``out`` and its path, or None if there is none."""
-    path = resolve_checkpoint(out) if out.is_dir() else None
+    """The checkpoint ``latest`` names in ``out`` and its path, or None if there is none.
+    Verified: a damaged one gives way to the newest intact one, with a warning
+    (:func:`pygen._io.select_checkpoint`)."""
+    path = select_checkpoint(out, "latest") if out.is_dir() else None
     if path is None:
         return None
-    return torch.load(path, map_location=map_location, weights_only=True), path
+    return load_checkpoint(path, map_location, verify=False), path
 
 
 def is_run_directory(out: Path) -> bool:

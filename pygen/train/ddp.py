@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistInfo", "setup", "teardown", "wrap", "mean_over_ranks", "gather_objects"]
+__all__ = ["DistInfo", "setup", "teardown", "wrap", "mean_over_ranks", "gather_objects", "broadcast_flag",
+           "job_lock"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +109,23 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([float(flag)], device=info.device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+@contextmanager
+def job_lock(directory: str | os.PathLike, info: DistInfo, what: str) -> Iterator[None]:
+    """Hold ``directory`` for this job (:func:`pygen._lock.lock_directory`). Under torchrun
+    rank 0 takes the lock and every rank learns whether it got it, so that all ranks of a
+    refused job raise :class:`pygen._lock.DirectoryBusy` before any writes."""
+    from pygen._lock import DirectoryBusy, lock_directory
+
+    with ExitStack() as stack:
+        refused: DirectoryBusy | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(lock_directory(directory, what))
+            except DirectoryBusy as e:
+                refused = e
+        if broadcast_flag(refused is not None, info):
+            raise refused or DirectoryBusy(f"{what} {directory} is in use by another pygen job (rank 0 found it held)")
+        yield
+

@@ -7,6 +7,7 @@ import math
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, v
 from pygen.models.update import PRECISIONS, Update
 from pygen.train import ddp
 from pygen.train.callbacks import Callback, Run
-from pygen.train.schedules import apply_weight_decay, lr_schedulers, set_current_lr
+from pygen.train.schedules import apply_base_lr, apply_weight_decay, base_lrs, lr_schedulers, set_current_lr
 from pygen.train.checkpoint import (
     describe,
     is_run_directory,
@@ -102,6 +103,12 @@ def _seed_everything(seed: int, rank: int) -> None:
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
+
+
+def _non_finite(*modules: nn.Module | None) -> list[str]:
+    """The floating-point parameters and buffers holding NaN or inf."""
+    return [name for m in modules if m is not None for name, t in m.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
 
 
 def _optimizers(model: GenerativeModel, lr: float | None) -> tuple[list[torch.optim.Optimizer], list[Any]]:
@@ -314,13 +321,14 @@ def fit(
     failed = True
     try:
         _check_precision(precision, info.device)
-        history = _fit(
-            model, data, info, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, resume=resume,
-            progress=progress, log_every=log_every, eval_every=eval_every, eval_data=eval_data,
-            checkpoint_every=checkpoint_every, keep=keep, grad_clip=grad_clip, lr_schedule=lr_schedule,
-            warmup=warmup, weight_decay=weight_decay, grad_accum=grad_accum, precision=precision,
-            callbacks=list(callbacks), compile=compile,
-        )  # fmt: skip
+        with ddp.job_lock(out, info, "run directory") if out is not None else nullcontext():
+            history = _fit(
+                model, data, info, steps=steps, batch_size=batch_size, lr=lr, seed=seed, out=out, resume=resume,
+                progress=progress, log_every=log_every, eval_every=eval_every, eval_data=eval_data,
+                checkpoint_every=checkpoint_every, keep=keep, grad_clip=grad_clip, lr_schedule=lr_schedule,
+                warmup=warmup, weight_decay=weight_decay, grad_accum=grad_accum, precision=precision,
+                callbacks=list(callbacks), compile=compile,
+            )  # fmt: skip
         failed = False
         return history
     finally:
@@ -370,6 +378,7 @@ def _fit(
         # the same (global) batch on every rank: data-dependent init agrees across ranks
         model.setup(_batch(x, labels, order.indices(0), device))
     optimizers, schedulers = _optimizers(model, lr)
+    given_lrs = base_lrs(optimizers)  # what ``lr`` configures; a resume with another lr applies it
     if weight_decay is not None:
         apply_weight_decay(optimizers, weight_decay)
     added = lr_schedulers(optimizers, lr_schedule, warmup, steps)
@@ -392,6 +401,10 @@ def _fit(
             apply_weight_decay(optimizers, weight_decay)
         for sch, s in zip(schedulers, ckpt.get("schedulers", [])):
             sch.load_state_dict(s)
+        if lr is not None and base_lrs(optimizers) != given_lrs:
+            warnings.warn(f"resuming from {last_ckpt} with lr {lr} (it trained with {base_lrs(optimizers)[0][0]:g})",
+                          stacklevel=3)  # fmt: skip
+            apply_base_lr(optimizers, schedulers, given_lrs)
         set_current_lr(added)
         if scaler is not None and ckpt.get("scaler") is not None:
             scaler.load_state_dict(ckpt["scaler"])
@@ -496,6 +509,14 @@ def _fit(
                 cb.on_step(run, record)
             stop = ddp.broadcast_flag(run.stop_reason is not None, info)
             if out_dir is not None and (k % checkpoint_every == 0 or k == steps or stop):
+                bad = _non_finite(model, ema.module if ema is not None else None)
+                if bad:  # never checkpoint them: the last good checkpoint stays the latest
+                    raise TrainingDiverged(
+                        f"non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) after training "
+                        f"step {k}; last good checkpoint: {describe(last_ckpt)}",
+                        step=k,
+                        checkpoint=last_ckpt,
+                    )
                 rngs = ddp.gather_objects(rng_state(), info)  # every rank's, for an exact resume
                 last_ckpt = out_dir / f"ckpt-{k}.pt"
                 if info.is_main:

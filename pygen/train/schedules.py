@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "apply_weight_decay", "lr_schedulers", "set_current_lr"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "apply_weight_decay", "lr_schedulers", "set_current_lr", "base_lrs",
+           "apply_base_lr"]
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -66,3 +67,22 @@ def set_current_lr(schedulers: list[torch.optim.lr_scheduler.LambdaLR]) -> None:
         for group, base, fn in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
             group["lr"] = base * fn(sch.last_epoch)
         sch._last_lr = [group["lr"] for group in sch.optimizer.param_groups]
+
+
+def base_lrs(optimizers: list[torch.optim.Optimizer]) -> list[list[float]]:
+    """Each optimizer's base lr per parameter group (before any schedule's factor)."""
+    return [[g.get("initial_lr", g["lr"]) for g in opt.param_groups] for opt in optimizers]
+
+
+def apply_base_lr(optimizers: list[torch.optim.Optimizer], schedulers: list[object], lrs: list[list[float]]) -> None:
+    """Make ``lrs`` (as :func:`base_lrs` gives them) the base of every group and of the
+    schedulers that scale it: a resume with another lr continues the same schedule from
+    the new base (call :func:`set_current_lr` on LambdaLR schedulers afterwards)."""
+    for opt, bases in zip(optimizers, lrs):
+        for group, base in zip(opt.param_groups, bases):
+            if "initial_lr" in group:
+                group["initial_lr"] = base
+            group["lr"] = base
+    for sch in schedulers:
+        if hasattr(sch, "base_lrs") and hasattr(sch, "optimizer"):
+            sch.base_lrs = [g.get("initial_lr", g["lr"]) for g in sch.optimizer.param_groups]

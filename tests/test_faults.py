@@ -1,0 +1,394 @@
+"""The main job under faults (issue 20): concurrent jobs on one directory, corrupt and truncated
+checkpoints, divergence, refused resumes; each driven as a user would (``python -m pygen``
+subprocesses) or through the API, and each failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pygen._io import CorruptCheckpoint, verify_checkpoint
+from pygen._lock import LOCK, DirectoryBusy, lock_directory
+from pygen.models import GenerativeModel, load
+from pygen.sampling import SamplingError, sample_to_dir
+from pygen.train import TrainingDiverged, fit
+
+from test_cli_trainer import TINY_VAE, assert_user_error, cli, env, records
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flip(path: Path) -> None:
+    """Flip a byte in the middle of the largest record (weight bytes, not header padding)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        rec = max(z.infolist(), key=lambda i: i.file_size)
+    b = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", b[rec.header_offset + 26 : rec.header_offset + 30])
+    b[rec.header_offset + 30 + name_len + extra_len + rec.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def _truncate(path: Path) -> None:
+    b = path.read_bytes()
+    path.write_bytes(b[: len(b) // 2])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A 20-step VAE run with checkpoints at 10 and 20."""
+    out = tmp_path_factory.mktemp("faults") / "vae"
+    cli("train", "vae", "--data", "digits", "--out", out, "--steps", "20", "--batch-size", "32",
+        "--checkpoint-every", "10", "--no-progress", *TINY_VAE)  # fmt: skip
+    return out
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file() and p.name != LOCK:
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+# ---- one job per directory ---------------------------------------------------------------------
+
+
+def test_a_held_directory_refuses_a_second_job_in_one_line(run, tmp_path):
+    out = tmp_path / "s"
+    with lock_directory(out):
+        busy = cli("sample", run, "-n", "8", "--out", out, "--no-progress", check=False)
+        assert_user_error(busy, "in use by another pygen job", f"pid {os.getpid()}")
+        train = cli("train", "vae", "--data", "digits", "--out", out, "--steps", "2", "--no-progress", *TINY_VAE,
+                    check=False)  # fmt: skip
+        assert_user_error(train, "in use by another pygen job")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing written: no train.json, no manifest
+    cli("sample", run, "-n", "8", "--out", out, "--no-progress")  # released: the job runs
+
+
+def test_a_killed_owner_leaves_no_stale_lock(tmp_path):
+    code = f"from pygen._lock import lock_directory\nwith lock_directory({str(tmp_path)!r}):\n" \
+           "    print('held', flush=True)\n    import time; time.sleep(60)\n"  # fmt: skip
+    owner = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "held"
+        with pytest.raises(DirectoryBusy, match=f"pid {owner.pid} on "):
+            with lock_directory(tmp_path):
+                pass
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    with lock_directory(tmp_path):  # the kernel released the dead owner's lock
+        with lock_directory(tmp_path):  # re-entrant within one process
+            pass
+    info = json.loads((tmp_path / LOCK).read_text())
+    assert info["pid"] == os.getpid()
+
+
+def test_two_sampling_jobs_started_together_never_mix(run, tmp_path):
+    """Two seeds, one --out, started at once: one job wins, the other is refused (busy, or
+    another job's identity); the directory holds only the winner's samples."""
+    out = tmp_path / "s"
+    procs = [subprocess.Popen([sys.executable, "-m", "pygen", "sample", str(run), "-n", "64", "--batch-size", "8",
+                               "--shard-size", "8", "--seed", str(seed), "--out", str(out), "--no-progress"],
+                              cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]  # fmt: skip
+    codes = [p.wait(timeout=300) for p in procs]
+    assert sorted(codes) == [0, 2], [p.stderr.read() for p in procs]
+    winner = (1, 2)[codes.index(0)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == winner and manifest["complete"]
+    alone = tmp_path / "alone"
+    cli("sample", run, "-n", "64", "--batch-size", "8", "--shard-size", "8", "--seed", winner, "--out", alone,
+        "--no-progress")  # fmt: skip
+    for shard in sorted(alone.glob("*.npz")):
+        with np.load(shard) as a, np.load(out / shard.name) as b:
+            assert np.array_equal(a["samples"], b["samples"])
+
+
+# ---- verified checkpoints ----------------------------------------------------------------------
+
+
+def test_verify_checkpoint_catches_flipped_and_truncated_bytes(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.randn(1000)}, good)
+    verify_checkpoint(good)
+    for damage in (_flip, _truncate):
+        bad = tmp_path / f"{damage.__name__}.pt"
+        bad.write_bytes(good.read_bytes())
+        damage(bad)
+        with pytest.raises(CorruptCheckpoint, match=str(bad)):
+            verify_checkpoint(bad)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(CorruptCheckpoint, match="not a checkpoint"):
+        verify_checkpoint(text)
+
+
+def test_a_corrupt_file_is_one_line_and_a_run_falls_back(run, tmp_path):
+    r = _copy_run(run, tmp_path / "run")
+    _flip(r / "ckpt-20.pt")
+    assert_user_error(cli("sample", r / "ckpt-20.pt", "-n", "8", "--out", tmp_path / "a", check=False),
+                      "ckpt-20.pt", "corrupt")  # fmt: skip
+    assert_user_error(cli("eval", r / "ckpt-20.pt", "--data", "digits", "--n", "50", check=False), "corrupt")
+    fell = cli("sample", r, "-n", "8", "--out", tmp_path / "b", "--no-progress")
+    assert "ckpt-20.pt" in fell.stderr and "ckpt-10.pt" in fell.stderr  # says so
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["checkpoint"].endswith("ckpt-10.pt")
+    with pytest.warns(UserWarning, match="corrupt"):
+        model = load(r)
+    ref = load(run / "ckpt-10.pt")
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    for named in (r / "ckpt-20.pt", r):  # asked for by name or step: no fallback
+        with pytest.raises(CorruptCheckpoint, match="ckpt-20.pt"):
+            load(named, **({} if named.is_file() else {"checkpoint": 20}))
+
+
+def test_resume_from_a_truncated_latest_falls_back_to_the_previous_checkpoint(run, tmp_path):
+    r = _copy_run(run, tmp_path / "run")
+    _truncate(r / "ckpt-20.pt")
+    resumed = cli("train", "vae", "--out", r, "--resume", "--steps", "30", "--no-progress")
+    assert "ckpt-20.pt" in resumed.stderr and "falling back to" in resumed.stderr and "ckpt-10.pt" in resumed.stderr
+    steps = [rec["step"] for rec in records(r)]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # the log rewound to step 10, nothing doubled
+    verify_checkpoint(r / "ckpt-30.pt")
+
+
+# ---- divergence ---------------------------------------------------------------------------------
+
+
+class _Blows(GenerativeModel, family="test-faults-blows"):
+    """Finite losses, but the update of step ``at`` (0-based) leaves NaN weights."""
+
+    def __init__(self, at: int = 4) -> None:
+        super().__init__()
+        self.config = {"at": at}
+        self.at = at
+        self.w = nn.Parameter(torch.zeros(3))
+
+    def loss(self, batch):
+        return {"loss": ((batch - self.w) ** 2).mean()}
+
+    def training_step(self, batch, step, optimizers, *, update=None):
+        with torch.no_grad():
+            self.w.add_(1.0 if step < self.at else float("nan"))
+        return {"loss": torch.ones(())}
+
+    def sample(self, n, *, seed=None, offset=0, generator=None):
+        return self.w.detach().expand(n, 3).clone()
+
+
+class _NanFrom(GenerativeModel, family="test-faults-nan-from"):
+    """Samples 0 from index ``first`` on, NaN before it: sample 0 (the job's probe) is fine."""
+
+    def __init__(self, first: int = 5) -> None:
+        super().__init__()
+        self.config = {"first": first}
+        self.first = first
+        self.w = nn.Parameter(torch.zeros(3))
+
+    def loss(self, batch):
+        return {"loss": ((batch - self.w) ** 2).mean()}
+
+    def sample(self, n, *, seed=None, offset=0, generator=None):
+        x = torch.zeros(n, 3)
+        x[torch.arange(offset, offset + n) >= self.first] = float("nan")
+        return x
+
+
+def test_weights_that_went_non_finite_are_never_checkpointed(tmp_path):
+    with pytest.raises(TrainingDiverged, match="ckpt-4.pt") as e:
+        fit(_Blows(at=4), torch.zeros(8, 3), steps=10, batch_size=4, out=tmp_path, checkpoint_every=1, progress=False)
+    assert "non-finite weights" in str(e.value) and e.value.checkpoint == tmp_path / "ckpt-4.pt"
+    assert not (tmp_path / "ckpt-5.pt").exists() and (tmp_path / "latest").read_text().strip() == "ckpt-4.pt"
+    good = load(tmp_path)
+    assert torch.isfinite(good.w).all() and torch.equal(good.w.detach(), torch.full((3,), 4.0))
+
+
+def test_the_sampling_job_refuses_non_finite_samples(run, tmp_path):
+    ckpt = torch.load(run / "ckpt-20.pt", weights_only=True)
+    for state in (ckpt["model"], ckpt["ema"] or {}):
+        for v in state.values():
+            if v.is_floating_point():
+                v.fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(SamplingError, match="NaN or inf"):  # the first sample says so: nothing written
+        sample_to_dir(tmp_path / "nan.pt", 8, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    bad = cli("sample", tmp_path / "nan.pt", "-n", "8", "--out", tmp_path / "t", check=False)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "NaN or inf" in bad.stderr
+    _NanFrom(first=13).save(tmp_path / "late.pt")  # a later shard goes bad: the earlier ones stay
+    with pytest.raises(SamplingError, match=r"samples 8\.\.15 hold NaN or inf \(first: sample 13\)"):
+        sample_to_dir(tmp_path / "late.pt", 24, tmp_path / "u", batch_size=4, shard_size=8, progress=False)
+    manifest = json.loads((tmp_path / "u" / "manifest.json").read_text())
+    assert not manifest["complete"] and sorted(p.name for p in (tmp_path / "u").glob("*.npz")) == [
+        manifest["shards"][0]["file"]]
+
+
+# ---- resume bookkeeping -------------------------------------------------------------------------
+
+
+def test_a_refused_resume_changes_nothing_and_a_given_lr_applies(run, tmp_path):
+    r = _copy_run(run, tmp_path / "run")
+    before = (r / "train.json").read_bytes()
+    refused = cli("train", "vae", "--out", r, "--resume", "--steps", "30", "--lr-schedule", "cosine", check=False)
+    assert_user_error(refused, "lr_schedule")
+    assert (r / "train.json").read_bytes() == before
+    cli("train", "vae", "--out", r, "--resume", "--steps", "30", "--lr", "1e-4", "--log-every", "1", "--no-progress")
+    recs = {rec["step"]: rec for rec in records(r)}
+    assert all(recs[k]["lr"] == pytest.approx(1e-4, rel=1e-12) for k in range(21, 31))
+    assert json.loads((r / "train.json").read_text())["lr"] == 1e-4
+    ckpt = torch.load(r / "ckpt-30.pt", weights_only=True)
+    assert all(g["lr"] == pytest.approx(1e-4) for g in ckpt["optimizers"][0]["param_groups"])
+
+
+# ---- every mistake: one line, exit 2, nothing written ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("inputs")
+    np.save(d / "one.npy", np.zeros((1, 8, 8), np.float32))
+    x = np.random.default_rng(0).random((64, 8, 8)).astype(np.float32)
+    np.savez(d / "neg_labels.npz", x=x, labels=np.r_[-1, np.zeros(63, np.int64)])
+    np.savez(d / "huge_labels.npz", x=x, labels=np.r_[10**9, np.zeros(63, np.int64)])
+    (d / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    (d / "text.pt").write_text("hello\n")
+    import pickle
+
+    (d / "pickle.pt").write_bytes(pickle.dumps({"a": 1}))
+    (d / "typo.json").write_text(json.dumps({"stepz": 3}))
+    with open(d / "claims.npy", "wb") as f:  # a header claiming 40 TB, and no data
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**7, 10**6)})
+    import gzip
+    import struct
+
+    with gzip.open(d / "bomb-images-idx3-ubyte.gz", "wb") as f:  # 8 bytes of images, then 64 MB of zeros
+        f.write(b"\0\0\x08\x03" + struct.pack(">3i", 2, 2, 2) + bytes(8))
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    for name, manifest in {"zero_shards": {"n": 8, "shard_size": 0}, "no_n": {"shard_size": 8},
+                           "text_n": {"n": "many", "shard_size": 8}}.items():  # fmt: skip
+        (d / name).mkdir()
+        (d / name / "manifest.json").write_text(json.dumps({"format_version": 1, "complete": True, **manifest}))
+    return d
+
+
+TRAIN = ["train", "vae", "--data", "digits", "--steps", "2", "--no-progress", *TINY_VAE]
+CASES = {
+    "lr negative": (TRAIN + ["--lr", "-1"], "--lr"),
+    "lr nan": (TRAIN + ["--lr", "nan"], "--lr"),
+    "threads negative": (TRAIN + ["--threads", "-1"], "--threads"),
+    "seed negative": (TRAIN + ["--seed", "-3"], "--seed"),
+    "steps zero": (TRAIN + ["--steps", "0"], "--steps"),
+    "hidden negative": (TRAIN + ["--option", "hidden=-1"], "cannot build"),
+    "config typo": (TRAIN + ["--config", "{in}/typo.json"], "stepz"),
+    "one example": (["train", "vae", "--data", "{in}/one.npy", "--steps", "2", "--no-progress"], "one.npy"),
+    "labels -1": (["train", "vae", "--data", "{in}/neg_labels.npz", "--steps", "2", "--no-progress"], "labels"),
+    "labels 1e9": (["train", "vae", "--data", "{in}/huge_labels.npz", "--steps", "2", "--no-progress"], "labels"),
+    "npy header claims 40 TB": (["train", "vae", "--data", "{in}/claims.npy", "--no-progress"], "more than this machine"),
+    "gz inflates past its header": (["train", "vae", "--data", "{in}/bomb-images-idx3-ubyte.gz", "--no-progress"],
+                                    "file has more"),
+    "garbage npz": (["train", "vae", "--data", "{in}/garbage.npz", "--steps", "2", "--no-progress"], "garbage.npz"),
+    "sample seed negative": (["sample", "{run}", "-n", "8", "--seed", "-1"], "--seed"),
+    "sample text file": (["sample", "{in}/text.pt", "-n", "8"], "not a checkpoint"),
+    "eval text file": (["eval", "{in}/text.pt", "--data", "digits"], "not a checkpoint"),
+    "eval pickle": (["eval", "{in}/pickle.pt", "--data", "digits"], "not a checkpoint"),
+    "eval other data": (["eval", "{run}", "--data", "digits32", "--n", "50"], "digits32"),
+    "eval shard size 0": (["eval", "{in}/zero_shards", "--data", "digits"], "shard_size"),
+    "eval no n": (["eval", "{in}/no_n", "--data", "digits"], "manifest"),
+    "eval n text": (["eval", "{in}/text_n", "--data", "digits"], "manifest"),
+    "eval json unwritable": (["eval", "{run}", "--data", "digits", "--n", "50", "--json", "/proc/pygen/x.json"],
+                             "--json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_mistake_is_one_line_and_exit_2(case, run, inputs, tmp_path):
+    args, needle = CASES[case]
+    args = [a.format(run=run, **{"in": inputs}) for a in args]
+    out = tmp_path / "out"
+    if args[0] in ("train", "sample"):
+        args += ["--out", str(out)]
+    assert_user_error(cli(*args, check=False), needle)
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) in ([], [LOCK])  # nothing written
+
+
+def test_an_n_the_disk_cannot_hold_is_refused_before_anything_is_written(run, tmp_path):
+    huge = cli("sample", run, "-n", str(10**12), "--out", tmp_path / "s", check=False, timeout=120)
+    assert_user_error(huge, "-n 1000000000000 needs about", "free there")
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+# ---- a full disk -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 200 kB tmpfs (a tiny VAE's checkpoint is about 110 kB): needs root, skipped without."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(d)],
+                                           capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("mounting a small tmpfs needs root")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_after(small_disk):
+    out = small_disk / "run"
+    full = cli("train", "vae", "--data", "digits", "--out", out, "--steps", "4", "--checkpoint-every", "1",
+               "--batch-size", "32", "--no-progress", *TINY_VAE, check=False)  # fmt: skip
+    assert_user_error(full, "No space left on device", "ckpt-1.pt", "--resume")
+    assert not list(out.glob(".tmp-*"))  # no half-written file left behind
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    cli("train", "vae", "--out", out, "--resume", "--no-progress")
+    verify_checkpoint(out / "ckpt-4.pt")
+    assert [r["step"] for r in records(out)][-1] == 4
+
+
+def test_a_disk_that_fills_during_sampling_keeps_the_complete_shards(run, small_disk, tmp_path):
+    out, filler = small_disk / "s", small_disk / "filler"
+
+    def fill(start, stop):  # another process takes the rest of the disk after the first shard
+        if not filler.exists():
+            with open(filler, "wb", buffering=0) as f:  # unbuffered: the close has nothing left to fail on
+                try:
+                    while True:
+                        f.write(bytes(4096))
+                except OSError:
+                    pass
+
+    with pytest.raises(SamplingError, match="cannot write samples 8..15 .*No space left on device"):
+        sample_to_dir(run, 32, out, batch_size=8, shard_size=8, progress=False, on_shard=fill)
+    filler.unlink()
+    manifest = sample_to_dir(run, 32, out, batch_size=8, shard_size=8, progress=False)
+    assert manifest["complete"]
+    alone = sample_to_dir(run, 32, tmp_path / "alone", batch_size=8, shard_size=8, progress=False)
+    for entry in alone["shards"]:
+        with np.load(tmp_path / "alone" / entry["file"]) as a, np.load(out / entry["file"]) as b:
+            assert np.array_equal(a["samples"], b["samples"])
+
+
+def test_pillows_bomb_limit_is_kept_and_said_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import pygen.data
+    from pygen.data import DataError
+
+    Image.new("L", (100, 100)).save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels > twice the limit: an error
+    with pytest.raises(DataError, match="decompression-bomb limit") as e:
+        pygen.data.load(str(tmp_path))
+    assert "\n" not in str(e.value)
