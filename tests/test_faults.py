@@ -392,3 +392,20 @@ def test_pillows_bomb_limit_is_kept_and_said_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="decompression-bomb limit") as e:
         pygen.data.load(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_a_collapsed_gan_stops_with_one_line_instead_of_sampling_constants(tmp_path):
+    """G that outputs one image for every z (as a GAN at --lr 10 did: every sample exactly 0.0):
+    its losses stay finite and moderate, the spread of its fakes says it."""
+    from pygen.models import GAN
+
+    torch.manual_seed(0)
+    gan = GAN((1, 8, 8), z_dim=8, g_width=8, d_width=8)
+    x = torch.rand(64, 1, 8, 8)
+    healthy = fit(gan, x, steps=2, batch_size=16, log_every=1, progress=False)
+    assert all(r["fake_spread"] > 1e-3 for r in healthy)
+    first = next(gan.generator.parameters())
+    gan.generator.forward = lambda z, labels=None: torch.zeros(z.shape[0], 1, 8, 8) + 0 * first.sum()
+    with pytest.raises(TrainingDiverged, match=r"collapsed at training step 1: .*spread 0 < 1e-06") as e:
+        fit(gan, x, steps=2, batch_size=16, out=tmp_path, progress=False)
+    assert "last good checkpoint: none" in str(e.value) and "\n" not in str(e.value)

@@ -268,6 +268,10 @@ class Discriminator(nn.Module):
 # ---- the model ----------------------------------------------------------------------------------
 
 
+#: below this "fake_spread", G's batch is one image: a collapse (see GAN's max_loss)
+COLLAPSE_SPREAD = 1e-6
+
+
 class GAN(GenerativeModel, family="gan"):
     """A GAN for images (DCGAN-style conv nets) or vectors (MLPs); see the module docstring.
 
@@ -288,7 +292,9 @@ class GAN(GenerativeModel, family="gan"):
             None (vectors; default).
         ema_decay: the EMA of the generator used by :meth:`sample` (None: no EMA).
         lr_ratio: D's learning rate over G's (TTUR); betas: Adam's (both optimizers).
-        max_loss: |D or G loss| above this raises :class:`pygen.train.TrainingDiverged`.
+        max_loss: |D or G loss| above this raises :class:`pygen.train.TrainingDiverged`; so
+            does a collapsed G, whose batch of fakes is one image (the logged "fake_spread",
+            the per-value std over the batch averaged over values, below 1e-6).
         generator, discriminator: your own networks as import specs (:mod:`pygen.models.custom`):
             G(z (B, z_dim), labels (B,) or None) -> (B, *data_shape) in the data's range;
             D(x (B, *data_shape), labels or None) -> (B,) logits. Constructors get ``z_dim`` /
@@ -436,9 +442,13 @@ class GAN(GenerativeModel, family="gan"):
         x, labels = self._split(batch)
         d = self._d(labels)
         if phase == "g":
-            fake_logits = d(self._fake(x.shape[0], labels, x))
+            fake = self._fake(x.shape[0], labels, x)
+            fake_logits = d(fake)
             lg = generator_loss(self.kind, fake_logits)
-            return {"loss": lg, "loss_g": lg.detach(), "d_fake": fake_logits.detach().mean()}
+            terms = {"loss": lg, "loss_g": lg.detach(), "d_fake": fake_logits.detach().mean()}
+            if fake.shape[0] > 1:  # how different G's samples are: 0 when G has collapsed to one output
+                terms["fake_spread"] = fake.detach().flatten(1).float().std(0).mean()
+            return terms
         if phase not in ("d", None):
             raise ValueError(f"phase must be 'd', 'g' or None, got {phase!r}")
         fake = self._fake(x.shape[0], labels, x)
@@ -492,6 +502,21 @@ class GAN(GenerativeModel, family="gan"):
             )
         return True
 
+    def _check_spread(self, spread: Tensor, step: int) -> None:
+        """Raise on a collapsed G (every fake of the batch the same image, on every rank):
+        its losses can stay finite and moderate while it samples one constant image."""
+        v = spread.detach().float().reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            v = v.clone()
+            torch.distributed.all_reduce(v, op=torch.distributed.ReduceOp.MAX)
+        if float(v) < COLLAPSE_SPREAD:
+            raise TrainingDiverged(
+                f"GAN training collapsed at training step {step + 1}: every generated sample of the batch is the "
+                f"same (spread {float(v):.3g} < {COLLAPSE_SPREAD:g}); try a lower --lr",
+                step=step + 1,
+                checkpoint=None,
+            )
+
     def discriminator_step(self, batch: Batch, step: int, optimizer: torch.optim.Optimizer, *,
                            update: Update | None = None) -> dict[str, Tensor]:
         """``n_dis`` D updates on ``batch`` with G frozen; the terms averaged over them.
@@ -523,6 +548,8 @@ class GAN(GenerativeModel, family="gan"):
             terms = update.backward(self, batch, phase="g")
             if not self._check("loss_g", terms["loss"], step):
                 return terms
+            if "fake_spread" in terms:
+                self._check_spread(terms["fake_spread"], step)
             terms["grad_norm_g"] = update.step(optimizer, list(self.generator.parameters()))
         self.update_ema(step)
         return terms
@@ -546,7 +573,8 @@ class GAN(GenerativeModel, family="gan"):
         Returns the detached terms: "loss" (D's loss with its penalties + G's loss: NaN if
         either is), "loss_d" (D's adversarial loss), "loss_g", "d_real", "d_fake" (D's mean
         logits on the real and fake batches of the D steps, averaged over them), "d_fake_g"
-        (on the G step's fakes), "grad_norm_d", "grad_norm_g" (total norms before clipping),
+        (on the G step's fakes), "fake_spread" (how different the G step's fakes are; below
+        1e-6, a collapse, raises), "grad_norm_d", "grad_norm_g" (total norms before clipping),
         "r1" (the last lazily computed value) / "gp" where used. A non-finite D loss skips the
         G step and returns "loss" NaN; an exploding one (|loss| > max_loss) raises.
         """
