@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -409,3 +410,31 @@ def test_a_collapsed_gan_stops_with_one_line_instead_of_sampling_constants(tmp_p
     with pytest.raises(TrainingDiverged, match=r"collapsed at training step 1: .*spread 0 < 1e-06") as e:
         fit(gan, x, steps=2, batch_size=16, out=tmp_path, progress=False)
     assert "last good checkpoint: none" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"num_train_timesteps": 10**10}, "num_train_timesteps must be <= 100000"),
+        ({"beta_end": 1.5}, "betas must lie in [0, 1]"),
+        ({"beta_start": float("nan")}, "betas must lie in [0, 1]"),
+        ({"trained_betas": [0.1, float("nan"), 0.2]}, "trained_betas gives"),
+        ({"trained_betas": [0.1] * 100_001}, "trained_betas must hold <= 100000"),
+    ],
+)
+def test_scheduler_configs_are_bounded_and_checked(tmp_path, config, needle):
+    from pygen.diffusion import DDIMScheduler
+
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", **config}))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        DDIMScheduler.from_pretrained(tmp_path)
+
+
+def test_a_config_asking_for_far_more_than_its_weights_is_refused_before_allocating(run, tmp_path):
+    ckpt = torch.load(run / "ckpt-20.pt", weights_only=True)
+    ckpt["config"]["hidden"] = 10**9  # a 64 x 1e9 first layer: 256 GB of float32
+    torch.save(ckpt, tmp_path / "wide.pt")
+    with pytest.raises(CorruptCheckpoint, match=r"builds a model of \S+ GB for \S+ GB of weights"):
+        load(tmp_path / "wide.pt")
+    assert_user_error(cli("sample", tmp_path / "wide.pt", "-n", "4", "--out", tmp_path / "s", check=False),
+                      "builds a model of")  # fmt: skip

@@ -51,11 +51,18 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "exp")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
+#: more training timesteps than any published schedule uses (1000, 4000): a larger count in a
+#: config is a mistake or a hostile file, and would allocate tables of that length
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
 def _check_positive_int(n, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"{name} must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"{name} must be >= 1, got {n}")
+    if name == "num_train_timesteps" and n > MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"{name} must be <= {MAX_TRAIN_TIMESTEPS}, got {n}")
     return n
 
 
@@ -110,6 +117,8 @@ def make_betas(
         betas = torch.as_tensor(trained_betas, dtype=torch.float64).to(dtype).flatten()
         if betas.numel() == 0:
             raise ValueError("trained_betas must not be empty")
+        if betas.numel() > MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"trained_betas must hold <= {MAX_TRAIN_TIMESTEPS} values, got {betas.numel()}")
     else:
         n = _check_positive_int(num_train_timesteps, "num_train_timesteps")
         if beta_schedule == "linear":
@@ -125,6 +134,10 @@ def make_betas(
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
+    if not bool(((betas >= 0) & (betas <= 1)).all()):  # NaN fails too
+        what = "trained_betas" if trained_betas is not None else f"beta_start={beta_start}, beta_end={beta_end}"
+        raise ValueError(f"betas must lie in [0, 1] (a variance fraction per step); {what} gives "
+                         f"[{float(betas.min()):.4g}, {float(betas.max()):.4g}]")  # fmt: skip
     return betas
 
 

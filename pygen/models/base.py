@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from pygen._io import LATEST, load_checkpoint, save_atomic, select_checkpoint
+from pygen._io import LATEST, CorruptCheckpoint, load_checkpoint, save_atomic, select_checkpoint
 from pygen.models.labels import Batch
 from pygen.models.update import Update
 
@@ -187,6 +187,23 @@ def versions() -> dict[str, str]:
     return {"pygen": str(pygen.__version__), "torch": str(torch.__version__)}  # plain str: weights_only loads
 
 
+def _build(cls: type[GenerativeModel], config: dict[str, Any], state: dict[str, Any], file: Path) -> GenerativeModel:
+    """``cls(**config)``, first on the meta device (no memory): a config that asks for far
+    more than the weights it came with (a damaged or hostile file, e.g. a width of 10**9) is
+    refused before it allocates."""
+    weights = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+    try:
+        with torch.device("meta"):
+            probe = cls(**config)
+        size = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    except Exception:  # a constructor that needs real tensors: nothing to learn here
+        size = 0
+    if size > 4 * weights + (64 << 20):
+        raise CorruptCheckpoint(f"{file}: its config builds a model of {size / 1e9:.3g} GB for {weights / 1e9:.3g} GB "
+                                "of weights: a damaged or foreign checkpoint")  # fmt: skip
+    return cls(**config)
+
+
 def load(
     path: str | os.PathLike,
     *,
@@ -216,7 +233,7 @@ def load(
 
     if family not in _REGISTRY:
         raise ValueError(f"{file}: unknown model family {family!r}; registered: {sorted(_REGISTRY)}")
-    model = _REGISTRY[family](**ckpt["config"])
+    model = _build(_REGISTRY[family], ckpt["config"], ckpt["model"], file)
     state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(state)
     model.use_ema(ema)
