@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["write_atomic", "fsync_dir", "save_atomic", "write_text_atomic", "checkpoints", "resolve_checkpoint",
-           "select_checkpoint", "verify_checkpoint", "load_checkpoint", "CorruptCheckpoint", "LATEST", "BEST"]
+           "select_checkpoint", "verify_checkpoint", "load_checkpoint", "CorruptCheckpoint", "memory_bytes", "LATEST",
+           "BEST"]
 
 
 def _read_umask() -> int:
@@ -59,6 +60,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             pass
         raise
     fsync_dir(path.parent)
+
+
+def memory_bytes() -> int:
+    """This machine's RAM: the bound on what a file (a data header, a checkpoint config) may
+    claim, and on the model a command may build."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound worth guessing
+        return 1 << 50
 
 
 # ---- saved models and training directories ------------------------------------------------

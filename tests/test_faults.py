@@ -438,3 +438,24 @@ def test_a_config_asking_for_far_more_than_its_weights_is_refused_before_allocat
         load(tmp_path / "wide.pt")
     assert_user_error(cli("sample", tmp_path / "wide.pt", "-n", "4", "--out", tmp_path / "s", check=False),
                       "builds a model of")  # fmt: skip
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_it_is_built(tmp_path, monkeypatch, capsys):
+    """(Two 4000x4000 images made the VAE ask for 16 GB.) The model is sized on the meta
+    device first; here the machine is made small instead of the images large."""
+    import pygen._io
+    from pygen.cli import main
+
+    import warnings
+
+    monkeypatch.setattr(pygen._io, "memory_bytes", lambda: 100_000)  # the tiny VAE: ~27 kB x 4 > 100 kB
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets both: restore them
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    try:
+        assert main(["train", "vae", "--data", "digits", "--out", str(out), "--no-progress", *TINY_VAE]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GB of weights; training needs about 4x that" in err[0], err
+    assert not out.exists()

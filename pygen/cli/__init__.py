@@ -256,6 +256,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     train, test = pygen.data.train_test(data)
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"{data_spec}: {len(data)} example(s); training needs at least 2 (a share is held out)")
+    from pygen._io import memory_bytes
+    from pygen.models.base import meta_bytes
+
+    weights = meta_bytes(lambda: fam.build(train, dict(options)))  # before allocating: 4000x4000 images...
+    if 4 * weights > memory_bytes():  # weights, gradients and Adam's two moments
+        raise UserError(f"a {args.family} model for {data_spec} (examples of shape {tuple(train.shape[1:])}) with "
+                        f"{options or 'the default options'} holds {weights / 1e9:.3g} GB of weights; training needs "
+                        f"about 4x that, more than this machine's {memory_bytes() / 1e9:.3g} GB: use smaller images "
+                        "or a smaller network (--option)")  # fmt: skip
     torch.manual_seed(settings["seed"])  # the model's initialisation
     try:
         model = fam.build(train, dict(options))

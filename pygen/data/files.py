@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pygen._io import memory_bytes
 from pygen.data.datasets import SPLITS, TOY2D, digits, patches, toy2d
 
 __all__ = ["DataError", "Data", "NAMES", "load", "train_test", "fashion_mnist", "FASHION_MNIST_CLASSES"]
@@ -190,18 +191,10 @@ def _is_idx(path: Path) -> bool:
     return len(head) == 4 and head[:2] == b"\0\0" and head[2] in _IDX_DTYPES and head[3] >= 1
 
 
-def _memory_bytes() -> int:
-    """This machine's RAM (a bound on what a data file may claim to hold)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
-
-
 def _check_claim(path: Path, nbytes: int, what: str) -> None:
-    if nbytes > _memory_bytes():
+    if nbytes > memory_bytes():
         raise _fail(path, f"{what} claims {nbytes / 1e9:.3g} GB, more than this machine's memory "
-                          f"({_memory_bytes() / 1e9:.3g} GB): a damaged header, or data to split into smaller files")
+                          f"({memory_bytes() / 1e9:.3g} GB): a damaged header, or data to split into smaller files")
 
 
 def _read_idx(path: Path) -> np.ndarray:

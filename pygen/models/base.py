@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -187,17 +187,23 @@ def versions() -> dict[str, str]:
     return {"pygen": str(pygen.__version__), "torch": str(torch.__version__)}  # plain str: weights_only loads
 
 
-def _build(cls: type[GenerativeModel], config: dict[str, Any], state: dict[str, Any], file: Path) -> GenerativeModel:
-    """``cls(**config)``, first on the meta device (no memory): a config that asks for far
-    more than the weights it came with (a damaged or hostile file, e.g. a width of 10**9) is
-    refused before it allocates."""
-    weights = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+def meta_bytes(build: Callable[[], nn.Module]) -> int:
+    """The bytes of the parameters and buffers of the module ``build()`` returns, built on the
+    meta device (nothing allocated); 0 when the constructor needs real tensors."""
     try:
         with torch.device("meta"):
-            probe = cls(**config)
-        size = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
-    except Exception:  # a constructor that needs real tensors: nothing to learn here
-        size = 0
+            probe = build()
+        return sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    except Exception:  # e.g. data-dependent initialisation: nothing to learn here
+        return 0
+
+
+def _build(cls: type[GenerativeModel], config: dict[str, Any], state: dict[str, Any], file: Path) -> GenerativeModel:
+    """``cls(**config)``, first on the meta device: a config that asks for far more than the
+    weights it came with (a damaged or hostile file, e.g. a width of 10**9) is refused before
+    it allocates."""
+    weights = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+    size = meta_bytes(lambda: cls(**config))
     if size > 4 * weights + (64 << 20):
         raise CorruptCheckpoint(f"{file}: its config builds a model of {size / 1e9:.3g} GB for {weights / 1e9:.3g} GB "
                                 "of weights: a damaged or foreign checkpoint")  # fmt: skip
