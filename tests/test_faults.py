@@ -459,3 +459,34 @@ def test_a_model_too_large_for_this_machine_is_refused_before_it_is_built(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "GB of weights; training needs about 4x that" in err[0], err
     assert not out.exists()
+
+
+class _Mean(GenerativeModel, family="test-faults-mean"):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = {}
+        self.w = nn.Parameter(torch.zeros(3))
+
+    def loss(self, batch):
+        return {"loss": ((batch - self.w) ** 2).mean()}
+
+
+def test_a_resume_with_another_lr_continues_the_schedule_from_the_new_base(tmp_path):
+    from pygen.train.schedules import lr_factor
+
+    x = torch.randn(32, 3)
+    kw = dict(steps=10, batch_size=8, lr_schedule="cosine", warmup=2, out=tmp_path, log_every=1, checkpoint_every=5,
+              progress=False)  # fmt: skip
+    fit(_Mean(), x, lr=0.1, **kw)
+    (tmp_path / "latest").write_text("ckpt-5.pt\n")  # back to step 5
+    with pytest.warns(UserWarning, match=r"with lr 0.01 \(base lrs 0.1 before\)"):
+        again = fit(_Mean(), x, lr=0.01, resume=True, **kw)
+    factor = lr_factor("cosine", 2, 10)
+    assert [r["step"] for r in again] == [6, 7, 8, 9, 10]
+    for r in again:
+        assert r["lr"] == pytest.approx(0.01 * factor(r["step"] - 1), rel=1e-12)
+    with pytest.warns(UserWarning) as caught:  # the same lr again: only the stretched schedule is news
+        same = fit(_Mean(), x, lr=0.01, resume=True, **{**kw, "steps": 12})
+    assert [str(w.message) for w in caught if "lr 0.01" in str(w.message)] == []
+    assert any("decays to 0 at step 12" in str(w.message) for w in caught)
+    assert same[0]["lr"] == pytest.approx(0.01 * lr_factor("cosine", 2, 12)(10), rel=1e-12)

@@ -402,8 +402,9 @@ def _fit(
         for sch, s in zip(schedulers, ckpt.get("schedulers", [])):
             sch.load_state_dict(s)
         if lr is not None and base_lrs(optimizers) != given_lrs:
-            warnings.warn(f"resuming from {last_ckpt} with lr {lr} (it trained with {base_lrs(optimizers)[0][0]:g})",
-                          stacklevel=3)  # fmt: skip
+            old = sorted({v for o in base_lrs(optimizers) for v in o})
+            warnings.warn(f"resuming from {last_ckpt} with lr {lr:g} (base lrs {', '.join(f'{v:g}' for v in old)} "
+                          "before): the schedule continues from the new base", stacklevel=3)  # fmt: skip
             apply_base_lr(optimizers, schedulers, given_lrs)
         set_current_lr(added)
         if scaler is not None and ckpt.get("scaler") is not None:
