@@ -118,6 +118,21 @@ def test_two_sampling_jobs_started_together_never_mix(run, tmp_path):
             assert np.array_equal(a["samples"], b["samples"])
 
 
+def test_two_training_runs_started_together_never_interleave(tmp_path):
+    out = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "pygen", "train", "vae", "--data", "digits", "--out", str(out),
+                               "--steps", "6", "--batch-size", "32", "--log-every", "1", "--seed", str(seed),
+                               "--no-progress", *TINY_VAE],
+                              cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]  # fmt: skip
+    codes = [p.wait(timeout=300) for p in procs]
+    assert sorted(codes) == [0, 2], [p.stderr.read() for p in procs]
+    winner = (1, 2)[codes.index(0)]
+    assert json.loads((out / "train.json").read_text())["seed"] == winner
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(out / "ckpt-6.pt", weights_only=True)["train"]["seed"] == winner
+
+
 # ---- verified checkpoints ----------------------------------------------------------------------
 
 
