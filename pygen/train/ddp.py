@@ -119,13 +119,13 @@ def job_lock(directory: str | os.PathLike, info: DistInfo, what: str) -> Iterato
     from pygen._lock import DirectoryBusy, lock_directory
 
     with ExitStack() as stack:
-        refused: DirectoryBusy | None = None
+        refused: Exception | None = None
         if info.is_main:
             try:
                 stack.enter_context(lock_directory(directory, what))
-            except DirectoryBusy as e:
+            except (DirectoryBusy, OSError) as e:  # OSError: an unwritable directory; tell the ranks too
                 refused = e
         if broadcast_flag(refused is not None, info):
-            raise refused or DirectoryBusy(f"{what} {directory} is in use by another pygen job (rank 0 found it held)")
+            raise refused or DirectoryBusy(f"{what} {directory}: rank 0 could not take the job's lock (see its error)")
         yield
 
