@@ -8,6 +8,7 @@ torch.Size([])
 torch.Size([4, 2])
 """
 
+from pygen._io import CorruptCheckpoint
 from pygen.models.base import GenerativeModel, TrainingDiverged, families, load
 from pygen.models.conditioned import Cascade, Colorization, SuperResolution
 from pygen.models.diffusion import Diffusion
@@ -15,4 +16,4 @@ from pygen.models.flow import Flow
 from pygen.models.gan import GAN
 from pygen.models.vae import VAE
 
-__all__ = ["GenerativeModel", "TrainingDiverged", "Flow", "GAN", "VAE", "Diffusion", "SuperResolution", "Colorization", "Cascade", "load", "families"]
+__all__ = ["GenerativeModel", "TrainingDiverged", "CorruptCheckpoint", "Flow", "GAN", "VAE", "Diffusion", "SuperResolution", "Colorization", "Cascade", "load", "families"]

@@ -7,7 +7,8 @@
 5
 """
 
+from pygen._lock import DirectoryBusy
 from pygen.train.checkpoint import read_checkpoint, write_checkpoint
 from pygen.train.loop import BatchOrder, TrainingDiverged, as_tensors, fit
 
-__all__ = ["fit", "TrainingDiverged", "BatchOrder", "as_tensors", "read_checkpoint", "write_checkpoint"]
+__all__ = ["fit", "TrainingDiverged", "DirectoryBusy", "BatchOrder", "as_tensors", "read_checkpoint", "write_checkpoint"]
