@@ -18,7 +18,7 @@ from pygen.models.update import Update, split_micro_batches
 from pygen.ops import randn
 from pygen.train import fit
 from pygen.train.callbacks import BestCheckpoint, Callback, HeldOutFD, SampleGrids, TensorBoard
-from pygen.train.schedules import apply_weight_decay, lr_factor
+from pygen.train.schedules import apply_base_lr, apply_weight_decay, base_lrs, lr_factor, lr_schedulers, set_current_lr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -364,3 +364,44 @@ def test_held_out_fd_is_logged_and_can_choose_the_best(tmp_path):
     fds = [r["eval/fd"] for r in hist]
     assert len(fds) == 2 and all(v > 0 and math.isfinite(v) for v in fds)
     assert torch.load(tmp_path / "best.pt", weights_only=True)["best"]["value"] == min(fds)
+
+
+# ---- the schedule helpers, exactly (mutation testing found these unpinned) -----------------------
+
+
+def _adam(*lrs: float) -> torch.optim.Adam:
+    return torch.optim.Adam([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs])
+
+
+def test_schedule_helpers_refuse_and_accept_exactly():
+    with pytest.raises(ValueError, match="warmup must be an int >= 0, got 1.5"):
+        lr_factor("cosine", 1.5, 10)
+    opt = _adam(0.1)
+    apply_weight_decay([opt], 0)  # zero is a valid decay (it switches decay off)
+    assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[0]["decoupled_weight_decay"]
+    lbfgs = torch.optim.LBFGS([nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ValueError, match="^LBFGS has no weight_decay setting$"):
+        apply_weight_decay([lbfgs], 0.1)
+
+
+def test_base_lrs_set_current_lr_and_apply_base_lr_exactly():
+    opt = _adam(0.1, 0.03)  # two groups
+    (sch,) = lr_schedulers([opt], "cosine", 4, 10)
+    assert [g["lr"] for g in opt.param_groups] == [0.1 / 4, 0.03 / 4]  # warm-up step 0
+    assert base_lrs([opt]) == [[0.1, 0.03]]  # the base, not the scheduled value
+    for _ in range(5):
+        opt.step()
+        sch.step()
+    f = lr_factor("cosine", 4, 10)(5)
+    for g in opt.param_groups:
+        g["lr"] = -1.0  # what a checkpoint of another schedule might have left
+    set_current_lr([sch])
+    assert [g["lr"] for g in opt.param_groups] == [0.1 * f, 0.03 * f] == sch.get_last_lr()
+    apply_base_lr([opt], [sch], [[0.01, 0.003]])
+    assert [(g["lr"], g["initial_lr"]) for g in opt.param_groups] == [(0.01, 0.01), (0.003, 0.003)]
+    assert sch.base_lrs == [0.01, 0.003] and base_lrs([opt]) == [[0.01, 0.003]]
+    set_current_lr([sch])
+    assert [g["lr"] for g in opt.param_groups] == [0.01 * f, 0.003 * f]
+    plain = _adam(0.2)  # no scheduler: the group's lr is its base
+    apply_base_lr([plain], [], [[0.05]])
+    assert plain.param_groups[0]["lr"] == 0.05 and "initial_lr" not in plain.param_groups[0]
