@@ -505,3 +505,14 @@ def test_a_resume_with_another_lr_continues_the_schedule_from_the_new_base(tmp_p
     assert [str(w.message) for w in caught if "lr 0.01" in str(w.message)] == []
     assert any("decays to 0 at step 12" in str(w.message) for w in caught)
     assert same[0]["lr"] == pytest.approx(0.01 * lr_factor("cosine", 2, 12)(10), rel=1e-12)
+
+
+def test_a_read_only_output_is_one_line_before_any_work(run, small_disk):
+    """(Root ignores directory permissions: a read-only mount is what refuses it.)"""
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    train = cli("train", "vae", "--data", "digits", "--out", small_disk / "run", "--steps", "2", "--no-progress",
+                *TINY_VAE, check=False)  # fmt: skip
+    assert_user_error(train, "cannot write to --out", "Read-only file system")
+    sample = cli("sample", run, "-n", "8", "--out", small_disk / "s", check=False)
+    assert_user_error(sample, "Read-only file system")
+    assert list(small_disk.iterdir()) == []
