@@ -105,12 +105,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
             raise FileNotFoundError(f"no checkpoint or directory at {path}")
         return path
     latest = path / LATEST
-    if latest.exists():
-        name = latest.read_text().strip()
-        if not (path / name).exists():
-            raise FileNotFoundError(f"{latest} names {name!r}, which does not exist")
-        return path / name
     found = checkpoints(path)
+    if latest.exists():
+        name = latest.read_text(errors="replace").strip()
+        if _CKPT_RE.match(name) and (path / name).is_file():
+            return path / name
+        if not found:
+            raise FileNotFoundError(f"{latest} names {name[:80]!r}, which is not a checkpoint of {path}")
+        warnings.warn(f"{latest} names {name[:80]!r}, which is not a checkpoint of {path} (damaged?); "
+                      f"using the newest, {found[-1][1].name}", stacklevel=2)  # fmt: skip
     return found[-1][1] if found else None
 
 

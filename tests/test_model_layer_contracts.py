@@ -188,9 +188,15 @@ def test_checkpoint_listing_and_resolution(tmp_path):
     assert resolve_checkpoint(tmp_path) == tmp_path / "ckpt-10.pt"  # no latest: the newest
     (tmp_path / "latest").write_text("ckpt-2.pt\n")
     assert resolve_checkpoint(tmp_path) == tmp_path / "ckpt-2.pt"
-    (tmp_path / "latest").write_text("ckpt-7.pt\n")
-    with pytest.raises(FileNotFoundError, match="names 'ckpt-7.pt', which does not exist"):
-        resolve_checkpoint(tmp_path)
+    for damaged in ("ckpt-7.pt\n", "\x00\x9c garbage"):  # a missing file, flipped bytes: the newest, said
+        (tmp_path / "latest").write_text(damaged)
+        with pytest.warns(UserWarning, match=r"which is not a checkpoint of .*using the newest, ckpt-10.pt"):
+            assert resolve_checkpoint(tmp_path) == tmp_path / "ckpt-10.pt"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "latest").write_text("ckpt-7.pt\n")
+    with pytest.raises(FileNotFoundError, match="names 'ckpt-7.pt', which is not a checkpoint of"):
+        resolve_checkpoint(empty)
     with pytest.raises(FileNotFoundError, match="no checkpoint or directory"):
         resolve_checkpoint(tmp_path / "nope.pt")
 
