@@ -282,7 +282,10 @@ def test_super_resolution_conditioning_shapes():
     with pytest.raises(ValueError, match="low_res must be"):
         sr.sample(low_res=torch.rand(2, 3, 8, 8), seed=0)
     with pytest.raises(ValueError, match="shape must be"):
-        M.SuperResolution((3, 10, 10), scale=4)
+        M.SuperResolution((10,), scale=4)
+    with pytest.raises(ValueError, match=r"scale must be an int in \[1, min\(H, W\)\] = \[1, 10\], got 11"):
+        M.SuperResolution((3, 10, 10), scale=11)
+    assert M.SuperResolution((3, 10, 10), scale=4, width=8, mults=[1]).low_res_shape == (3, 3, 3)  # partial blocks
 
 
 def test_super_resolution_samples_are_consistent_with_their_input():

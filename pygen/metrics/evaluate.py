@@ -109,6 +109,10 @@ def _likelihood_fn(model: Any, iwae_k: int, seed: int, labels: Tensor | None) ->
         return None  # a class-conditional likelihood needs labelled test data
     lab = (lambda i, b: {"labels": labels[i : i + b]}) if conditional else (lambda i, b: {})
     if hasattr(model, "log_prob"):
+        if any(getattr(model, "pad", ())):  # a padded Glow: seeded augmentation pixels per example
+            s = derive_seed(seed, Stream.AUGMENT)
+            return ((lambda x, i: model.log_prob(x, **lab(i, len(x)), seed=s, offset=i)),
+                    "log_prob (of x and augmentation pixels: an upper bound on the NLL)")
         return (lambda x, i: model.log_prob(x, **lab(i, len(x)))), "log_prob (exact)"
     if hasattr(model, "log_likelihood"):
         params = inspect.signature(model.log_likelihood).parameters

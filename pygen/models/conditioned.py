@@ -46,11 +46,13 @@ def with_luminance(rgb: Tensor, y: Tensor, data_range: list[float] | None = None
     inf = torch.full_like(c, math.inf)
     room = torch.where(c > 0, (hi - y) / c, torch.where(c < 0, (lo - y) / c, inf))
     lam = room.amin(1, keepdim=True).clamp(0, 1)
-    return y + lam * c
+    return (y + lam * c).clamp(lo, hi)  # the clamp only takes off rounding (~1e-8)
 
 
 class SuperResolution(Diffusion, family="sr"):
-    """A diffusion model of (C, H, W) images given their (C, H/scale, W/scale) version.
+    """A diffusion model of (C, H, W) images given their (C, ceil(H/scale), ceil(W/scale))
+    version: the means of scale x scale blocks (the last row/column of blocks partial when a
+    side is not a multiple of scale).
 
     The condition is the low-resolution image bicubic-upsampled to (H, W) and concatenated to
     the UNet's input. Noise augmentation (cascaded diffusion, Ho et al. 2021): in training
@@ -64,8 +66,10 @@ class SuperResolution(Diffusion, family="sr"):
 
     def __init__(self, shape: tuple[int, ...] | list[int], *, scale: int = 4, aug_max: float = 0.2,
                  sample_aug: float = 0.0, **options: Any) -> None:
-        if len(shape) != 3 or shape[1] % scale or shape[2] % scale:
-            raise ValueError(f"shape must be (C, H, W) with H and W multiples of scale={scale}, got {tuple(shape)}")
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
+        if not isinstance(scale, int) or not 1 <= scale <= min(shape[1:]):
+            raise ValueError(f"scale must be an int in [1, min(H, W)] = [1, {min(shape[1:])}], got {scale!r}")
         options.pop("cond_channels", None)
         options.pop("aug_conditioning", None)
         options.pop("num_classes", None)
@@ -80,21 +84,28 @@ class SuperResolution(Diffusion, family="sr"):
         """From super-resolution data (``data.low_res`` set: its scale) or any image data (x4)."""
         low_res = getattr(data, "low_res", None)
         if low_res is not None and "scale" not in options:
-            options["scale"] = data.shape[-1] // low_res.shape[-1]
+            options["scale"] = -(-data.shape[-1] // low_res.shape[-1])
         return cls(tuple(data.shape), **options)
 
     @property
     def low_res_shape(self) -> tuple[int, int, int]:
         c, h, w = self.shape
-        return (c, h // self.scale, w // self.scale)
+        return (c, -(-h // self.scale), -(-w // self.scale))
 
     def downsample(self, hr: Tensor) -> Tensor:
-        """The degradation the stage inverts: the mean of scale x scale blocks."""
-        return F.avg_pool2d(hr, self.scale)
+        """The degradation the stage inverts: the mean of each scale x scale block (of the
+        pixels a partial block at the bottom/right edge has)."""
+        return F.avg_pool2d(hr, self.scale, ceil_mode=True)
+
+    def _expand(self, low_res: Tensor, mode: str) -> Tensor:
+        # block j covers pixels [j * scale, (j + 1) * scale): upsample by scale, then crop
+        up = F.interpolate(low_res, scale_factor=self.scale, mode=mode, **({} if mode == "nearest" else
+                                                                            {"align_corners": False}))
+        return up[..., : self.shape[1], : self.shape[2]]
 
     def upsample(self, low_res: Tensor) -> Tensor:
         """Bicubic upsampling to the output size (the condition, and the PSNR baseline)."""
-        return F.interpolate(low_res, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return self._expand(low_res, "bicubic")
 
     def _condition(self, lr_model: Tensor, level: Tensor, noise: Tensor) -> dict[str, Tensor]:
         up = self.upsample(lr_model + level.view(-1, 1, 1, 1) * noise)
@@ -110,7 +121,7 @@ class SuperResolution(Diffusion, family="sr"):
         """x made consistent with ``low_res``: x + nearest-upsample(low_res - downsample(x)), the
         orthogonal projection onto {x : downsample(x) = low_res} (area down-sampling), clamped to
         the data's range. It can only bring a sample closer to any image consistent with low_res."""
-        x = x + F.interpolate(low_res.to(x.dtype) - self.downsample(x), scale_factor=self.scale, mode="nearest")
+        x = x + self._expand(low_res.to(x.dtype) - self.downsample(x), "nearest")
         return x if self.data_range is None else x.clamp(*self.data_range)
 
     @sampling

@@ -12,7 +12,12 @@ Data conventions:
   clamped to the levels, so they look like the data.
 
 Vector flows (``kind="realnvp"`` or ``"nsf"``) see a (B, *data_shape) batch flattened to
-(B, D); ``"glow"`` needs (C, H, W) data. With ``num_classes``, batches are (x, labels) and
+(B, D); ``"glow"`` needs (C, H, W) data. Glow squeezes 2x2 at each of its ``levels``: an
+image whose sides are not multiples of 2^levels is padded (centred) to the next multiples
+with *augmentation* pixels u ~ U[0, 1)^P drawn afresh each time (Huang et al. 2020's
+augmented flows; log q(u) = 0), the flow is a density on (x, u), and samples are cropped.
+The loss then bounds -log p(x) from above (-log p(x) <= E_u[-log p(x, u)], Jensen), bits/dim
+count x's D dimensions only, and :meth:`Flow.log_prob` is a one-draw estimate of that bound. With ``num_classes``, batches are (x, labels) and
 the flow is conditioned on one-hot labels (``sample(n, labels=...)``).
 """
 
@@ -29,7 +34,8 @@ from pygen.flows import NSF, Glow, RealNVP, dequantize
 from pygen.models.base import GenerativeModel
 from pygen.models.inference import sampling
 from pygen.models.labels import Batch, num_classes_of, one_hot, sample_labels, split_batch
-from pygen.models.seeding import resolve_seed
+from pygen.models.networks import crop_from, pad_to, padding_for
+from pygen.models.seeding import counter_uniform, resolve_seed
 from pygen.ops import randn
 
 __all__ = ["Flow"]
@@ -55,13 +61,11 @@ class Flow(GenerativeModel, family="flow"):
 
     @staticmethod
     def data_defaults(data: Any) -> dict[str, Any]:
-        """The constructor options :meth:`for_data` starts from: Glow for images whose sides are
-        multiples of 4, a RealNVP over the pixels for other images, a RealNVP for points; the
+        """The constructor options :meth:`for_data` starts from: Glow for images (sides that
+        are not multiples of 4 padded with augmentation pixels), a RealNVP for points; the
         data's quantisation (:attr:`pygen.data.Data.bins`)."""
-        if data.kind == "image" and data.shape[1] % 4 == 0 and data.shape[2] % 4 == 0:
-            return {"kind": "glow", "bins": data.bins, "levels": 2, "depth": 4, "hidden": 64}
         if data.kind == "image":
-            return {"kind": "realnvp", "bins": data.bins, "hidden": 256, "n_layers": 8}
+            return {"kind": "glow", "bins": data.bins, "levels": 2, "depth": 4, "hidden": 64}
         return {"kind": "realnvp", "bins": None, "hidden": 64, "n_layers": 8}
 
     @classmethod
@@ -106,10 +110,15 @@ class Flow(GenerativeModel, family="flow"):
         self.data_shape, self.bins, self.num_classes, self.ema_decay = shape, bins, num_classes, ema_decay
         self.dim = math.prod(shape)
         context = {"context_features": num_classes} if num_classes else {}
+        self.pad = (0, 0, 0, 0)  # Glow's augmentation padding (left, right, top, bottom)
         if kind == "glow":
             if len(shape) != 3:
                 raise ValueError(f"kind='glow' needs data_shape (C, H, W), got {shape}")
-            self.flow = Glow(shape[0], (shape[1], shape[2]), **flow_kwargs, **context)
+            levels = flow_kwargs.get("levels", 2)
+            if isinstance(levels, int) and levels >= 1:
+                self.pad = padding_for(shape[1], shape[2], 2**levels)
+            h, w = shape[1] + self.pad[2] + self.pad[3], shape[2] + self.pad[0] + self.pad[1]
+            self.flow = Glow(shape[0], (h, w), **flow_kwargs, **context)
         else:
             self.flow = _KINDS[kind](self.dim, **flow_kwargs, **context)
 
@@ -128,9 +137,20 @@ class Flow(GenerativeModel, family="flow"):
         labels = sample_labels(labels, n, self.num_classes, seed=0, device=p.device, owner="Flow")
         return one_hot(labels, self.num_classes, p.dtype)
 
-    def _to_flow(self, x: Tensor) -> Tensor:
-        # vector flows see (B, D); Glow sees (B, C, H, W)
-        return x.reshape(x.shape[0], *self.flow.shape)
+    def _to_flow(self, x: Tensor, seed: int | None = None, offset: int = 0) -> Tensor:
+        # vector flows see (B, D); Glow sees (B, C, H, W), padded with fresh U[0, 1) pixels where
+        # its levels need it: from torch's generator (the trainer seeds and checkpoints it), or
+        # example i's from pygen's stream of `seed` at positions (offset + i) * D_flow.. when given
+        if not any(self.pad):
+            return x.reshape(x.shape[0], *self.flow.shape)
+        b, shape = x.shape[0], self.flow.shape
+        if seed is None:
+            u = torch.rand(b, *shape, device=x.device, dtype=x.dtype)
+        else:
+            d = math.prod(shape)
+            u = counter_uniform(b * d, seed=seed, offset=offset * d, device=x.device).to(x.dtype).view(b, *shape)
+        inside = pad_to(torch.ones_like(x[:1, :1]), self.pad)
+        return pad_to(x, self.pad) + (1 - inside) * u
 
     # ---- the interface ----------------------------------------------------------------
     def setup(self, batch: Batch) -> None:
@@ -147,9 +167,14 @@ class Flow(GenerativeModel, family="flow"):
         nll = -self.flow.log_prob(self._to_flow(y), context).mean() + self.dim * math.log(self.bins)
         return {"loss": nll, "bpd": nll.detach() / (self.dim * math.log(2))}
 
-    def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        """x (B, *data_shape) -> (B,) exact log-density of x as given (no dequantisation)."""
-        return self.flow.log_prob(self._to_flow(x), self._context(labels, x.shape[0]))
+    def log_prob(self, x: Tensor, labels: Tensor | None = None, *, seed: int | None = None,
+                 offset: int = 0) -> Tensor:
+        """x (B, *data_shape) -> (B,) exact log-density of x as given (no dequantisation).
+
+        A padded Glow gives log p(x, u) at one draw of its augmentation pixels u, a lower
+        bound of log p(x) in expectation: example i's u from (``seed``, ``offset`` + i) when
+        a seed is given (any batching, the same values), else from torch's generator."""
+        return self.flow.log_prob(self._to_flow(x, seed, offset), self._context(labels, x.shape[0]))
 
     @sampling
     def sample(
@@ -164,18 +189,19 @@ class Flow(GenerativeModel, family="flow"):
         """(n, *data_shape) samples; sample i is a function of (seed, offset + i) only.
 
         The latent of sample i is pygen's Philox stream at positions [(offset + i) D,
-        (offset + i + 1) D), so any chunking of an index range gives the same samples (up
+        (offset + i + 1) D) (D: the flow's dimension, padding included), so any chunking of an index range gives the same samples (up
         to float rounding of the network at different batch sizes). A conditional flow
         samples class ``labels`` (an int or (n,)), or labels drawn uniformly from a derived
         stream of the seed by the same rule when None.
         """
         p = next(self.parameters())
         s = resolve_seed(seed, generator)
-        shape, start = self.flow.shape, offset * self.dim  # stream position of sample `offset`
+        shape = self.flow.shape
+        start = offset * math.prod(shape)  # stream position of sample `offset`
         z = randn(n, *shape, seed=s, offset=start, device=p.device, dtype=p.dtype)
         labels = sample_labels(labels, n, self.num_classes, seed=s, offset=offset, device=p.device, owner="Flow")
         y, _ = self.flow.transform.inverse(z, self._context(labels, n))
-        y = y.reshape(n, *self.data_shape)
+        y = crop_from(y, self.pad).reshape(n, *self.data_shape)
         if self.bins is None:
             return y
         # the inverse of dequantize: bin k of [0, 1) is level k / (bins - 1)

@@ -242,7 +242,7 @@ class Discriminator(nn.Module):
 
     def _phi_head(self) -> tuple[Callable[[Tensor], Tensor], nn.Module]:
         if isinstance(self.net, ConvEncoder):
-            return (lambda x: self.net.features(x).flatten(1)), self.net.head
+            return self.net.phi, self.net.head
         *body, head = [self.net[0], *self.net[1]]  # Flatten, then the MLP's layers
 
         def phi(x: Tensor) -> Tensor:

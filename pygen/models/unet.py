@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pygen.models.networks import crop_from, pad_to, padding_for
+
 __all__ = ["SinusoidalEmbedding", "ResBlock", "SelfAttention", "UNet", "MLPDenoiser"]
 
 
@@ -118,8 +120,9 @@ class UNet(nn.Module):
 
     ``width`` channels at full resolution, ``width * mults[i]`` at level i (each level halves
     H and W), ``blocks`` residual blocks per level (plus one on the way up for the skip),
-    self-attention at the lowest resolution (and in the middle) when ``attention``. H and W
-    must be divisible by 2^(len(mults) - 1).
+    self-attention at the lowest resolution (and in the middle) when ``attention``. Any H, W:
+    sides that are not multiples of 2^(len(mults) - 1) are zero-padded (centred) on the way in
+    and the output cropped back (:func:`pygen.models.networks.padding_for`).
     """
 
     def __init__(
@@ -172,14 +175,13 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None, cond: Tensor | None = None,
                 aug_level: Tensor | None = None) -> Tensor:
-        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
-            raise ValueError(f"UNet: H and W must be divisible by {self.factor}, got {tuple(x.shape[-2:])}")
         emb = self.embed(c_noise, labels, aug_level)
         if self.cond_channels:
             if cond is None:
                 raise ValueError(f"this UNet needs cond= (B, {self.cond_channels}, H, W)")
             x = torch.cat([x, cond.to(x.dtype)], 1)
-        h = self.conv_in(x)
+        pad = padding_for(x.shape[-2], x.shape[-1], self.factor)
+        h = self.conv_in(pad_to(x, pad))
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -192,7 +194,7 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, hs.pop()], 1), emb)
             else:
                 h = layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return crop_from(self.conv_out(F.silu(self.norm_out(h))), pad)
 
 
 class MLPDenoiser(nn.Module):
