@@ -252,7 +252,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pygen.sampling import check_device
 
     check_device(args.device)
-    data = pygen.data.load(data_spec)  # DataError: one line
+    image_size = args.image_size if args.image_size is not None else saved.get("image_size")
+    if saved and args.image_size is not None and args.image_size != saved.get("image_size"):
+        raise UserError(f"{out} was trained with --image-size {saved.get('image_size')}, not {args.image_size}: "
+                        "resume without it, or use another --out")
+    data = pygen.data.load(data_spec, image_size=image_size)  # DataError: one line
     train, test = pygen.data.train_test(data)
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"{data_spec}: {len(data)} example(s); training needs at least 2 (a share is held out)")
@@ -272,6 +276,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"cannot build a {args.family} model for {data_spec} with {options}: {e}") from None
     record = {"family": args.family, "data": data_spec, **settings, "options": options,
               "command": "pygen " + " ".join(sys.argv[1:])}
+    if image_size is not None:
+        record["image_size"] = image_size
+    if data.classes is not None:  # what label k means (a folder's sub-folder names)
+        record["classes"] = list(data.classes)
     with ExitStack() as held:
         if rank0:
             if out.exists() and not out.is_dir():
@@ -285,7 +293,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             is_run = (out / "latest").exists() or any(out.glob("ckpt-*.pt"))
             if is_run and not args.resume:
                 raise UserError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
+        if args.minutes is not None:
+            _budget_steps(args, model, train, settings, record)
         return _train(args, model, train, test, settings, record, data_spec, rank0)
+
+
+def _budget_steps(args: argparse.Namespace, model: Any, train: Any, settings: dict[str, Any],
+                  record: dict[str, Any]) -> None:
+    """--minutes M: the step count from this machine's measured throughput, into the settings
+    and train.json (a resume then continues to the same count: it stays exact)."""
+    import time
+
+    from pygen.models.labels import training_data
+    from pygen.train.budget import measure_step_seconds, steps_for_minutes
+
+    if args.steps is not None:
+        raise UserError("--minutes sets the step count: give --steps or --minutes, not both")
+    if args.resume and (Path(args.out) / TRAIN_JSON).exists():
+        raise UserError("--minutes sets the step count of a new run; to train a resumed run longer, --resume --steps N")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--minutes measures one process's throughput; under torchrun pass --steps")
+    t0 = time.perf_counter()
+    print(f"measuring this machine's training throughput for --minutes {args.minutes:g} ...", flush=True)
+    sec = measure_step_seconds(model, training_data(model, train), batch_size=settings["batch_size"],
+                               lr=settings["lr"], grad_accum=settings["grad_accum"], precision=settings["precision"],
+                               device=args.device)  # fmt: skip
+    steps = steps_for_minutes(args.minutes, sec, spent=time.perf_counter() - t0)
+    print(f"{sec:.3g} s per step of {settings['batch_size']}: {steps} steps in {args.minutes:g} minutes", flush=True)
+    settings["steps"] = record["steps"] = steps
+    record["minutes"], record["measured_seconds_per_step"] = args.minutes, round(sec, 6)
 
 
 def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings: dict[str, Any],
@@ -353,9 +389,10 @@ def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings
             print(f"best: {best} (step {info.get('step')}, {info.get('metric')} = {info.get('value', float('nan')):.6g}); "
                   f"pygen sample / eval use it unless --checkpoint latest")
         print(f"done: {out}/latest -> {(out / 'latest').read_text().strip()}; log {out}/metrics.jsonl")
-        print(f"next: pygen sample {out} -n 10000 --out {out}-samples    pygen eval {out} --data {data_spec}")
+        sized = f" --image-size {record['image_size']}" if "image_size" in record else ""
+        print(f"next: pygen sample {out} -n 10000 --out {out}-samples    pygen eval {out} --data {data_spec}{sized}")
         if args.evaluate:
-            _print_eval(_evaluate(str(out), data_spec, seed=0, n=None), None)
+            _print_eval(_evaluate(str(out), data_spec, seed=0, n=None, image_size=record.get("image_size")), None)
     return 0
 
 
@@ -380,11 +417,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
 # ---- eval ---------------------------------------------------------------------------------
 
 
+def _saved_image_size(source: str, data: str) -> int | None:
+    """The --image-size a training run used on ``data`` (its train.json, next to the checkpoint
+    or in the run directory), so that `pygen eval RUN --data FOLDER` sees what it trained on."""
+    path = Path(source)
+    for d in (path, path.parent):
+        f = d / TRAIN_JSON
+        if f.is_file():
+            try:
+                rec = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+            return rec.get("image_size") if rec.get("data") == data else None
+    return None
+
+
 def _evaluate(source: str, data: str, *, seed: int, n: int | None, ema: bool = True,
-              which: str | None = None) -> dict[str, Any]:
+              which: str | None = None, image_size: int | None = None) -> dict[str, Any]:
+    import pygen.data
     from pygen.metrics import evaluate
 
     path = Path(source)
+    if image_size is None:
+        image_size = _saved_image_size(source, data)
+    loaded = pygen.data.load(data, image_size=image_size) if image_size is not None else data
     if path.is_dir() and (path / "manifest.json").exists():
         from pygen.sampling import SampleDir
 
@@ -393,9 +449,7 @@ def _evaluate(source: str, data: str, *, seed: int, n: int | None, ema: bool = T
             raise UserError(f"{path}: the sampling job is not complete; run the same pygen sample command to finish it")
         want = n
         if want is None:
-            import pygen.data
-
-            want = len(pygen.data.train_test(pygen.data.load(data))[1])
+            want = len(pygen.data.train_test(pygen.data.load(data, image_size=image_size))[1])
         if model.n < want:
             raise UserError(f"{path} holds {model.n} samples; the evaluation needs {want} (sample more or pass --n)")
     else:
@@ -413,7 +467,7 @@ def _evaluate(source: str, data: str, *, seed: int, n: int | None, ema: bool = T
         if path.is_dir():
             print(f"evaluating {file}")
     try:
-        return evaluate(model, data, seed=seed, n=n)
+        return evaluate(model, loaded, seed=seed, n=n)
     except ValueError as e:  # evaluate checks that the model and the data fit each other
         raise UserError(f"{source} does not fit --data {data}: {str(e).splitlines()[0]}") from None
 
@@ -433,8 +487,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.source).exists():
         raise UserError(f"no checkpoint, training directory or sampling directory at {args.source}")
     _check_writable_file(args.json, "--json")  # before the evaluation, not after it
-    _print_eval(_evaluate(args.source, args.data, seed=args.seed, n=args.n, ema=not args.no_ema, which=args.which),
-                args.json)
+    _print_eval(_evaluate(args.source, args.data, seed=args.seed, n=args.n, ema=not args.no_ema, which=args.which,
+                          image_size=args.image_size), args.json)
     return 0
 
 
@@ -545,11 +599,17 @@ def build_parser() -> argparse.ArgumentParser:
             "pygen train vae --data digits --out runs/vae --resume --steps 4000",
             "torchrun --nproc-per-node 4 -m pygen train diffusion --data digits32 --out runs/ddpm"))
     s.add_argument("family", choices=list(FAMILIES), metavar="FAMILY", help=f"one of {', '.join(FAMILIES)}")
-    s.add_argument("--data", metavar="SPEC", help="digits, digits16, digits32, a toy2d name, patches, an image folder, .npy/.npz, IDX")
+    s.add_argument("--data", metavar="SPEC", help="digits, digits16, digits32, a toy2d name, patches, fashion-mnist, "
+                   "an image folder, .npy/.npz, IDX")
+    s.add_argument("--image-size", type=_int_at_least(4), metavar="N",
+                   help="an image folder's images resized (antialiased, shorter side N) and centre-cropped to NxN")
     s.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoints, log)")
     s.add_argument("--steps", type=_int_at_least(1), help="optimizer steps in total (default: the family's)")
     s.add_argument("--batch-size", type=_int_at_least(1), help="global batch (default: the family's)")
     s.add_argument("--lr", type=_positive_float, help="learning rate (default: the family's)")
+    s.add_argument("--minutes", type=_positive_float, metavar="M",
+                   help="train to a wall-clock budget: the step count is set from the throughput measured on this "
+                        "machine before training (a copy of the model, a few steps) and saved in train.json")
     s.add_argument("--seed", type=_int_at_least(0), help="model init and data order (default 0)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
     s.add_argument("--config", metavar="FILE", help="JSON: steps, batch_size, lr, seed and model options ('model': {...})")
@@ -639,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples("pygen eval runs/flow --data digits", "pygen eval samples/flow --data digits --json eval.json"))
     s.add_argument("source", metavar="CHECKPOINT|SAMPLES_DIR")
     s.add_argument("--data", required=True, metavar="SPEC")
+    s.add_argument("--image-size", type=_int_at_least(4), metavar="N",
+                   help="an image folder resized as for training (default: the run's train.json)")
     s.add_argument("--n", type=_int_at_least(2), help="samples compared (default: the test split's size)")
     s.add_argument("--seed", type=_int_at_least(0), default=0)
     s.add_argument("--json", metavar="FILE", help="write the results as JSON")

@@ -1,10 +1,15 @@
-"""``load(spec)``: one entry point from a name or a path to tensors in memory.
+"""``load(spec)``: one entry point from a name or a path to a :class:`Data`.
 
 Built-in names: "digits", "digits16", "digits32", the :data:`~pygen.data.datasets.TOY2D`
 names, "patches" and "fashion-mnist" / "fashion-mnist:test" (read from the Debian package
 ``dataset-fashion-mnist``'s IDX files, or from ``$PYGEN_DATA``). Paths: a folder of images, an .npz / .npy array, or MNIST-style IDX
 files. Every failure to read data is one :class:`DataError` (a ValueError) whose message
 names the file and what was expected, so a command-line tool can print it as one line.
+
+8-bit images are held as uint8 (:class:`pygen.data.storage.Images`): a quarter of float32's
+memory; ``.npy`` images stay memory-mapped (data larger than memory), and a folder whose
+decoded images would take more than a quarter of the memory is read lazily
+(:class:`~pygen.data.storage.ImageFiles`). :attr:`Data.data` is the float32 view.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +29,7 @@ from torch import Tensor
 
 from pygen._io import memory_bytes
 from pygen.data.datasets import SPLITS, TOY2D, digits, patches, toy2d
+from pygen.data.storage import ImageFiles, Images, Source, materialize, take
 
 __all__ = ["DataError", "Data", "NAMES", "load", "train_test", "fashion_mnist", "FASHION_MNIST_CLASSES"]
 
@@ -39,29 +46,41 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Data:
-    """A data set in memory.
+    """A data set.
 
-    data: (N, C, H, W) float32 in [0, 1] for images, (N, D) float32 for points.
+    source: how the examples are held: a float32 tensor ((N, D) points, or (N, C, H, W)
+    images in [0, 1]), or images kept compactly (:class:`~pygen.data.storage.Images`: uint8
+    or memory-mapped; :class:`~pygen.data.storage.ImageFiles`: decoded per batch), which
+    ``source[idx]`` reads as float32 batches. ``data``: all of it as one float32 tensor (a
+    copy for compact sources: the trainer reads batches from ``source`` instead).
     labels: (N,) int64 or None.  name: the spec it came from.  split: "train", "test" or "all".
     ``low_res`` is set for super-resolution data ("patches") only: the low-resolution inputs
-    (N, 3, h, w) of the images in ``data`` (the high-resolution targets).
+    (N, 3, h, w) of the images in ``data`` (the high-resolution targets). ``classes``: the
+    class names of labels 0..K-1 where the data names them (a folder's sub-folders,
+    Fashion-MNIST's classes).
     """
 
-    data: Tensor
+    source: Source
     labels: Tensor | None
     name: str
     split: str = "all"
     low_res: Tensor | None = None
+    classes: tuple[str, ...] | None = None
+
+    @property
+    def data(self) -> Tensor:
+        """All examples as float32 (N, ...) (images in [0, 1])."""
+        return materialize(self.source)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of one example (no batch dim)."""
-        return tuple(self.data.shape[1:])
+        return tuple(self.source.shape[1:])
 
     @property
     def kind(self) -> str:
         """"image" for (N, C, H, W) data, "points" for (N, D)."""
-        return "image" if self.data.dim() == 4 else "points"
+        return "image" if len(self.source.shape) == 4 else "points"
 
     @property
     def bins(self) -> int | None:
@@ -73,7 +92,7 @@ class Data:
         return 17 if self.name.startswith("digits") else 256
 
     def __len__(self) -> int:
-        return self.data.shape[0]
+        return len(self.source)
 
 
 def _fail(path: os.PathLike | str, what: str) -> DataError:
@@ -103,29 +122,69 @@ def _as_float(arr: np.ndarray, path: Path) -> Tensor:
 MAX_CLASSES = 65536  # a larger label is a mistake, not a class: each class gets an embedding row
 
 
-def _to_data(arr: np.ndarray, labels: np.ndarray | None, path: Path, split: str) -> Data:
+def _range(arr: np.ndarray, rows: int = 4096) -> tuple[Any, Any, bool]:
+    """(min, max, all finite) of an array, read ``rows`` rows at a time (a memory map stays
+    unread in memory)."""
+    lo, hi, finite = None, None, True
+    for i in range(0, arr.shape[0], rows):
+        part = np.asarray(arr[i : i + rows])
+        if part.size == 0:
+            continue
+        if np.issubdtype(part.dtype, np.floating) and not np.isfinite(part).all():
+            finite = False
+            part = part[np.isfinite(part)]
+            if part.size == 0:
+                continue
+        lo = part.min() if lo is None else min(lo, part.min())
+        hi = part.max() if hi is None else max(hi, part.max())
+    return lo, hi, finite
+
+
+def _image_source(arr: np.ndarray, path: Path, *, mapped: bool) -> Source:
+    """(N, H, W) / (N, C, H, W) / (N, H, W, C) image values -> a source: integers 0..255 kept
+    as 8-bit codes (uint8, or the memory map itself when ``mapped``), floats checked to lie
+    in [0, 1] (kept mapped, else a float32 tensor)."""
+    channels_last = arr.ndim == 4 and arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4)
+    is_float = np.issubdtype(arr.dtype, np.floating)
+    if not (is_float or np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise _fail(path, f"expected a numeric array, got dtype {arr.dtype}")
+    if arr.dtype != np.uint8:
+        lo, hi, finite = _range(arr)
+        if not finite:
+            raise _fail(path, "array holds NaN or infinite values")
+        if is_float and lo is not None and (lo < 0 or hi > 1):
+            raise _fail(path, f"float images must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+        if not is_float and lo is not None and (lo < 0 or hi > 255):
+            raise _fail(path, f"integer data must be 0..255 pixel values, got range [{lo}, {hi}]")
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    if mapped:
+        return Images(arr, scale=1.0 if is_float else 255.0, channels_last=channels_last)
+    if is_float:
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return (x.permute(0, 3, 1, 2) if channels_last else x).contiguous()
+    codes = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8))
+    return Images((codes.permute(0, 3, 1, 2) if channels_last else codes).contiguous(), scale=255.0)
+
+
+def _to_data(arr: np.ndarray, labels: np.ndarray | None, path: Path, split: str, *, mapped: bool = False) -> Data:
     """Shape rules: (N, D) points; (N, H, W) grayscale; (N, C, H, W) or (N, H, W, C) images
     (channels-last when the last dim is 1, 3 or 4 and dim 1 is not); float images must lie in
-    [0, 1]; integer images are 0..255 and get divided by 255."""
+    [0, 1]; integer images are 0..255 pixel values (held as uint8, read as value / 255).
+    ``mapped``: ``arr`` is a memory map to keep (images only)."""
     if arr.ndim not in (2, 3, 4) or arr.shape[0] == 0:
         raise _fail(
             path,
             f"expected (N, D) points or (N, H, W) / (N, C, H, W) / (N, H, W, C) images, N > 0; got shape {arr.shape}",
         )
-    is_int = not np.issubdtype(arr.dtype, np.floating)
-    x = _as_float(arr, path)
     if arr.ndim == 2:
-        if is_int:  # integer (N, D) data: ambiguous, treat as points but keep raw values
+        _check_claim(path, arr.shape[0] * arr.shape[1] * 4, f"its {arr.shape} points")
+        arr = np.array(arr)  # a copy: points live in memory, not in a map of the file
+        x: Source = _as_float(arr, path)
+        if not np.issubdtype(arr.dtype, np.floating):  # integer (N, D) data: ambiguous, points with raw values
             x = torch.from_numpy(arr.astype(np.float32))
     else:
-        if x.dim() == 3:
-            x = x.unsqueeze(1)
-        elif x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
-            x = x.permute(0, 3, 1, 2)
-        if x.numel() and (x.min() < 0 or x.max() > 1):
-            lo, hi = float(x.min()), float(x.max())
-            raise _fail(path, f"float images must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
-        x = x.contiguous()
+        x = _image_source(arr, path, mapped=mapped)
     y = None
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
@@ -139,24 +198,31 @@ def _to_data(arr: np.ndarray, labels: np.ndarray | None, path: Path, split: str)
 
 
 def _npy_claim(path: Path) -> None:
-    """Check what an .npy header claims before numpy allocates it."""
+    """Check what an .npy header claims against the file before numpy maps it."""
     try:
         with open(path, "rb") as f:
             fmt = np.lib.format
             read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
             shape, _, dtype = read(f)
+            start = f.tell()
     except (OSError, ValueError, EOFError):
         return  # np.load reports it
-    _check_claim(path, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, f"its .npy header {shape} {dtype}")
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    have = path.stat().st_size - start
+    if want > have:
+        raise _fail(path, f"its .npy header {shape} {dtype} claims {want / 1e9:.3g} GB, the file holds "
+                          f"{have / 1e9:.3g} GB: a damaged or truncated file")
 
 
 def _load_npy(path: Path, split: str) -> Data:
+    """An .npy file, memory-mapped: images stay on disk (read per batch, data larger than
+    memory works), points are read into memory."""
     _npy_claim(path)
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
         raise _fail(path, f"not a readable .npy array ({e})") from None
-    return _to_data(arr, None, path, split)
+    return _to_data(arr, None, path, split, mapped=True)
 
 
 def _load_npz(path: Path, split: str) -> Data:
@@ -249,49 +315,107 @@ def _load_idx(path: Path, split: str) -> Data:
     return _to_data(arr, labels, path, split)
 
 
-def _load_folder(path: Path, split: str) -> Data:
-    """Images in the folder (sorted by name), or in its sub-folders, one class each (labels:
-    the sorted sub-folder names' indices). All must have the same size: nothing is resized.
-    All grayscale -> 1 channel; otherwise RGB (alpha dropped)."""
-    from PIL import Image, UnidentifiedImageError
-
+def _folder_files(path: Path) -> tuple[list[Path], list[int] | None, tuple[str, ...] | None]:
+    """(image files, labels, class names): the folder's images sorted by name, or its
+    sub-folders' (one class each, labels = index of the sorted sub-folder names)."""
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXT)
-    labels: list[int] | None = None
-    if not files:
-        classes = sorted(p for p in path.iterdir() if p.is_dir())
-        labels = []
-        for i, c in enumerate(classes):
-            found = sorted(p for p in c.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXT)
-            files += found
-            labels += [i] * len(found)
+    if files:
+        return files, None, None
+    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    labels: list[int] = []
+    for i, c in enumerate(classes):
+        found = sorted(p for p in c.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXT)
+        files += found
+        labels += [i] * len(found)
     if not files:
         raise _fail(path, f"folder holds no images (expected files ending in {sorted(_IMAGE_EXT)})")
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                images.append(im.copy())
-        except Image.DecompressionBombError as e:  # Pillow's limit stays: say it in one line
-            raise _fail(f, f"refused by Pillow's decompression-bomb limit ({str(e).split('.')[0]})") from None
-        except (OSError, UnidentifiedImageError) as e:
-            raise _fail(f, f"not a readable image ({e})") from None
-    gray = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in images)
-    arrays = []
-    for f, im in zip(files, images):
-        if gray:
-            a = np.asarray(im.convert("F"), dtype=np.float32)
-            a = a / (65535.0 if im.mode in ("I", "I;16") else 255.0)  # "F": assume 0..255 too
-            a = a[None]
+    return files, labels, tuple(c.name for c in classes)
+
+
+def _open_image(f: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            im.load()
+            return im.copy()
+    except Image.DecompressionBombError as e:  # Pillow's limit stays: say it in one line
+        raise _fail(f, f"refused by Pillow's decompression-bomb limit ({str(e).split('.')[0]})") from None
+    except (OSError, UnidentifiedImageError) as e:
+        raise _fail(f, f"not a readable image ({e})") from None
+
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+class _Decoder:
+    """path -> (C, H, W) uint8: grayscale (C = 1) or RGB (C = 3, alpha dropped), resized to
+    ``size`` x ``size`` when given (antialiased, the shorter side to size, then the centre
+    crop: Pillow's ImageOps.fit), else checked to be ``hw``. A class (not a closure) so that
+    lazy data pickles into DataLoader workers."""
+
+    def __init__(self, gray: bool, size: int | None, hw: tuple[int, int], first: str) -> None:
+        self.gray, self.size, self.hw, self.first = gray, size, hw, first
+
+    def __call__(self, f: Path) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        im = _open_image(f)
+        if self.gray:
+            if im.mode in ("I", "I;16", "F"):  # 16-bit / float grayscale: to 8 bits
+                scale = 255.0 / 65535.0 if im.mode in ("I", "I;16") else 1.0
+                im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) * scale + 0.5, 0, 255).astype(np.uint8))
+            im = im.convert("L")
         else:
-            a = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
-        if arrays and a.shape != arrays[0].shape:
-            first = f"{arrays[0].shape[1:]} of {files[0].name}"
-            raise _fail(f, f"image size {a.shape[1:]} differs from {first}: all images must have one size")
-        arrays.append(a)
-    x = torch.from_numpy(np.stack(arrays)).clamp_(0, 1)
+            im = im.convert("RGB")
+        if self.size is not None:
+            im = ImageOps.fit(im, (self.size, self.size), method=Image.Resampling.LANCZOS)
+        elif (im.height, im.width) != self.hw:
+            raise _fail(f, f"image size {im.height}x{im.width} differs from {self.hw[0]}x{self.hw[1]} of "
+                           f"{self.first}: all images must have one size, or pass image_size (--image-size N) "
+                           "to resize and centre-crop them")
+        a = np.asarray(im, dtype=np.uint8)
+        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _load_folder(path: Path, split: str, image_size: int | None = None, lazy: bool | None = None) -> Data:
+    """Images in the folder (sorted by name), or in its sub-folders, one class each (labels:
+    the sorted sub-folder names' indices, the names kept in ``classes``). All grayscale -> 1
+    channel, else RGB (alpha dropped); held as uint8. ``image_size``: each image resized
+    (antialiased) so its shorter side is image_size, then centre-cropped square; else all
+    must have one size. ``lazy``: decode per batch (None: when the decoded images would take
+    more than a quarter of the memory)."""
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 4):
+        raise ValueError(f"image_size must be an int >= 4, got {image_size!r}")
+    files, labels, classes = _folder_files(path)
+    first = _open_image(files[0])
+    # one mode for the folder: grayscale only when every image is (decided from the headers)
+    gray = first.mode in _GRAY_MODES and all(_mode(f) in _GRAY_MODES for f in files[1:])
+    hw = (image_size, image_size) if image_size is not None else (first.height, first.width)
+    decode = _Decoder(gray, image_size, hw, files[0].name)
+    shape = (1 if gray else 3, *hw)
     y = torch.tensor(labels, dtype=torch.int64) if labels is not None else None
-    return Data(x, y, str(path), split)
+    if lazy is None:
+        lazy = len(files) * int(np.prod(shape)) > memory_bytes() // 4
+    if lazy:
+        source: Source = ImageFiles(files, shape, decode)
+    else:
+        codes = np.empty((len(files), *shape), dtype=np.uint8)
+        for i, f in enumerate(files):
+            codes[i] = decode(f)
+        source = Images(torch.from_numpy(codes), scale=255.0)
+    return Data(source, y, str(path), split, classes=classes)
+
+
+def _mode(f: Path) -> str:
+    """An image file's mode from its header (no decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            return im.mode
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+        return _open_image(f).mode  # raises its one-line DataError
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,7 +432,7 @@ def _seeded_split(d: Data, split: str, seed: int, test_fraction: float) -> Data:
     idx = idx.sort().values  # keep the file's order within a split
     labels = d.labels[idx] if d.labels is not None else None
     low_res = d.low_res[idx] if d.low_res is not None else None
-    return Data(d.data[idx], labels, d.name, split, low_res)
+    return Data(take(d.source, idx), labels, d.name, split, low_res, d.classes)
 
 
 # ---- Fashion-MNIST (Xiao, Rasul & Vollgraf 2017) ---------------------------------------------
@@ -343,13 +467,19 @@ def fashion_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
     float32 in [0, 1] (levels k / 255), labels (N,) int64 in 0..9, :data:`FASHION_MNIST_CLASSES`)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    d = _load_idx(_fashion_mnist_file(split), split)
-    if d.labels is None:
-        raise DataError(f"{_fashion_mnist_file(split)}: its labels file is missing beside it")
+    d = _fashion_mnist_data(split)
     return d.data, d.labels
 
 
-def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fraction: float = 0.2) -> Data:
+def _fashion_mnist_data(split: str) -> Data:
+    d = _load_idx(_fashion_mnist_file(split), split)  # uint8 codes
+    if d.labels is None:
+        raise DataError(f"{_fashion_mnist_file(split)}: its labels file is missing beside it")
+    return d
+
+
+def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fraction: float = 0.2,
+         image_size: int | None = None, lazy: bool | None = None) -> Data:
     """Load a data set by name or path -> :class:`Data` (tensors in memory, CPU).
 
     Names (fixed splits, see each function): "digits" / "digits16" / "digits32"
@@ -362,16 +492,20 @@ def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fra
     Paths:
 
     - a folder of images (PNG, JPEG, ... via Pillow), directly inside it or one sub-folder
-      per class (labels = sorted sub-folder index). All images must have the same size (no
-      resizing: an odd one out is an error). All grayscale -> 1 channel, else RGB;
+      per class (labels = sorted sub-folder index, the names in ``classes``). All grayscale
+      -> 1 channel, else RGB (alpha dropped). ``image_size``: each image resized so that its
+      shorter side is image_size (antialiased), then centre-cropped square; without it all
+      images must have one size. Decoded per batch when ``lazy`` (None: when the decoded
+      images would take more than a quarter of the memory);
     - ``.npy``: one array; ``.npz``: one array, or keys "images"/"x" and optional "labels"/"y";
     - IDX files (MNIST's format, optionally .gz): the images file, e.g.
       ``train-images-idx3-ubyte``; a labels file beside it (``train-labels-idx1-ubyte``)
       is read when present.
 
-    Arrays: uint8 (or other integers 0..255) are divided by 255; (N, D) is points, (N, H, W)
-    grayscale images, (N, C, H, W) or channels-last (N, H, W, C) images; float images must
-    be in [0, 1]. File data is split ("train" / "test") by a permutation from ``seed``,
+    Arrays: uint8 (or other integers 0..255) are pixel values (held as uint8, read as
+    value / 255); (N, D) is points, (N, H, W) grayscale images, (N, C, H, W) or channels-last
+    (N, H, W, C) images; float images must be in [0, 1]. An ``.npy`` file's images stay
+    memory-mapped (larger than memory is fine). File data is split ("train" / "test") by a permutation from ``seed``,
     ``test_fraction`` held out. Anything unreadable raises :class:`DataError`.
     """
     if split not in SPLITS:
@@ -389,8 +523,8 @@ def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fra
         return Data(hr, None, s, split, low_res=low_res)
     if s in ("fashion-mnist", "fashion-mnist:test"):  # "all" is the train set, as for toy2d
         fsplit = "test" if split == "test" or (s.endswith(":test") and split == "all") else "train"
-        x, y = fashion_mnist(fsplit)
-        return Data(x, y, s, split)
+        d = _fashion_mnist_data(fsplit)
+        return Data(d.source, d.labels, s, split, classes=FASHION_MNIST_CLASSES)
     path = Path(s)
     if not path.exists():
         raise _fail(
@@ -398,8 +532,10 @@ def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fra
             f"no such file or folder; expected a data set name ({', '.join(NAMES)}) "
             "or a path to a folder of images, .npz, .npy or IDX file",
         )
+    if image_size is not None and not path.is_dir():
+        raise DataError(f"{path}: image_size resizes the images of a folder; this is a file")
     if path.is_dir():
-        d = _load_folder(path, split)
+        d = _load_folder(path, split, image_size, lazy)
     elif path.stat().st_size == 0:
         raise _fail(path, "file is empty")
     elif path.suffix.lower() == ".npy":
@@ -413,13 +549,14 @@ def load(spec: str | os.PathLike, split: str = "all", *, seed: int = 0, test_fra
     return _seeded_split(d, split, seed, test_fraction)
 
 
-def train_test(data: Data | str, *, seed: int = 0, test_fraction: float = 0.2) -> tuple[Data, Data]:
+def train_test(data: Data | str, *, seed: int = 0, test_fraction: float = 0.2,
+               image_size: int | None = None) -> tuple[Data, Data]:
     """The (train, test) pair of a data set.
 
     Built-in names use their fixed splits (toy2d: train / test drawn with seeds ``seed`` /
     ``seed + 1000003``), whatever split ``data`` holds. Other data: a ``split="all"`` Data is
     split in memory by the seeded permutation :func:`load` uses; a train or test Data is
-    re-loaded from its path (its name) to get the other part.
+    re-loaded from its path (its name) to get the other part (a folder with ``image_size``).
     """
     if isinstance(data, str) or data.name in NAMES:
         name = data if isinstance(data, str) else data.name
@@ -430,5 +567,7 @@ def train_test(data: Data | str, *, seed: int = 0, test_fraction: float = 0.2) -
         raise DataError(
             f"{data.name}: a {data.split!r} split with no file to re-load the other part from; pass split='all' data"
         )
-    kw = dict(seed=seed, test_fraction=test_fraction)
+    kw: dict[str, Any] = dict(seed=seed, test_fraction=test_fraction)
+    if image_size is not None:
+        kw["image_size"] = image_size
     return load(data.name, "train", **kw), load(data.name, "test", **kw)

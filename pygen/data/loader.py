@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from pygen.data.storage import ImageFiles, Images, materialize
+
 __all__ = ["TensorData", "InMemoryLoader", "epoch_permutation", "as_tensors"]
 
 
@@ -26,14 +28,23 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.from_numpy(np.random.default_rng([int(seed), int(epoch)]).permutation(n))
 
 
-def as_tensors(data: Any) -> tuple[Tensor, Tensor | None]:
+def as_tensors(data: Any, *, lazy: bool = False) -> tuple[Tensor, Tensor | None]:
     """(x (N, ...), labels (N,) or None) from a tensor, an (x, labels) pair, an object with
     ``.data`` [and ``.labels``] tensor fields (:func:`pygen.data.load`'s data sets), or a
-    map-style Dataset (its items are collated into memory)."""
-    if isinstance(data, Tensor):
+    map-style Dataset (its items are collated into memory).
+
+    ``lazy``: images held compactly (:mod:`pygen.data.storage`: a :class:`~pygen.data.Data`'s
+    ``source``, or such a source given as x) are returned as they are, x[idx] reading float32
+    batches (what the trainer does); otherwise they are read into one float32 tensor."""
+    if isinstance(data, (Images, ImageFiles)):
         x, labels = data, None
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+    elif isinstance(data, Tensor):
+        x, labels = data, None
+    elif (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+          and isinstance(data[0], (Tensor, Images, ImageFiles))):
         x, labels = data
+    elif hasattr(data, "source") and hasattr(data, "labels"):  # pygen.data.Data
+        x, labels = data.source, data.labels
     elif isinstance(getattr(data, "data", None), Tensor):
         x, labels = data.data, getattr(data, "labels", None)
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
@@ -43,6 +54,8 @@ def as_tensors(data: Any) -> tuple[Tensor, Tensor | None]:
         raise TypeError(
             f"data must be a tensor, (tensor, labels), an object with .data, or a Dataset; got {type(data).__name__}"
         )
+    if not lazy:
+        x = materialize(x)
     if x.dim() == 0 or len(x) == 0:
         raise ValueError(f"data must be a non-empty (N, ...) tensor, got shape {tuple(x.shape)}")
     if labels is not None and len(labels) != len(x):

@@ -78,7 +78,7 @@ def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999, dtype: torch
         return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
     betas = [min(1.0 - abar((i + 1) / n) / abar(i / n), max_beta) for i in range(n)]
-    return torch.tensor(betas, dtype=torch.float64).to(dtype)
+    return torch.tensor(betas, dtype=torch.float64, device="cpu").to(dtype)
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
@@ -111,10 +111,12 @@ def make_betas(
       (Stable Diffusion's schedule).
     - ``"squaredcos_cap_v2"``: :func:`cosine_betas` (beta_start / beta_end unused).
 
-    ``trained_betas`` (a sequence) overrides the named schedule; its length sets N.
+    ``trained_betas`` (a sequence) overrides the named schedule; its length sets N. Computed
+    on the CPU whatever the default device (the same values everywhere; a model built on the
+    meta device to size it still gets its schedule).
     """
     if trained_betas is not None:
-        betas = torch.as_tensor(trained_betas, dtype=torch.float64).to(dtype).flatten()
+        betas = torch.as_tensor(trained_betas, dtype=torch.float64, device="cpu").to(dtype).flatten()
         if betas.numel() == 0:
             raise ValueError("trained_betas must not be empty")
         if betas.numel() > MAX_TRAIN_TIMESTEPS:
@@ -122,14 +124,14 @@ def make_betas(
     else:
         n = _check_positive_int(num_train_timesteps, "num_train_timesteps")
         if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, n, dtype=dtype)
+            betas = torch.linspace(beta_start, beta_end, n, dtype=dtype, device="cpu")
         elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=dtype) ** 2
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=dtype, device="cpu") ** 2
         elif beta_schedule == "squaredcos_cap_v2":
             betas = cosine_betas(n, dtype=dtype)
         elif beta_schedule == "exp":  # abar(u) = exp(-12 u) (diffusers' Heun / k-diffusion "exp")
             b = [min(1.0 - math.exp(-12.0 * (i + 1) / n) / math.exp(-12.0 * i / n), 0.999) for i in range(n)]
-            betas = torch.tensor(b, dtype=torch.float64).to(dtype)
+            betas = torch.tensor(b, dtype=torch.float64, device="cpu").to(dtype)
         else:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
     if rescale_betas_zero_snr:

@@ -31,7 +31,7 @@ def channel_mask(channels: int, parity: int = 0, *, image: bool = False) -> Tens
     if parity not in (0, 1):
         raise ValueError(f"parity must be 0 or 1, got {parity!r}")
     half = channels // 2
-    m = torch.zeros(channels)
+    m = torch.zeros(channels, device="cpu")  # a constant: CPU whatever the default device
     if parity == 0:
         m[half:] = 1
     else:
@@ -49,8 +49,8 @@ def checkerboard_mask(channels: int, height: int, width: int, parity: int = 0) -
         raise ValueError(f"checkerboard_mask needs C >= 1 and H * W >= 2; got {(channels, height, width)}")
     if parity not in (0, 1):
         raise ValueError(f"parity must be 0 or 1, got {parity!r}")
-    h = torch.arange(height).view(height, 1)
-    w = torch.arange(width).view(1, width)
+    h = torch.arange(height, device="cpu").view(height, 1)
+    w = torch.arange(width, device="cpu").view(1, width)
     m = ((h + w + parity) % 2).to(torch.float32)
     return m.expand(channels, height, width).contiguous()
 

@@ -14,6 +14,7 @@ is reported next to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable
@@ -225,6 +226,8 @@ def evaluate(
     if isinstance(data, str):
         data = load(data)
     train, test = train_test(data, seed=seed)
+    # compact (uint8, memory-mapped) images read as float32 once, not at every use below
+    train, test = (dataclasses.replace(d, source=d.data) for d in (train, test))
     if n_reference is not None:
         if n_reference < 6:
             raise ValueError(f"n_reference must be >= 6 (k-NN radii with k=5), got {n_reference}")

@@ -73,7 +73,8 @@ def num_classes_of(data: Any) -> int:
 def training_data(model: Any, data: Any) -> Any:
     """What :func:`pygen.train.fit` trains ``model`` on from a :class:`pygen.data.Data`: (x,
     labels) for a class-conditional model, else x (super-resolution models make their
-    low-resolution inputs from x themselves)."""
+    low-resolution inputs from x themselves); x is the data's ``source`` (images held as
+    uint8 stay so: the trainer reads float32 batches from it)."""
     if (getattr(model, "config", None) or {}).get("num_classes") and data.labels is not None:
-        return (data.data, data.labels)
-    return data.data
+        return (data.source, data.labels)
+    return data.source

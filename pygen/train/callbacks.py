@@ -212,7 +212,8 @@ class HeldOutFD(Callback):
             raise ValueError(f"eval_fd_every must be an int >= 1, got {every!r}")
         from pygen.metrics.evaluate import feature_space
 
-        x = data.data if hasattr(data, "data") else data
+        x = getattr(data, "source", None)
+        x = x if x is not None else (data.data if hasattr(data, "data") else data)
         self.n = min(n, len(x))
         if self.n < 2:
             raise ValueError("the held-out FD needs at least 2 held-out examples")

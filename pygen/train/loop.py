@@ -260,8 +260,9 @@ def fit(
     """Train ``model`` for ``steps`` optimizer steps (in total, counting resumed ones).
 
     Args:
-        data: x (N, ...), (x, labels), an object with ``.data``/``.labels``, or a Dataset;
-            held in memory, batched in a seeded order that is a pure function of (seed, step).
+        data: x (N, ...), (x, labels), an object with ``.data``/``.labels`` (a
+            :class:`pygen.data.Data`: its compact ``source`` is read batch by batch), or a
+            Dataset; batched in a seeded order that is a pure function of (seed, step).
         batch_size: the global batch of one optimizer step; under torchrun each of W ranks
             takes a disjoint batch_size / W slice of it.
         lr: passed to ``model.configure_optimizers`` (None: the model's default).
@@ -348,8 +349,8 @@ def _fit(
     if local < grad_accum:
         raise ValueError(f"grad_accum={grad_accum} needs at least that many examples per rank; "
                          f"batch_size {batch_size} over {world} rank(s) gives {local}")  # fmt: skip
-    x, labels = as_tensors(data)
-    ev = as_tensors(eval_data) if eval_data is not None else None
+    x, labels = as_tensors(data, lazy=True)  # compact images stay compact: batches read as float32
+    ev = as_tensors(eval_data, lazy=True) if eval_data is not None else None
     order = BatchOrder(len(x), batch_size, seed)
     train_settings = {"seed": seed, "batch_size": batch_size, "world_size": world, "steps": steps, "grad_accum": grad_accum,
                       "precision": precision, "lr_schedule": lr_schedule, "warmup": warmup,

@@ -1,0 +1,70 @@
+"""Training to a wall-clock budget: ``pygen train --minutes M``.
+
+The step count is fixed once, before training, from the throughput this machine shows on a
+throwaway copy of the model (the real model, its data order and its RNG streams are not
+touched), and then written to train.json like any other setting: a resumed run continues to
+the same step count, so resume stays exact even though the budget came from a measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from pygen.models.base import GenerativeModel
+from pygen.train.callbacks import Callback
+
+__all__ = ["measure_step_seconds", "steps_for_minutes", "OVERHEAD"]
+
+#: share of a budget kept for what the probe does not time: held-out evaluations,
+#: checkpoints and sample grids
+OVERHEAD = 0.1
+
+
+class _StepTimer(Callback):
+    """Times optimizer steps after the first (warm-up: allocation, ActNorm init, compile);
+    stops the probe after ``min_steps`` timed steps once ``min_seconds`` passed, or at
+    ``max_seconds`` with at least one timed step."""
+
+    def __init__(self, min_steps: int, min_seconds: float, max_seconds: float) -> None:
+        self.min_steps, self.min_seconds, self.max_seconds = min_steps, min_seconds, max_seconds
+        self.times: list[float] = []
+
+    def on_step(self, run: Any, record: dict[str, float]) -> None:
+        self.times.append(time.perf_counter())
+        timed = len(self.times) - 1
+        spent = self.times[-1] - self.times[0]
+        if (timed >= self.min_steps and spent >= self.min_seconds) or (timed >= 1 and spent >= self.max_seconds):
+            run.stop("step-time probe done")
+
+    @property
+    def seconds_per_step(self) -> float:
+        if len(self.times) < 2:
+            raise RuntimeError("the step-time probe timed no step")
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+
+def measure_step_seconds(model: GenerativeModel, data: Any, *, batch_size: int, min_steps: int = 3,
+                         min_seconds: float = 3.0, max_seconds: float = 30.0, **fit_kwargs: Any) -> float:
+    """Seconds per optimizer step of :func:`pygen.train.fit` (``fit_kwargs``: its options,
+    e.g. lr, grad_accum, precision, device) on a deep copy of ``model``; the RNG states are
+    restored afterwards, so the run that follows is the run it would have been."""
+    from pygen.train import fit
+
+    probe = copy.deepcopy(model)
+    timer = _StepTimer(min_steps, min_seconds, max_seconds)
+    with torch.random.fork_rng(devices=[]):
+        fit(probe, data, steps=10**9, batch_size=batch_size, out=None, progress=False, log_every=10**9,
+            eval_every=10**9, callbacks=[timer], **fit_kwargs)
+    return timer.seconds_per_step
+
+
+def steps_for_minutes(minutes: float, seconds_per_step: float, *, spent: float = 0.0) -> int:
+    """Steps that fit in ``minutes`` (less ``spent`` seconds already used, less :data:`OVERHEAD`)."""
+    if not minutes > 0:
+        raise ValueError(f"minutes must be > 0, got {minutes!r}")
+    budget = (minutes * 60.0 - spent) * (1.0 - OVERHEAD)
+    return max(1, int(budget / seconds_per_step))
