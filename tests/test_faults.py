@@ -1,6 +1,8 @@
 """The main job under faults (issue 20): concurrent jobs on one directory, corrupt and truncated
-checkpoints, divergence, refused resumes; each driven as a user would (``python -m pygen``
-subprocesses) or through the API, and each failed before its fix."""
+checkpoints, byte flips of train.json / metrics.jsonl / manifest.json, SIGKILL at random points
+of training and sampling, divergence, refused resumes, full and read-only disks, budgets; each
+driven as a user would (``python -m pygen`` subprocesses) or through the API. Each fix's test
+failed before it; the random-kill loops pin what the earlier kill tests showed at one point."""
 
 from __future__ import annotations
 
@@ -520,3 +522,128 @@ def test_a_read_only_output_is_one_line_before_any_work(run, small_disk):
     sample = cli("sample", run, "-n", "8", "--out", small_disk / "s", check=False)
     assert_user_error(sample, "Read-only file system")
     assert list(small_disk.iterdir()) == []
+
+
+# ---- byte flips of the run's text files ------------------------------------------------------
+
+
+def _flip_at(path: Path, needle: bytes, new: bytes) -> None:
+    """Replace the first ``needle`` by ``new`` (same length: one damaged byte or two)."""
+    b = path.read_bytes()
+    assert len(needle) == len(new) and needle in b, (needle, b[:200])
+    path.write_bytes(b.replace(needle, new, 1))
+
+
+def test_byte_flips_of_train_json_and_metrics_jsonl(run, tmp_path):
+    # train.json damaged: one line naming it, exit 2, nothing changed
+    r = _copy_run(run, tmp_path / "r")
+    _flip_at(r / "train.json", b'"steps":', b'"steps";')
+    before = {p.name: p.read_bytes() for p in r.iterdir()}
+    proc = cli("train", "vae", "--out", r, "--resume", "--steps", "30", "--no-progress", check=False)
+    assert_user_error(proc, "train.json (the run's settings) is damaged", "restore it")
+    assert {p.name: p.read_bytes() for p in r.iterdir() if p.name != LOCK} == before
+    (r / "train.json").write_text("[1, 2]\n")  # valid JSON, not the settings object
+    assert_user_error(cli("train", "vae", "--out", r, "--resume", "--no-progress", check=False), "not an object")
+
+    # metrics.jsonl: a damaged line is dropped on resume, every other record kept, then the run continues
+    r = tmp_path / "m"
+    cli("train", "vae", "--data", "digits", "--out", r, "--steps", "20", "--batch-size", "32", "--checkpoint-every",
+        "10", "--log-every", "1", "--no-progress", *TINY_VAE)  # fmt: skip
+    lines = (r / "metrics.jsonl").read_text().splitlines()
+    bad = next(i for i, line in enumerate(lines) if '"step": 10' in line)
+    _flip_at(r / "metrics.jsonl", b'"step": 10,', b'"step": 10;')
+    cli("train", "vae", "--out", r, "--resume", "--steps", "30", "--no-progress")
+    steps = [rec["step"] for rec in records(r)]
+    kept = [json.loads(line)["step"] for i, line in enumerate(lines) if i != bad]
+    assert steps[: len(kept)] == kept and steps[-1] == 30 and 10 not in steps[: len(kept)]
+    assert (r / "latest").read_text().strip() == "ckpt-30.pt"
+
+
+def test_byte_flips_of_the_manifest(run, tmp_path):
+    clean = tmp_path / "clean"
+    sample_to_dir(run, 48, clean, batch_size=8, shard_size=16, progress=False)
+    ref = {p.name: p.read_bytes() for p in clean.glob("shard-*.npz")}
+
+    def damaged(name: str, needle: bytes, new: bytes) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for p in clean.iterdir():
+            if p.name != LOCK:
+                (d / p.name).write_bytes(p.read_bytes())
+        _flip_at(d / "manifest.json", needle, new)
+        return d
+
+    # a flip in an identity field: another job as far as anyone can tell -> one line, nothing touched
+    d = damaged("seed", b'"seed": 0', b'"seed": 1')
+    proc = cli("sample", run, "-n", "48", "--out", d, "--shard-size", "16", "--no-progress", check=False)
+    assert_user_error(proc, "holds samples of another job", "seed 1 there vs 0 now")
+    assert {p.name: p.read_bytes() for p in d.glob("shard-*.npz")} == ref
+    # a flip that breaks the JSON: one line naming the file, nothing touched
+    d = damaged("syntax", b'"complete":', b'"complete";')
+    proc = cli("sample", run, "-n", "48", "--out", d, "--shard-size", "16", "--no-progress", check=False)
+    assert_user_error(proc, "manifest.json is unreadable")
+    assert {p.name: p.read_bytes() for p in d.glob("shard-*.npz")} == ref
+    # a flip in the shard list (derived from the shards on disk): the rerun completes, bytes as the clean job's
+    d = damaged("shards", b'"stop"', b'"rtop"')
+    cli("sample", run, "-n", "48", "--out", d, "--shard-size", "16", "--no-progress")
+    assert {p.name: p.read_bytes() for p in d.glob("shard-*.npz")} == ref
+    assert json.loads((d / "manifest.json").read_text())["complete"] is True
+
+
+# ---- SIGKILL at random points ---------------------------------------------------------------------
+
+
+def _kill_loop(args: list[str], done: "callable", delays: list[float]) -> int:
+    """Start ``python -m pygen *args`` again and again, SIGKILLing it after each delay, until
+    ``done()``; then once more to the end. Returns how many kills landed."""
+    kills = 0
+    for delay in delays:
+        if done():
+            break
+        proc = subprocess.Popen([sys.executable, "-m", "pygen", *args], cwd=REPO, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    return kills
+
+
+def test_training_killed_at_random_points_resumes_to_the_uninterrupted_run(tmp_path):
+    common = ["--data", "digits", "--steps", "120", "--batch-size", "32", "--checkpoint-every", "4", "--log-every", "1",
+              "--no-progress", *TINY_VAE]
+    ref = tmp_path / "ref"
+    cli("train", "vae", "--out", ref, *common)
+    out = tmp_path / "killed"
+    rng = np.random.default_rng(20)  # kill points spread over start-up, training and checkpoint writes
+    delays = list(rng.uniform(1.0, 6.0, size=8))
+    kills = _kill_loop(["train", "vae", "--out", str(out), "--resume", *common],
+                       lambda: (out / "latest").exists() and (out / "latest").read_text().strip() == "ckpt-120.pt",
+                       delays)
+    assert kills >= 1, "no kill landed: the delays are too long for this machine"
+    cli("train", "vae", "--out", out, "--resume", *common)  # to the end (a no-op if the loop finished it)
+    a, b = torch.load(ref / "ckpt-120.pt", weights_only=True), torch.load(out / "ckpt-120.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["step"] for r in records(out)] == list(range(1, 121))  # every step logged once
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("steps_per_s", "samples_per_s")}  # noqa: E731
+    assert [strip(r) for r in records(out)] == [strip(r) for r in records(ref)]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_sampling_killed_at_random_points_resumes_to_the_clean_job(run, tmp_path):
+    clean = tmp_path / "clean"
+    sample_to_dir(run, 4000, clean, batch_size=50, shard_size=200, progress=False)
+    ref = {p.name: p.read_bytes() for p in clean.glob("shard-*.npz")}
+    out = tmp_path / "killed"
+    args = ["sample", str(run), "-n", "4000", "--out", str(out), "--batch-size", "50", "--shard-size", "200",
+            "--no-progress"]
+    rng = np.random.default_rng(21)
+    kills = _kill_loop(args, lambda: (out / "manifest.json").exists()
+                       and json.loads((out / "manifest.json").read_text())["complete"], list(rng.uniform(1.0, 5.0, 8)))
+    assert kills >= 1, "no kill landed mid-job"
+    cli(*args)
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.npz")} == ref
+    assert not list(out.glob(".tmp-*"))

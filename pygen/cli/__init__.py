@@ -216,7 +216,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     saved: dict[str, Any] = {}
     if args.resume and (out / TRAIN_JSON).exists():
-        saved = json.loads((out / TRAIN_JSON).read_text())
+        try:
+            saved = json.loads((out / TRAIN_JSON).read_text())
+            if not isinstance(saved, dict):
+                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+        except (OSError, ValueError) as e:  # damaged bytes: say so, change nothing
+            raise UserError(f"{out / TRAIN_JSON} (the run's settings) is damaged ({e}): restore it, or delete it and "
+                            "give the run's options again with --resume") from None
         if saved.get("family") != args.family:
             raise UserError(f"{out} holds a {saved.get('family')!r} run, not {args.family!r}")
     cfg_train, cfg_model = _read_config(args.config)
