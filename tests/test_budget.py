@@ -53,7 +53,8 @@ def test_cli_minutes_sets_and_records_the_step_count(tmp_path):
     assert f"{rec['steps']} steps in 0.05 minutes" in out.stdout
     assert (run / "latest").read_text().strip() == f"ckpt-{rec['steps']}.pt"
     again = cli("train", "vae", "--out", run, "--resume", "--no-progress")  # the same count: nothing left to do
-    assert json.loads((run / "train.json").read_text())["steps"] == rec["steps"]
+    after = json.loads((run / "train.json").read_text())
+    assert {**after, "command": None} == {**rec, "command": None}  # how the count was set is kept too
     assert (run / "latest").read_text().strip() == f"ckpt-{rec['steps']}.pt", again.stdout
     assert_user_error(cli("train", "vae", "--out", run, "--resume", "--minutes", "1", "--no-progress", check=False),
                       "--minutes sets the step count of a new run")
@@ -61,3 +62,41 @@ def test_cli_minutes_sets_and_records_the_step_count(tmp_path):
                           "5", "--no-progress", check=False), "give --steps or --minutes, not both")
     assert_user_error(cli("train", "vae", "--data", "digits", "--out", tmp_path / "c", "--minutes", "0",
                           "--no-progress", check=False), "--minutes")
+
+
+def test_default_step_count_is_capped_at_the_familys_minutes(tmp_path, monkeypatch, capsys):
+    """No --steps: the default count, cut to what fits in ``train_minutes`` here; a machine
+    made slow (50 s a step, measured) trains 21 steps (20 min less 10%: 21.6), and says so."""
+    import signal
+    import warnings
+
+    import pygen.train.budget as budget
+    from pygen.cli import main
+    from pygen.models import GenerativeModel
+
+    assert GenerativeModel.train_minutes == 20.0
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda *a, **k: 50.0)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets both: restore them
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    try:
+        assert main(["train", "vae", "--data", "digits", "--out", str(out), "--no-progress", *TINY["vae"]]) == 0
+        assert main(["train", "vae", "--out", str(out), "--resume", "--no-progress"]) == 0  # no new probe: done
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    printed = capsys.readouterr().out
+    assert "21 steps fit in 20 minutes; training 21 of the default 2000" in printed
+    rec = json.loads((out / "train.json").read_text())
+    assert rec["steps"] == 21 and rec["default_minutes_cap"] == 20.0 and rec["measured_seconds_per_step"] == 50.0
+    assert (out / "latest").read_text().strip() == "ckpt-21.pt"
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda *a, **k: 0.001)  # fast: the default count stands
+    import argparse
+
+    import pygen.data
+    from pygen.cli import _budget_steps
+
+    args = argparse.Namespace(steps=None, resume=False, out=str(tmp_path / "fast"), minutes=None, device=None)
+    settings = {"steps": 2000, "batch_size": 8, "lr": None, "grad_accum": 1, "precision": "fp32"}
+    record: dict = {}
+    _budget_steps(args, None, pygen.data.load("digits"), settings, record, cap=20.0)
+    assert settings["steps"] == record["steps"] == 2000 and record["default_minutes_cap"] == 20.0

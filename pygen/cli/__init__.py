@@ -243,7 +243,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         options[key.replace("-", "_")] = _parse_value(value)
 
     defaults = fam.train()
+    cap = fam.model.train_minutes  # the family's wall-clock cap on its default step count
     settings = {**TRAIN_FALLBACKS, **defaults, **{k: v for k, v in saved.items() if k in TRAIN_KEYS}, **cfg_train}
+    default_steps = args.steps is None and "steps" not in cfg_train and "steps" not in saved
     for key in TRAIN_KEYS:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -284,6 +286,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               "command": "pygen " + " ".join(sys.argv[1:])}
     if image_size is not None:
         record["image_size"] = image_size
+    for key in ("minutes", "default_minutes_cap", "measured_seconds_per_step"):  # how the step count was set
+        if key in saved:
+            record[key] = saved[key]
     if data.classes is not None:  # what label k means (a folder's sub-folder names)
         record["classes"] = list(data.classes)
     with ExitStack() as held:
@@ -301,33 +306,54 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise UserError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
         if args.minutes is not None:
             _budget_steps(args, model, train, settings, record)
+        elif default_steps and cap is not None:
+            _budget_steps(args, model, train, settings, record, cap=cap)
         return _train(args, model, train, test, settings, record, data_spec, rank0)
 
 
 def _budget_steps(args: argparse.Namespace, model: Any, train: Any, settings: dict[str, Any],
-                  record: dict[str, Any]) -> None:
+                  record: dict[str, Any], cap: float | None = None) -> None:
     """--minutes M: the step count from this machine's measured throughput, into the settings
-    and train.json (a resume then continues to the same count: it stays exact)."""
+    and train.json (a resume then continues to the same count: it stays exact). ``cap``: no
+    --steps or --minutes given; the family's default step count, cut to what fits in ``cap``
+    minutes here."""
     import time
 
     from pygen.models.labels import training_data
     from pygen.train.budget import measure_step_seconds, steps_for_minutes
 
-    if args.steps is not None:
+    minutes = cap if cap is not None else args.minutes
+    if cap is None and args.steps is not None:
         raise UserError("--minutes sets the step count: give --steps or --minutes, not both")
-    if args.resume and (Path(args.out) / TRAIN_JSON).exists():
+    if cap is None and args.resume and (Path(args.out) / TRAIN_JSON).exists():
         raise UserError("--minutes sets the step count of a new run; to train a resumed run longer, --resume --steps N")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cap is not None:
+            return  # under torchrun the default step count stands (no one-process probe)
         raise UserError("--minutes measures one process's throughput; under torchrun pass --steps")
     t0 = time.perf_counter()
-    print(f"measuring this machine's training throughput for --minutes {args.minutes:g} ...", flush=True)
-    sec = measure_step_seconds(model, training_data(model, train), batch_size=settings["batch_size"],
-                               lr=settings["lr"], grad_accum=settings["grad_accum"], precision=settings["precision"],
-                               device=args.device)  # fmt: skip
-    steps = steps_for_minutes(args.minutes, sec, spent=time.perf_counter() - t0)
-    print(f"{sec:.3g} s per step of {settings['batch_size']}: {steps} steps in {args.minutes:g} minutes", flush=True)
+    what = f"--minutes {minutes:g}" if cap is None else f"the default cap of {minutes:g} minutes"
+    print(f"measuring this machine's training throughput for {what} ...", flush=True)
+    try:
+        sec = measure_step_seconds(model, training_data(model, train), batch_size=settings["batch_size"],
+                                   lr=settings["lr"], grad_accum=settings["grad_accum"],
+                                   precision=settings["precision"], device=args.device)  # fmt: skip
+    except (ValueError, RuntimeError) as e:  # settings fit refuses: the real run says so in its own words
+        if cap is not None:
+            return
+        raise UserError(f"cannot measure the throughput for --minutes: {str(e).splitlines()[0]}") from None
+    steps = steps_for_minutes(minutes, sec, spent=time.perf_counter() - t0)
+    if cap is not None:
+        fits = steps
+        steps = min(settings["steps"], fits)
+        print(f"{sec:.3g} s per step of {settings['batch_size']}: {fits} steps fit in {minutes:g} minutes; training "
+              f"{steps} of the default {settings['steps']} (--steps or --minutes to choose)", flush=True)
+        record["default_minutes_cap"] = minutes
+    else:
+        print(f"{sec:.3g} s per step of {settings['batch_size']}: {steps} steps in {minutes:g} minutes", flush=True)
+        record["minutes"] = minutes
     settings["steps"] = record["steps"] = steps
-    record["minutes"], record["measured_seconds_per_step"] = args.minutes, round(sec, 6)
+    record["measured_seconds_per_step"] = round(sec, 6)
 
 
 def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings: dict[str, Any],

@@ -76,6 +76,9 @@ class GenerativeModel(nn.Module):
     default_lr: ClassVar[float] = 1e-3
     #: what ``pygen train FAMILY`` uses unless told otherwise: {"steps", "batch_size", "lr"}
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 128, "lr": None}
+    #: ``pygen train`` without --steps / --minutes trains the default step count, or as many
+    #: steps as fit in this many minutes on the machine at hand (measured) when fewer
+    train_minutes: ClassVar[float | None] = 20.0
     config: dict[str, Any]
     ema_decay: float | None = None
     ema_warmup: bool = False
