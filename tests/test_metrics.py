@@ -330,3 +330,30 @@ def test_evaluate_refuses_bad_samples():
         evaluate(Wrong(torch.zeros(355, 64)), "digits")
     with pytest.raises(ValueError, match="non-finite"):
         evaluate(Wrong(torch.full((355, 1, 8, 8), float("nan"))), "digits")
+
+
+def _fashion_installed() -> bool:
+    import pygen.data as D
+
+    try:
+        D.files._fashion_mnist_file("test")
+        return True
+    except D.DataError:
+        return False
+
+
+@pytest.mark.skipif(not _fashion_installed(), reason="Fashion-MNIST is not installed (make data)")
+def test_fashion_features_classify_the_test_split_and_are_the_auto_space_at_28px():
+    import pygen.data as D
+    from pygen.metrics import FashionFeatures
+    from pygen.metrics.evaluate import feature_space
+
+    net = FashionFeatures.pretrained()
+    x, y = D.fashion_mnist("test")
+    acc = float((net.predict(x) == y).double().mean())
+    assert acc > 0.90 and acc == pytest.approx(net.test_accuracy, abs=1e-9)  # 90.94% when the weights were made
+    assert net.features(x[:5]).shape == (5, 128)
+    name, fn = feature_space(D.load("fashion-mnist:test"))
+    assert name == "fashion-mnist" and torch.equal(fn(x[:7]), net.features(x[:7]))
+    with pytest.raises(ValueError, match=r"FashionFeatures takes \(N, 1, 28, 28\) images, got \(2, 1, 8, 8\)"):
+        net.features(torch.zeros(2, 1, 8, 8))

@@ -9,7 +9,7 @@ data: the floor; a fitted Gaussian: the bar).
 """
 
 from pygen.metrics.evaluate import METRICS, evaluate, feature_space, format_table
-from pygen.metrics.features import DigitsFeatures
+from pygen.metrics.features import DigitsFeatures, FashionFeatures
 from pygen.metrics.restoration import pairwise_diversity, psnr, ssim
 from pygen.metrics.likelihood import bits_per_dim, dataset_log_likelihood, logmeanexp
 from pygen.metrics.vae import (
@@ -50,6 +50,7 @@ __all__ = [
     "density_coverage",
     "mmd",
     "DigitsFeatures",
+    "FashionFeatures",
     "evaluate",
     "feature_space",
     "format_table",

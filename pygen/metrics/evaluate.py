@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from pygen.data import TOY2D, TOY2D_DENSITIES, Data, load, toy2d, toy2d_log_prob, train_test
 from pygen.data.files import _TOY_TEST_SEED
 from pygen.flows import dequantize
-from pygen.metrics.features import DigitsFeatures
+from pygen.metrics.features import DigitsFeatures, FashionFeatures
 from pygen.metrics.likelihood import bits_per_dim, dataset_log_likelihood
 from pygen.metrics.restoration import psnr
 from pygen.metrics.sample_quality import density_coverage, feature_moments, frechet_distance, kid, mmd, precision_recall
@@ -61,15 +61,22 @@ def feature_space(data: Data, features: str | FeatureFn = "auto") -> tuple[str, 
 
     "auto": "points" (the points themselves) for (N, D) data; "digits"
     (:class:`DigitsFeatures`' 64-d penultimate layer, the FID analogue) for 1-channel square
-    images of 8, 16 or 32 px; otherwise "pixels" (flattened pixels, C*H*W dims: meant for
-    small images such as the 32 px patches). A callable is used as given ("custom").
+    images of 8, 16 or 32 px; "fashion-mnist" (:class:`FashionFeatures`' 128-d layer) for
+    (1, 28, 28) images (Fashion-MNIST, and MNIST-like data); otherwise "pixels" (flattened
+    pixels, C*H*W dims: meant for small images such as the 32 px patches). A callable is used
+    as given ("custom").
     """
     if callable(features):
         return "custom", features
     if features == "auto":
         s = data.shape
         digit_like = s[0] == 1 and s[1] == s[2] and s[1] in (8, 16, 32)
-        features = "points" if data.kind == "points" else ("digits" if digit_like else "pixels")
+        if data.kind == "points":
+            features = "points"
+        elif digit_like:
+            features = "digits"
+        else:
+            features = "fashion-mnist" if tuple(s) == (1, 28, 28) else "pixels"
     if features == "points":
         return "points", lambda x: x.flatten(1)
     if features == "pixels":
@@ -81,7 +88,15 @@ def feature_space(data: Data, features: str | FeatureFn = "auto") -> tuple[str, 
             return net.to(x.device).features(x)
 
         return "digits", digit_feats
-    raise ValueError(f"features must be 'auto', 'digits', 'pixels', 'points' or a callable, got {features!r}")
+    if features == "fashion-mnist":
+        fnet = FashionFeatures.pretrained()
+
+        def fashion_feats(x: Tensor) -> Tensor:
+            return fnet.to(x.device).features(x)
+
+        return "fashion-mnist", fashion_feats
+    raise ValueError(f"features must be 'auto', 'digits', 'fashion-mnist', 'pixels', 'points' or a callable, "
+                     f"got {features!r}")
 
 
 def _sample(model: Any, n: int, seed: int, batch_size: int, **cond: Tensor) -> Tensor:
