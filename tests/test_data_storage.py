@@ -264,7 +264,7 @@ def test_cli_image_size_recorded_used_by_eval_and_kept_on_resume(tmp_path):
     run = tmp_path / "run"
     out = cli("train", "vae", "--data", data, "--image-size", "8", "--out", run, "--steps", "2", "--batch-size", "4",
               "--no-progress", "--hidden", "16", "--latent-dim", "2")
-    assert f"--image-size 8" in out.stdout  # the printed next eval command carries it
+    assert "--image-size 8" in out.stdout  # the printed next eval command carries it
     rec = json.loads((run / "train.json").read_text())
     assert rec["image_size"] == 8 and rec["classes"] == ["a", "b"]
     ev = cli("eval", run, "--data", data)  # the run's image size, from train.json
