@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pygen.data import InMemoryLoader, digits, fashion_mnist
-from pygen.metrics.features import FASHION_WEIGHTS, WEIGHTS, DigitsFeatures, FashionFeatures
+from pygen.metrics.features import FASHION_WEIGHTS, WEIGHTS, DigitsFeatures, FashionFeatures, FeatureNet
 
 
 def _augment(x: Tensor, g: torch.Generator) -> Tensor:
@@ -51,10 +52,10 @@ def accuracy(net: DigitsFeatures, size: int = 8) -> float:
     return float((net.predict(x) == y).double().mean())
 
 
-def train(epochs: int = 60, seed: int = 0, batch_size: int = 64) -> DigitsFeatures:
-    torch.manual_seed(seed)  # initialisation
-    net = DigitsFeatures()
-    x, y = digits("train")
+def _fit(net: FeatureNet, x: Tensor, y: Tensor, augment: Any, epochs: int, seed: int, batch_size: int) -> FeatureNet:
+    """The classifier recipe of both nets: AdamW, one-cycle lr 3e-3, label smoothing 0.05,
+    batches from :class:`InMemoryLoader` (seed, epoch), ``augment(x, g)`` from a generator
+    seeded with seed + 1."""
     loader = InMemoryLoader((x, y), batch_size, seed=seed)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
     steps = epochs * len(loader)
@@ -62,12 +63,18 @@ def train(epochs: int = 60, seed: int = 0, batch_size: int = 64) -> DigitsFeatur
     g = torch.Generator().manual_seed(seed + 1)
     net.train()
     for step, (xb, yb) in zip(range(steps), loader.batches_from(0)):
-        loss = F.cross_entropy(net(_augment(xb, g)), yb, label_smoothing=0.05)
+        loss = F.cross_entropy(net(augment(xb, g)), yb, label_smoothing=0.05)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     return net.eval().requires_grad_(False)
+
+
+def train(epochs: int = 60, seed: int = 0, batch_size: int = 64) -> DigitsFeatures:
+    torch.manual_seed(seed)  # initialisation
+    net = DigitsFeatures()
+    return _fit(net, *digits("train"), _augment, epochs, seed, batch_size)
 
 
 def _shift_flip(x: Tensor, g: torch.Generator, shift: int = 2) -> Tensor:
@@ -86,20 +93,7 @@ def train_fashion(epochs: int = 8, seed: int = 0, batch_size: int = 128) -> Fash
     """FashionFeatures on the 60k training images (shifts and flips, AdamW, one-cycle lr)."""
     torch.manual_seed(seed)
     net = FashionFeatures()
-    x, y = fashion_mnist("train")
-    loader = InMemoryLoader((x, y), batch_size, seed=seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
-    steps = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    g = torch.Generator().manual_seed(seed + 1)
-    net.train()
-    for step, (xb, yb) in zip(range(steps), loader.batches_from(0)):
-        loss = F.cross_entropy(net(_shift_flip(xb, g)), yb, label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return net.eval().requires_grad_(False)
+    return _fit(net, *fashion_mnist("train"), _shift_flip, epochs, seed, batch_size)
 
 
 def fashion_accuracy(net: FashionFeatures) -> float:
