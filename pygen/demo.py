@@ -82,21 +82,35 @@ def _curves(metrics: Path, path: Path, title: str) -> Path | None:
     return path
 
 
-def _train(name: str, run_dir: Path, quick: bool) -> dict[str, Any]:
+def _train(name: str, run_dir: Path, quick: bool, data: str = "digits", minutes: float | None = None) -> dict[str, Any]:
     import pygen.data
     import pygen.models
     from pygen.models.labels import training_data
+    from pygen.models.latent import latent_by_default
     from pygen.train import fit
 
-    cls = pygen.models.families()[name]
+    train, test = pygen.data.train_test(pygen.data.load(data))
+    family = "latent-diffusion" if name == "diffusion" and latent_by_default(tuple(train.shape)) else name
+    cls = pygen.models.families()[family]
     settings = {"seed": 0, **cls.train_defaults}
     default_steps = settings["steps"]
-    cap = QUICK_STEPS if quick else FULL_STEPS
-    if name in cap:
-        settings["steps"] = min(settings["steps"], cap[name])
-    train, test = pygen.data.train_test(pygen.data.load("digits"))
     torch.manual_seed(settings["seed"])
     model = cls.for_data(train)
+    if minutes is None and data == "digits":
+        cap = QUICK_STEPS if quick else FULL_STEPS
+        if name in cap:
+            settings["steps"] = min(settings["steps"], cap[name])
+    else:  # other data: each family's default steps, cut to a wall-clock budget measured here
+        from pygen.train.budget import measure_step_seconds, steps_for_minutes
+
+        minutes = minutes if minutes is not None else (1.0 if quick else 5.0)
+        sec = measure_step_seconds(model, training_data(model, train), batch_size=settings["batch_size"],
+                                   lr=settings["lr"])
+        settings["steps"] = min(settings["steps"], steps_for_minutes(minutes, sec))
+    split = getattr(model, "stage_steps_for", None)
+    if split is not None and split(settings["steps"]) != model.ae_steps:  # both stages in a short run
+        torch.manual_seed(settings["seed"])
+        model = cls.for_data(train, ae_steps=split(settings["steps"]))
     record = run_dir / "demo-train.json"  # a finished run is reused (with its measured time) on a re-run
     nparams = sum(p.numel() for p in model.parameters())
     if record.exists() and json.loads(record.read_text()).get("steps") == settings["steps"]:
@@ -115,12 +129,16 @@ def _train(name: str, run_dir: Path, quick: bool) -> dict[str, Any]:
         from pygen._io import write_text_atomic
 
         write_text_atomic(record, json.dumps({"steps": settings["steps"], "train_seconds": seconds}) + "\n")
-    return {**settings, "default_steps": default_steps, "train_seconds": seconds, "parameters": nparams}
+    return {**settings, "default_steps": default_steps, "train_seconds": seconds, "parameters": nparams,
+            "family": family, "data": data, "n_train": len(train), "shape": list(train.shape)}
 
 
 def run(out: str | Path = "pygen-demo", *, quick: bool = False, families: list[str] | None = None,
-        threads: int | None = 1) -> Path:  # fmt: skip
-    """Train, sample and evaluate each family on the digits; write ``out/report.md``. Returns its path.
+        threads: int | None = 1, data: str = "digits", minutes: float | None = None) -> Path:  # fmt: skip
+    """Train, sample and evaluate each family on ``data`` (the digits by default); write
+    ``out/report.md``. Returns its path. Other data (e.g. "fashion-mnist"): each family's
+    default steps cut to ``minutes`` of this machine (default 5, --quick 1; measured), and
+    diffusion in latent space where :func:`pygen.models.latent.latent_by_default` says so.
 
     Re-running with the same ``out`` reuses finished training runs and sampling jobs (both
     resume), so an interrupted demo continues where it stopped.
@@ -131,13 +149,14 @@ def run(out: str | Path = "pygen-demo", *, quick: bool = False, families: list[s
 
     if threads:
         torch.set_num_threads(threads)
-    out = Path(out) / ("quick" if quick else "full")
+    out = Path(out) / ((f"{data.replace(':', '-').replace('/', '_')}-" if data != "digits" else "")
+                       + ("quick" if quick else "full"))
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
     for name in families or DEMO_FAMILIES:
         run_dir = out / "runs" / name
-        info = _train(name, run_dir, quick)
+        info = _train(name, run_dir, quick, data, minutes)
         # an EMA of decay 0.999 still holds mostly the initial weights after a few hundred steps
         ema = not quick
         model = load(run_dir, ema=ema)
@@ -149,7 +168,7 @@ def run(out: str | Path = "pygen-demo", *, quick: bool = False, families: list[s
         sample_s = time.perf_counter() - t0
         print(f"[{name}] sampled {n} in {sample_s:.1f} s -> {out / 'samples' / name}", flush=True)
         t0 = time.perf_counter()
-        ev = evaluate(model, "digits", seed=0)
+        ev = evaluate(model, data, seed=0, n=None if data == "digits" else N_SAMPLES[quick])
         eval_s = time.perf_counter() - t0
         print(f"[{name}] evaluated in {eval_s:.1f} s: FD {ev['fd']:.3g} (fitted-Gaussian bar "
               f"{ev['baseline_gaussian']['fd']:.3g}, held-out floor {ev['baseline_data']['fd']:.3g})", flush=True)
@@ -174,10 +193,12 @@ def _write_report(out: Path, results: dict[str, Any], *, quick: bool, total: flo
              f"{sum(r['train_seconds'] for r in done.values()):.0f} s in all (this run: {total:.0f} s, finished "
              "runs and sampling jobs are reused).",
              "",
-             "Each model was trained on the 1442 training digits (8x8) with `pygen train`'s default configuration"
+             f"Each model was trained on the {first['n_train'] if first else ''} training examples of "
+             f"{first.get('data', 'digits') if first else ''} "
+             f"({'x'.join(map(str, first['shape'])) if first else ''}) with `pygen train`'s default configuration"
              + (" (fewer steps)" if quick else "") + ", sampled with `pygen sample` (seed 0) and scored with "
-             "`pygen eval` (`pygen.metrics.evaluate`): 355 samples against the train split in the DigitsFeatures "
-             "space, beside the held-out digits (the floor: what a perfect model gets at this size) and a "
+             "`pygen eval` (`pygen.metrics.evaluate`) against the train split in its feature space, beside the "
+             "held-out data (the floor: what a perfect model gets at this size) and a "
              "Gaussian fitted to the training pixels (the bar every model must beat). Lower FD / KID is better; "
              "higher precision / recall / coverage is better.", ""]
     cols = [("fd", "FD"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"), ("density", "density"),
@@ -193,7 +214,7 @@ def _write_report(out: Path, results: dict[str, Any], *, quick: bool, total: flo
         beats = "yes" if ev["fd"] < ev["baseline_gaussian"]["fd"] else "**no**"
         lines.append(f"| {name} | {cells(ev)} | {beats} | {r['train_seconds']:.0f} | {r['steps']} |")
     if first is not None:
-        lines.append(f"| held-out digits (floor) | {cells(first['evaluate']['baseline_data'])} | | | |")
+        lines.append(f"| held-out data (floor) | {cells(first['evaluate']['baseline_data'])} | | | |")
         lines.append(f"| fitted Gaussian (bar) | {cells(first['evaluate']['baseline_gaussian'])} | | | |")
     lines.append("")
     for name, r in done.items():
@@ -207,11 +228,12 @@ def _write_report(out: Path, results: dict[str, Any], *, quick: bool, total: flo
                   f"| ![{name} samples](samples/{name}/grid.png) | ![{name} curves](curves/{name}.png) |", "",
                   "<details><summary>every indicator</summary>", "", r["table"], "", "</details>", ""]
     lines += ["## Reproduce", "", "```",
-              *(f"pygen train {n} --data digits --out runs/{n}" + (f" --steps {r['steps']}" if r.get("default_steps")
-                != r["steps"] else "") for n, r in done.items()),
+              *(f"pygen train {r.get('family', n)} --data {r.get('data', 'digits')} --out runs/{n}"
+                + (f" --steps {r['steps']}" if r.get("default_steps") != r["steps"] else "") for n, r in done.items()),
               *(f"pygen sample runs/{n} -n {r['samples']} --out samples/{n}" + ("" if r["ema"] else " --no-ema")
                 for n, r in done.items()),
-              *(f"pygen eval runs/{n} --data digits" + ("" if r["ema"] else " --no-ema") for n, r in done.items()), "```", ""]
+              *(f"pygen eval runs/{n} --data {r.get('data', 'digits')}" + ("" if r["ema"] else " --no-ema")
+                for n, r in done.items()), "```", ""]
     report = out / "report.md"
     write_text_atomic(report, "\n".join(lines))
     slim = {k: {kk: vv for kk, vv in v.items() if kk != "table"} for k, v in results.items()}

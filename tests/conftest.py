@@ -35,6 +35,17 @@ def compiled_backend(request):
 
 
 @pytest.fixture
+def fashion_mnist():
+    """Skips the test when Debian's dataset-fashion-mnist is not installed (make data)."""
+    import pygen.data as D
+
+    try:
+        D.files._fashion_mnist_file("test")
+    except D.DataError:
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+
+
+@pytest.fixture
 def one_thread():
     """One torch thread for tests of tiny models: faster, and immune to OpenMP threads that wait
     for a busy core on a shared machine (a tiny matmul then took milliseconds). Kernel tests

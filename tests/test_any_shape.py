@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pygen.models import GAN, VAE, Colorization, Diffusion, Flow, SuperResolution, load
+from pygen.models import GAN, VAE, Colorization, Diffusion, Flow, LatentDiffusion, SuperResolution, load
 from pygen.models.networks import ConvDecoder, ConvEncoder, conv_plan, crop_from, pad_to, padding_for
 from pygen.train import fit
 
@@ -36,6 +36,7 @@ def _models(shape: tuple[int, ...]) -> dict[str, torch.nn.Module]:
         "realnvp": Flow("realnvp", shape, bins=256, hidden=16, n_layers=2),
         "diffusion": Diffusion(shape, **tiny),
         "sr": SuperResolution(shape, scale=4, **tiny),
+        "latent": LatentDiffusion(shape, ae_steps=1, ae_width=4, **tiny),  # both stages in 2 steps
     }
     if shape[0] == 3:
         models["colorize"] = Colorization(shape, **tiny)
@@ -56,7 +57,7 @@ def test_every_family_trains_samples_saves_and_loads(shape, tmp_path):
     for name, model in _models(shape).items():
         fit(model, x, steps=2, batch_size=8, progress=False)
         cond = _cond(name, model, x[:3])
-        extra = {"steps": 2} if isinstance(model, Diffusion) else {}
+        extra = {"steps": 2} if isinstance(model, (Diffusion, LatentDiffusion)) else {}
         s = model.sample(3, seed=5, **cond, **extra)
         assert s.shape == (3, *shape), name
         assert torch.isfinite(s).all(), name

@@ -282,6 +282,19 @@ def test_demo_quick_one_family(tmp_path):
     assert json.loads((tmp_path / "demo" / "quick" / "report.json").read_text())["results"]["vae"]["evaluate"]["fd"] > 0
 
 
+@pytest.mark.usefixtures("fashion_mnist")
+def test_demo_on_fashion_mnist_cuts_steps_to_the_budget_and_trains_diffusion_in_latent_space(tmp_path):
+    cli("demo", "--quick", "--families", "diffusion", "--data", "fashion-mnist", "--minutes", "0.25", "--threads", "2",
+        "--out", tmp_path / "demo", timeout=600)
+    res = json.loads((tmp_path / "demo" / "fashion-mnist-quick" / "report.json").read_text())["results"]["diffusion"]
+    assert res["family"] == "latent-diffusion" and res["data"] == "fashion-mnist" and res["shape"] == [1, 28, 28]
+    assert 1 <= res["steps"] < res["default_steps"]  # cut to a quarter of a minute
+    assert res["config"]["ae_steps"] == max(res["steps"] // 3, min(1, res["steps"] - 1))  # both stages trained
+    assert res["evaluate"]["fd"] > 0
+    report = (tmp_path / "demo" / "fashion-mnist-quick" / "report.md").read_text()
+    assert "pygen train latent-diffusion --data fashion-mnist" in report
+
+
 def test_bench_quick(tmp_path):
     pytest.importorskip("pytest_benchmark")
     res = tmp_path / "bench.json"

@@ -349,15 +349,7 @@ def test_tensor_data():
 
 # ---- Fashion-MNIST ---------------------------------------------------------------------------
 
-def _fashion_installed() -> bool:
-    try:
-        D.files._fashion_mnist_file("test")
-    except D.DataError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _fashion_installed(), reason="Fashion-MNIST is not installed (make data)")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_fashion_mnist_official_split():
     train, test = D.train_test(D.load("fashion-mnist"))
     assert train.shape == test.shape == (1, 28, 28) and (len(train), len(test)) == (60000, 10000)

@@ -141,15 +141,7 @@ def test_idx_images_are_uint8(tmp_path):
     assert d.source.array.dtype == torch.uint8 and torch.equal(d.data[:, 0], _float_path(codes))
 
 
-def _fashion_installed() -> bool:
-    try:
-        D.files._fashion_mnist_file("train")
-        return True
-    except DataError:
-        return False
-
-
-@pytest.mark.skipif(not _fashion_installed(), reason="Fashion-MNIST is not installed (make data)")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_fashion_mnist_is_held_as_uint8_with_class_names():
     d = load("fashion-mnist")
     assert isinstance(d.source, Images) and d.source.array.dtype == torch.uint8

@@ -22,7 +22,7 @@ from pygen.models import GenerativeModel, load
 from pygen.models.diffusion import repaint_schedule
 from pygen.models.gan import GAN
 from pygen.train import fit
-from pygen.train.loop import _ema_warmup_fn
+from pygen.models.update import ema_warmup_fn as _ema_warmup_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -457,7 +457,7 @@ def test_a_config_asking_for_far_more_than_its_weights_is_refused_before_allocat
                       "builds a model of")  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["vae", "gan", "flow", "diffusion"])
+@pytest.mark.parametrize("family", ["vae", "gan", "flow", "diffusion", "latent-diffusion"])
 def test_a_model_too_large_for_this_machine_is_refused_before_it_is_built(family, tmp_path, monkeypatch, capsys):
     """(Two 4000x4000 images made the VAE ask for 16 GB.) The model is sized on the meta
     device first (every family: the flow's masks and the diffusion schedule are CPU

@@ -332,17 +332,7 @@ def test_evaluate_refuses_bad_samples():
         evaluate(Wrong(torch.full((355, 1, 8, 8), float("nan"))), "digits")
 
 
-def _fashion_installed() -> bool:
-    import pygen.data as D
-
-    try:
-        D.files._fashion_mnist_file("test")
-        return True
-    except D.DataError:
-        return False
-
-
-@pytest.mark.skipif(not _fashion_installed(), reason="Fashion-MNIST is not installed (make data)")
+@pytest.mark.usefixtures("fashion_mnist")
 def test_fashion_features_classify_the_test_split_and_are_the_auto_space_at_28px():
     import pygen.data as D
     from pygen.metrics import FashionFeatures

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pygen.data import Data
-from pygen.models import GAN, VAE, Diffusion, Flow, load
+from pygen.models import GAN, VAE, Diffusion, Flow, LatentDiffusion, load
 from pygen.sampling import SamplingError, sample_to_dir
 from pygen.train import fit
 
@@ -94,17 +94,19 @@ def _families() -> dict[str, nn.Module]:
         "gan": GAN((1, 8, 8), z_dim=4, g_width=8, d_width=8, g_norm="batch"),
         "flow": Flow("realnvp", (2,), hidden=8, n_layers=2),
         "diffusion": Diffusion((1, 8, 8), width=8, mults=[1], blocks=1, attention=False, dropout=0.5),
+        "latent-diffusion": LatentDiffusion((1, 8, 8), levels=1, ae_width=4, width=8, mults=[1], blocks=1,
+                                            attention=False),
     }
 
 
-@pytest.mark.parametrize("name", ["vae", "gan", "flow", "diffusion"])
+@pytest.mark.parametrize("name", ["vae", "gan", "flow", "diffusion", "latent-diffusion"])
 def test_sample_runs_in_eval_mode_and_restores_the_mode(name):
     model = _families()[name]
     seen = []
     for module in model.modules():
         if module is not model:
             module.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
-    kw = {"steps": 2} if name == "diffusion" else {}
+    kw = {"steps": 2} if "diffusion" in name else {}
     model.train()
     a = model.sample(8, seed=0, **kw)
     assert seen and not any(seen), "a submodule ran in training mode while sampling"

@@ -3,7 +3,7 @@ nothing else (the defaults, cut to 20 minutes on the machine at hand), then `pyg
 the official test split: FD in the FashionFeatures space beside the data floor (the test
 images against the training images) and the fitted-Gaussian bar, bits/dim for the flow.
 
-    python benchmarks/quality/fashion_mnist.py [--families vae,flow,gan,diffusion] [--n 2000] [--out DIR]
+    python benchmarks/quality/fashion_mnist.py [--families vae,flow,gan,diffusion,latent-diffusion] [--n 2000] [--out DIR]
 
 Runs the commands as a user would (subprocesses, 2 torch threads), one at a time; run it
 with nothing else on the machine: the wall times are part of the result. Writes
@@ -34,20 +34,60 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
+def guided(run: Path, fam: str, n: int, threads: int) -> dict:
+    """A trained class-conditional run: the share of its samples that FashionFeatures
+    classifies as the label asked for, at guidance scales 1, 2, 4 (n samples each, labels
+    cycling through the classes), the sampling rate, and a grid (rows: the ten classes,
+    guidance 2) written to docs/fashion-mnist-<family>.png."""
+    import torch
+
+    import pygen.images
+    from pygen.metrics import FashionFeatures
+    from pygen.models import load
+
+    torch.set_num_threads(threads)
+    model = load(run)
+    if not (model.config.get("num_classes") or 0):
+        return {}
+    clf = FashionFeatures.pretrained()
+    labels = torch.arange(n) % 10
+    out: dict = {"guided_accuracy": {}, "n_guided": n}
+    for s in (1.0, 2.0, 4.0):
+        t0 = time.perf_counter()
+        x = model.sample(n, seed=7, labels=labels, guidance_scale=s)
+        dt = time.perf_counter() - t0
+        out["guided_accuracy"][str(s)] = float((clf.predict(x) == labels).float().mean())
+        out.setdefault("samples_per_s", {})[str(s)] = round(n / dt, 2)
+        print(f"{fam}: guidance {s}: class accuracy {out['guided_accuracy'][str(s)]:.3f}, {n / dt:.1f} samples/s",
+              flush=True)
+    grid = model.sample(100, seed=1, labels=torch.arange(100) // 10, guidance_scale=2.0)
+    pygen.images.save_grid(grid, REPO / "docs" / f"fashion-mnist-{fam}.png", nrow=10, scale=2)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", default="vae,flow,gan,diffusion")
+    p.add_argument("--families", default="vae,flow,gan,diffusion,latent-diffusion")
     p.add_argument("--n", type=int, default=2000, help="samples scored (the floor uses as many test images)")
     p.add_argument("--out", type=Path, default=Path("runs/fashion-mnist"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--guided-n", type=int, default=500, help="samples per guidance scale (conditional families)")
+    p.add_argument("--guided-only", action="store_true",
+                   help="only the guided accuracy and grid of runs already trained under --out")
     a = p.parse_args()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
     cpu = _cpu()
     results: dict = {"cpu": cpu, "threads": a.threads, "date": time.strftime("%Y-%m-%d"), "n": a.n, "families": {}}
     slug = "amd-epyc" if "AMD" in cpu else ("intel-xeon" if "Xeon" in cpu else "cpu")
     dest = REPO / "benchmarks" / "results" / f"fashion-mnist-{slug}-{a.threads}threads-{time.strftime('%Y%m%d')}.json"
+    if dest.exists():  # the same day's runs of other families are kept
+        results["families"] = json.loads(dest.read_text()).get("families", {})
     for fam in a.families.split(","):
         run = a.out / fam
+        if a.guided_only:
+            results["families"].setdefault(fam, {}).update(guided(run, fam, a.guided_n, a.threads))
+            dest.write_text(json.dumps(results, indent=1, default=float) + "\n")
+            continue
         train_cmd = [sys.executable, "-m", "pygen", "train", fam, "--data", "fashion-mnist", "--out", str(run),
                      "--threads", str(a.threads), "--no-progress"]
         t0 = time.perf_counter()
@@ -75,6 +115,8 @@ def main() -> None:
                         "eval": r})
         else:
             out["eval_error"] = ev.stderr.strip().splitlines()[-1:]
+        if fam in ("diffusion", "latent-diffusion"):
+            out.update(guided(run, fam, a.guided_n, a.threads))
         results["families"][fam] = out
         dest.write_text(json.dumps(results, indent=1, default=float) + "\n")
         print(json.dumps({k: v for k, v in out.items() if k != "eval"}), flush=True)

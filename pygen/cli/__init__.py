@@ -223,7 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:  # damaged bytes: say so, change nothing
             raise UserError(f"{out / TRAIN_JSON} (the run's settings) is damaged ({e}): restore it, or delete it and "
                             "give the run's options again with --resume") from None
-        if saved.get("family") != args.family:
+        if saved.get("family") != args.family and not (args.family, saved.get("family")) == ("diffusion",
+                                                                                              "latent-diffusion"):
             raise UserError(f"{out} holds a {saved.get('family')!r} run, not {args.family!r}")
     cfg_train, cfg_model = _read_config(args.config)
     options = {**saved.get("options", {}), **cfg_model}
@@ -242,16 +243,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--option expects KEY=VALUE, got {item!r}")
         options[key.replace("-", "_")] = _parse_value(value)
 
-    defaults = fam.train()
-    cap = fam.model.train_minutes  # the family's wall-clock cap on its default step count
-    settings = {**TRAIN_FALLBACKS, **defaults, **{k: v for k, v in saved.items() if k in TRAIN_KEYS}, **cfg_train}
-    default_steps = args.steps is None and "steps" not in cfg_train and "steps" not in saved
-    for key in TRAIN_KEYS:
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    for key in ("steps", "batch_size"):
-        if not isinstance(settings[key], int) or settings[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {settings[key]!r}")
     data_spec = args.data or saved.get("data")
     if data_spec is None:
         raise UserError("--data SPEC is required (a name such as digits, or a path)")
@@ -268,12 +259,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     train, test = pygen.data.train_test(data)
     if len(train) == 0 or len(test) == 0:
         raise UserError(f"{data_spec}: {len(data)} example(s); training needs at least 2 (a share is held out)")
+    from pygen.models.latent import latent_by_default
+
+    pixel = options.pop("pixel", None)
+    latent = not saved and not pixel and latent_by_default(tuple(train.shape), args.device)
+    if args.family == "diffusion" and (saved.get("family") == "latent-diffusion" or latent):
+        fam = F.FAMILIES["latent-diffusion"]
+        if rank0 and not saved:
+            print(f"diffusion of {'x'.join(map(str, train.shape))} images on the CPU: latent diffusion, the faster "
+                  "to a good model here (pygen train diffusion --pixel: in pixel space)", flush=True)
+    defaults = fam.train()
+    cap = fam.model.train_minutes  # the family's wall-clock cap on its default step count
+    settings = {**TRAIN_FALLBACKS, **defaults, **{k: v for k, v in saved.items() if k in TRAIN_KEYS}, **cfg_train}
+    default_steps = args.steps is None and "steps" not in cfg_train and "steps" not in saved
+    for key in TRAIN_KEYS:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    for key in ("steps", "batch_size"):
+        if not isinstance(settings[key], int) or settings[key] < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {settings[key]!r}")
     from pygen._io import memory_bytes
     from pygen.models.base import meta_bytes
 
     weights = meta_bytes(lambda: fam.build(train, dict(options)))  # before allocating: 4000x4000 images...
     if 4 * weights > memory_bytes():  # weights, gradients and Adam's two moments
-        raise UserError(f"a {args.family} model for {data_spec} (examples of shape {tuple(train.shape[1:])}) with "
+        raise UserError(f"a {args.family} model for {data_spec} (examples of shape {tuple(train.shape)}) with "
                         f"{options or 'the default options'} holds {weights / 1e9:.3g} GB of weights; training needs "
                         f"about 4x that, more than this machine's {memory_bytes() / 1e9:.3g} GB: use smaller images "
                         "or a smaller network (--option)")  # fmt: skip
@@ -282,7 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = fam.build(train, dict(options))
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot build a {args.family} model for {data_spec} with {options}: {e}") from None
-    record = {"family": args.family, "data": data_spec, **settings, "options": options,
+    record = {"family": fam.name, "data": data_spec, **settings, "options": options,
               "command": "pygen " + " ".join(sys.argv[1:])}
     if image_size is not None:
         record["image_size"] = image_size
@@ -308,6 +318,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             _budget_steps(args, model, train, settings, record)
         elif default_steps and cap is not None:
             _budget_steps(args, model, train, settings, record, cap=cap)
+        split = getattr(model, "stage_steps_for", None)  # a staged model sized for the run's length
+        if split is not None and not saved and "ae_steps" not in options and split(settings["steps"]) != model.ae_steps:
+            options["ae_steps"] = split(settings["steps"])  # into train.json: a resume rebuilds the same model
+            torch.manual_seed(settings["seed"])
+            model = fam.build(train, dict(options))
         return _train(args, model, train, test, settings, record, data_spec, rank0)
 
 
@@ -387,7 +402,7 @@ def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings
             log_every=settings["log_every"], eval_every=settings["eval_every"], eval_data=training_data(model, test),
             checkpoint_every=settings["checkpoint_every"], device=args.device, lr_schedule=settings["lr_schedule"],
             warmup=settings["warmup"], weight_decay=settings["weight_decay"], grad_accum=settings["grad_accum"],
-            precision=settings["precision"], callbacks=callbacks,
+            precision=settings["precision"], callbacks=callbacks, compile=args.compile,
         )  # fmt: skip
     except FileExistsError as e:
         raise UserError(str(e).replace("resume=True", "--resume")) from None
@@ -526,7 +541,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---- bench --------------------------------------------------------------------------------
 
-SUITES = ("gaussian", "coupling", "diffusion", "schedulers")
+SUITES = ("gaussian", "coupling", "diffusion", "schedulers", "networks")
 GPU_OPS = {
     "gaussian": "reparameterize,gaussian_kl,reparameterize_kl",
     "coupling": "affine_coupling,rq_spline",
@@ -554,7 +569,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="pygen-bench-") as tmp:
         for suite in suites:
             path = Path(tmp) / f"{args.device}-{suite}.json"
-            if args.device == "cuda":
+            if suite == "networks":  # whole networks vs diffusers' UNet2DModel: a script with its own table
+                cmd = [sys.executable, str(bench / "bench_networks.py"), "--json", str(path), "--device", args.device]
+                if args.quick:
+                    cmd += ["--batch", "1,16", "--reps", "1"]
+            elif args.device == "cuda":
                 cmd = [sys.executable, str(bench / "gpu_bench.py"), "--out", str(path)]
                 cmd += (["--ops", ""] if suite == "schedulers" else ["--ops", GPU_OPS[suite], "--schedulers", ""])
             else:
@@ -568,8 +587,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"pygen bench: the {suite} suite failed (exit status {proc.returncode})", file=sys.stderr)
                 return 1
             print(flush=True)
-            subprocess.run([sys.executable, str(bench / "summarize.py"), str(path)], cwd=bench.parent, check=True)
-            print(flush=True)
+            if suite != "networks":
+                subprocess.run([sys.executable, str(bench / "summarize.py"), str(path)], cwd=bench.parent, check=True)
+                print(flush=True)
             results[suite] = json.loads(path.read_text())
     if args.json:
         from pygen._io import write_text_atomic
@@ -588,7 +608,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.kernels:
         demo.kernels([] if not args.device else ["--device", args.device])
         return 0
-    demo.run(args.out, quick=args.quick, families=args.families, threads=args.threads)
+    demo.run(args.out, quick=args.quick, families=args.families, threads=args.threads, data=args.data,
+             minutes=args.minutes)
     return 0
 
 
@@ -643,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train to a wall-clock budget: the step count is set from the throughput measured on this "
                         "machine before training (a copy of the model, a few steps) and saved in train.json")
     s.add_argument("--seed", type=_int_at_least(0), help="model init and data order (default 0)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's loss (forward and backward): the first step compiles (~2-3 min "
+                        "for the 28x28 UNet on a 2-core CPU); measured there: 5%% faster at batch 16, 25%% slower "
+                        "at 128 (README, Networks)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
     s.add_argument("--config", metavar="FILE", help="JSON: steps, batch_size, lr, seed and model options ('model': {...})")
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
@@ -763,11 +788,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "2 CPU cores; --quick ~1-2 minutes), sample each with pygen sample's job, evaluate "
                     "them, and write DIR/report.md with sample grids, training curves and the metrics table. "
                     "--kernels runs the kernel-throughput demo instead.",
-        epilog=_examples("pygen demo", "pygen demo --quick --out /tmp/demo", "pygen demo --kernels"))
+        epilog=_examples("pygen demo", "pygen demo --quick --out /tmp/demo",
+                         "pygen demo --data fashion-mnist --threads 2", "pygen demo --kernels"))
     s.add_argument("--out", default="pygen-demo", metavar="DIR", help="(default ./pygen-demo)")
     s.add_argument("--quick", action="store_true", help="a short run (numbers not meaningful)")
     s.add_argument("--families", nargs="+", choices=("vae", "gan", "flow", "diffusion"), help="(default all)")
     s.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models)")
+    s.add_argument("--data", default="digits", metavar="SPEC",
+                   help="the data (default digits); e.g. fashion-mnist: each family's defaults cut to --minutes")
+    s.add_argument("--minutes", type=float, help="per family, data other than digits (default 5, --quick 1)")
     s.add_argument("--kernels", action="store_true", help="the fused-kernel throughput demo")
     s.add_argument("--device", help="--kernels: cpu or cuda")
     s.set_defaults(fn=cmd_demo)

@@ -65,6 +65,14 @@ FAMILIES: dict[str, Family] = {
     ),
     "diffusion": Family(
         "diffusion", "denoising diffusion model (pygen.models.Diffusion; class-conditional on labelled data)",
+        {"--unconditional": dict(action="store_true", default=None, help="diffusion: ignore the data's labels"),
+         "--pixel": dict(action="store_true", default=None,
+                         help="diffusion: denoise pixels even where latent diffusion is the default (images of "
+                              "28x28 and larger trained on the CPU)")},
+    ),
+    "latent-diffusion": Family(
+        "latent-diffusion", "diffusion on an autoencoder's latents (pygen.models.LatentDiffusion: 28x28x1 -> 7x7x4; "
+        "images only)",
         {"--unconditional": dict(action="store_true", default=None, help="diffusion: ignore the data's labels")},
     ),
     "sr": Family(

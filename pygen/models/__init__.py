@@ -14,6 +14,7 @@ from pygen.models.conditioned import Cascade, Colorization, SuperResolution
 from pygen.models.diffusion import Diffusion
 from pygen.models.flow import Flow
 from pygen.models.gan import GAN
+from pygen.models.latent import LatentDiffusion
 from pygen.models.vae import VAE
 
-__all__ = ["GenerativeModel", "TrainingDiverged", "CorruptCheckpoint", "Flow", "GAN", "VAE", "Diffusion", "SuperResolution", "Colorization", "Cascade", "load", "families"]
+__all__ = ["GenerativeModel", "TrainingDiverged", "CorruptCheckpoint", "Flow", "GAN", "VAE", "Diffusion", "LatentDiffusion", "SuperResolution", "Colorization", "Cascade", "load", "families"]

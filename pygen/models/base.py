@@ -35,6 +35,7 @@ checkpoint its ``latest`` file names).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -121,6 +122,11 @@ class GenerativeModel(nn.Module):
         """Whether ``sample`` uses EMA weights the model keeps inside itself (a GAN's
         generator EMA). :func:`load` calls it with its ``ema=`` argument; models whose EMA the
         trainer keeps get it through the weights ``load`` picks. Default: nothing to do."""
+
+    def probe_copy(self) -> GenerativeModel:
+        """A throwaway copy whose training steps cost what this model's steps cost: what
+        ``pygen train --minutes`` times (:mod:`pygen.train.budget`). Default: a deep copy."""
+        return copy.deepcopy(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         # DDP and torch.compile wrap forward: routing loss through it is what makes them apply

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pygen.models.labels import Batch
 
-__all__ = ["Update", "PRECISIONS", "split_micro_batches"]
+__all__ = ["Update", "PRECISIONS", "split_micro_batches", "ema_warmup_fn"]
 
 #: --precision names -> autocast dtype (None: no autocast)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -121,3 +121,21 @@ class Update:
         else:
             optimizer.step()
         return norm
+
+
+def ema_warmup_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """An EMA update for :class:`torch.optim.swa_utils.AveragedModel`'s ``multi_avg_fn`` with
+    the decay warmed up: min(decay, (1 + k) / (10 + k)) at the k-th update (k = n_averaged),
+    so that a short run's average is not dominated by its first weights."""
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
+        k = int(n_averaged)
+        d = min(decay, (1 + k) / (10 + k))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # integer buffers (as torch's EMA does)
+            for a, c in zip(averaged, current):
+                a.copy_(a * d + c * (1 - d))
+
+    return update

@@ -8,7 +8,6 @@ the same step count, so resume stays exact even though the budget came from a me
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -51,10 +50,11 @@ def measure_step_seconds(model: GenerativeModel, data: Any, *, batch_size: int, 
                          min_seconds: float = 3.0, max_seconds: float = 30.0, **fit_kwargs: Any) -> float:
     """Seconds per optimizer step of :func:`pygen.train.fit` (``fit_kwargs``: its options,
     e.g. lr, grad_accum, precision, device) on a deep copy of ``model``; the RNG states are
-    restored afterwards, so the run that follows is the run it would have been."""
+    restored afterwards, so the run that follows is the run it would have been. The copy is
+    ``model.probe_copy()`` (a model whose stages differ in cost times its dearer one)."""
     from pygen.train import fit
 
-    probe = copy.deepcopy(model)
+    probe = model.probe_copy()
     timer = _StepTimer(min_steps, min_seconds, max_seconds)
     with torch.random.fork_rng(devices=[]):
         fit(probe, data, steps=10**9, batch_size=batch_size, out=None, progress=False, log_every=10**9,

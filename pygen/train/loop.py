@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pygen.data.loader import as_tensors, epoch_permutation
 from pygen._io import save_atomic, write_text_atomic
 from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions
-from pygen.models.update import PRECISIONS, Update
+from pygen.models.update import PRECISIONS, Update, ema_warmup_fn
 from pygen.train import ddp
 from pygen.train.callbacks import Callback, Run
 from pygen.train.schedules import apply_base_lr, apply_weight_decay, base_lrs, lr_schedulers, set_current_lr
@@ -69,23 +69,6 @@ class BatchOrder:
             m = epoch == e
             out[m] = self._perm(e)[pos[m] % self.n]
         return out
-
-
-def _ema_warmup_fn(decay: float):
-    """EMA with the decay warmed up: min(decay, (1 + k) / (10 + k)) at the k-th update, so
-    that a short run's average is not dominated by its first weights."""
-
-    @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], n_averaged: Tensor) -> None:
-        k = int(n_averaged)
-        d = min(decay, (1 + k) / (10 + k))
-        if torch.is_floating_point(averaged[0]):
-            torch._foreach_lerp_(averaged, current, 1 - d)
-        else:  # integer buffers (as torch's EMA does)
-            for a, c in zip(averaged, current):
-                a.copy_(a * d + c * (1 - d))
-
-    return update
 
 
 def _batch(x: Tensor, labels: Tensor | None, idx: Tensor | slice, device: torch.device) -> Any:
@@ -390,7 +373,7 @@ def _fit(
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ema = None
     if model.ema_decay is not None:
-        avg = _ema_warmup_fn(model.ema_decay) if model.ema_warmup else get_ema_multi_avg_fn(model.ema_decay)
+        avg = ema_warmup_fn(model.ema_decay) if model.ema_warmup else get_ema_multi_avg_fn(model.ema_decay)
         ema = AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
     stopped = None
     if found is not None:
