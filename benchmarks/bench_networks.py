@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,17 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _machine import cpu_name
 from pygen.models import Diffusion
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def pygen_unet(shape: tuple[int, ...]) -> tuple[nn.Module, dict]:
@@ -169,7 +159,7 @@ def main() -> None:
     for s in a.shapes.split(","):
         rows += bench_shape(tuple(int(v) for v in s.split("x")), [int(v) for v in a.batch.split(",")], a.reps,
                             a.modes.split(","), torch.device(a.device), a.compile)
-    dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else _cpu()
+    dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else cpu_name()
     result = {"device": dev, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if a.json:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from _machine import cpu_name
 from pygen.models import Diffusion
 
 #: category -> substrings of aten op names (first match wins, in this order)
@@ -48,16 +48,6 @@ def _category(name: str) -> str:
         if any(k.lower() in low for k in keys):
             return cat
     return "other"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def profile_case(shape: tuple[int, ...], batch: int, threads: int, mode: str, top: int) -> dict:
@@ -117,7 +107,7 @@ def main() -> None:
                     rows.append(r)
                     top3 = ", ".join(f"{k} {v:.0%}" for k, v in list(r["shares"].items())[:5])
                     print(f"{s} batch {b:4d} {t} thr {mode:7s} {r['seconds']:8.3f} s  {top3}", flush=True)
-    result = {"cpu": _cpu(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    result = {"cpu": cpu_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     if a.json:
         a.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {a.json}")

@@ -15,23 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _machine import cpu_name  # noqa: E402
 
 
 def guided(run: Path, fam: str, n: int, threads: int) -> dict:
@@ -76,7 +67,7 @@ def main() -> None:
                    help="only the guided accuracy and grid of runs already trained under --out")
     a = p.parse_args()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
-    cpu = _cpu()
+    cpu = cpu_name()
     results: dict = {"cpu": cpu, "threads": a.threads, "date": time.strftime("%Y-%m-%d"), "n": a.n, "families": {}}
     slug = "amd-epyc" if "AMD" in cpu else ("intel-xeon" if "Xeon" in cpu else "cpu")
     dest = REPO / "benchmarks" / "results" / f"fashion-mnist-{slug}-{a.threads}threads-{time.strftime('%Y%m%d')}.json"
