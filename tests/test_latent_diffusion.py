@@ -236,3 +236,15 @@ def test_diffusion_of_28px_images_on_the_cpu_is_latent_unless_pixel(tmp_path, pi
                        capture_output=True, text=True)  # a resume stays in its space
     assert r.returncode == 0, r.stderr
     assert load(run).family == family
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["latent-diffusion", "--data", "two_moons", "--pixel"], "--pixel is an option of diffusion, not of latent-diffusion"),
+    (["latent-diffusion", "--data", "two_moons"], "latent diffusion needs (C, H, W) images"),
+])
+def test_mistakes_are_one_line_and_exit_2(tmp_path, args, needle):
+    r = subprocess.run([sys.executable, "-m", "pygen", "train", *args, "--out", str(tmp_path / "run"), "--steps", "2"],
+                       capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
