@@ -318,6 +318,7 @@ def sample_to_dir(
     grid: bool = True,
     on_shard: Callable[[int, int], None] | None = None,
     which: str | int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Write samples 0 .. n-1 of ``checkpoint`` (a file or a training directory) to ``out``.
 
@@ -336,6 +337,10 @@ def sample_to_dir(
     best.pt when the run kept one, else the latest; see :func:`pygen._io.select_checkpoint`);
     the manifest records the file and its sha256. Under torchrun (WORLD_SIZE > 1) every rank
     must call it with the same arguments.
+
+    ``compile``: torch.compile the diffusion networks first
+    (:func:`pygen.models.inference.compile_denoisers`; the first chunk pays the compilation);
+    not part of the identity, like ``batch_size``: it changes samples by float rounding only.
 
     Returns the manifest (the final one on rank 0; the planned one on the other ranks).
     Raises :class:`SamplingError` for a job that cannot run as asked.
@@ -370,7 +375,7 @@ def sample_to_dir(
             manifest = _run(ckpt_file, n, out, info, batch_size=batch_size, seed=seed, shard_size=shard_size,
                             sampler={"sampler": sampler, "steps": steps, "guidance_scale": guidance}, labels=labels,
                             data=data, fmt=fmt, ema=ema, progress=progress, grid=grid, load=load,
-                            on_shard=on_shard, held=held)  # fmt: skip
+                            on_shard=on_shard, held=held, compile=compile)  # fmt: skip
         failed = False
         return manifest
     finally:
@@ -403,12 +408,19 @@ def _barrier(info: Any) -> None:
 
 def _run(ckpt_file: Path, n: int, out: Path, info: Any, *, batch_size: int, seed: int, shard_size: int | None,
          sampler: dict[str, Any], labels: str | int | None, data: str | None, fmt: str, ema: bool, progress: bool,
-         grid: bool, load: Any, on_shard: Callable[[int, int], None] | None, held: ExitStack) -> dict[str, Any]:  # fmt: skip
+         grid: bool, load: Any, on_shard: Callable[[int, int], None] | None, held: ExitStack,
+         compile: bool = False) -> dict[str, Any]:  # fmt: skip
     device, rank, world = info.device, info.rank, info.world_size
     try:
         model = load(ckpt_file, ema=ema, map_location=device)
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
         raise SamplingError(f"cannot load the checkpoint {ckpt_file}: {str(e).splitlines()[0] if str(e) else e}") from None
+    if compile:
+        from pygen.models.inference import compile_denoisers
+
+        if not compile_denoisers(model):
+            raise SamplingError(f"--compile compiles diffusion networks; {ckpt_file} holds a "
+                                f"{manifest_family(model)} model")
     low_res = None
     if data is not None:
         import pygen.data

@@ -248,3 +248,28 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, args, needle):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sampling_job_compiles_the_denoisers_and_samples_the_same_up_to_rounding(tmp_path):
+    import numpy as np
+
+    from pygen.models import VAE
+    from pygen.models.inference import compile_denoisers
+    from pygen.sampling import SamplingError, sample_to_dir
+
+    m = _model()
+    x, y = _data()
+    fit(m, (x, y), steps=4, batch_size=8, out=tmp_path / "run", progress=False)
+    kw = {"batch_size": 4, "steps": 2, "progress": False, "grid": False}
+    plain = sample_to_dir(tmp_path / "run", 4, tmp_path / "plain", **kw)
+    sample_to_dir(tmp_path / "run", 4, tmp_path / "compiled", compile=True, **kw)
+
+    def shards(d):
+        return np.concatenate([np.load(tmp_path / d / s["file"])["samples"] for s in plain["shards"]])
+
+    np.testing.assert_allclose(shards("compiled"), shards("plain"), rtol=0, atol=1e-4)
+    assert compile_denoisers(_model()) == 2  # the diffusion model and its EMA
+    VAE((1, 12, 12), 2, network="mlp", hidden=8).save(tmp_path / "vae.pt")
+    with pytest.raises(SamplingError, match="--compile compiles diffusion networks; .* holds a vae model"):
+        sample_to_dir(tmp_path / "vae.pt", 4, tmp_path / "v", compile=True, **kw)
+    assert not (tmp_path / "v").exists()

@@ -453,6 +453,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.checkpoint, args.n, args.out, batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size,
         sampler=args.sampler, steps=args.steps, guidance=args.guidance, labels=args.labels, data=args.data,
         fmt=args.format, device=args.device, ema=not args.no_ema, progress=not args.no_progress, which=args.which,
+        compile=args.compile,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         grid = Path(args.out) / "grid.png"
@@ -745,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA ones")
     s.add_argument("--checkpoint", dest="which", metavar="best|latest|STEP",
                    help="a training directory's checkpoint (default: best.pt when the run kept one, else latest)")
+    s.add_argument("--compile", action="store_true",
+                   help="diffusion: torch.compile the network first (~1 min; the 28x28 UNet's forward was 1.24x "
+                        "faster at batch 16 and 1.03x at 128 on a 2-core CPU); samples change by float rounding only")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_sample)
 
