@@ -378,7 +378,7 @@ def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings
     out = Path(args.out)
     nparams = sum(p.numel() for p in model.parameters())
     if rank0:
-        print(f"training {args.family} ({nparams:,} parameters) on {data_spec} ({len(train)} train / {len(test)} test "
+        print(f"training {record['family']} ({nparams:,} parameters) on {data_spec} ({len(train)} train / {len(test)} test "
               f"examples of shape {tuple(train.shape)}): {settings['steps']} steps of {settings['batch_size']}, "
               f"lr {settings['lr'] if settings['lr'] is not None else 'default'}, seed {settings['seed']} -> {out}",
               flush=True)
