@@ -170,10 +170,12 @@ def test_super_resolution_needs_its_inputs(tmp_path):
 def test_ctrl_c_leaves_no_partial_file(vae_run, tmp_path):
     out = tmp_path / "s"
     # `pygen sample` with the job slowed down after each shard (a callback of sample_to_dir), so
-    # that Ctrl-C arrives mid-way (20 s of sleeps: a loaded CI machine once let 6 s finish the job
-    # before the signal came)
+    # that Ctrl-C arrives mid-way
     args = ["sample", str(vae_run), "-n", "2000", "--out", str(out), "--shard-size", "100", "--no-progress"]
-    script = ("import functools, time, pygen.sampling as s\n"
+    # the default Ctrl-C handler, as in a terminal: a runner started in the background by a
+    # non-interactive shell (`cmd &`) ignores SIGINT, and children inherit that
+    script = ("import functools, signal, time, pygen.sampling as s\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "s.sample_to_dir = functools.partial(s.sample_to_dir, on_shard=lambda a, b: time.sleep(1.0))\n"
               f"from pygen.cli import main\nraise SystemExit(main({args!r}))")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env(), stderr=subprocess.PIPE, text=True)
