@@ -40,7 +40,7 @@ def pygen_unet(shape: tuple[int, ...]) -> tuple[nn.Module, dict]:
     return model.net, cfg
 
 
-def diffusers_unet(shape: tuple[int, ...], cfg: dict) -> nn.Module:
+def diffusers_unet(shape: tuple[int, ...], cfg: dict, num_class_embeds: int | None = None) -> nn.Module:
     from diffusers import UNet2DModel
 
     widths = tuple(cfg["width"] * m for m in cfg["mults"])
@@ -51,7 +51,8 @@ def diffusers_unet(shape: tuple[int, ...], cfg: dict) -> nn.Module:
     return UNet2DModel(sample_size=shape[1:], in_channels=shape[0], out_channels=shape[0], block_out_channels=widths,
                        layers_per_block=cfg["blocks"], down_block_types=tuple(down), up_block_types=tuple(up),
                        norm_num_groups=groups, attention_head_dim=widths[-1] // 4,
-                       resnet_time_scale_shift="scale_shift", add_attention=cfg["attention"])
+                       resnet_time_scale_shift="scale_shift", add_attention=cfg["attention"],
+                       num_class_embeds=num_class_embeds)
 
 
 def _call(net: nn.Module, kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -542,7 +542,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---- bench --------------------------------------------------------------------------------
 
-SUITES = ("gaussian", "coupling", "diffusion", "schedulers", "networks")
+SUITES = ("gaussian", "coupling", "diffusion", "schedulers", "networks", "sampling-job")
+SCRIPTS = {"networks": "bench_networks.py", "sampling-job": "bench_sampling_job.py"}  # own tables, not pytest
 GPU_OPS = {
     "gaussian": "reparameterize,gaussian_kl,reparameterize_kl",
     "coupling": "affine_coupling,rq_spline",
@@ -570,10 +571,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="pygen-bench-") as tmp:
         for suite in suites:
             path = Path(tmp) / f"{args.device}-{suite}.json"
-            if suite == "networks":  # whole networks vs diffusers' UNet2DModel: a script with its own table
-                cmd = [sys.executable, str(bench / "bench_networks.py"), "--json", str(path), "--device", args.device]
+            if suite == "networks":  # whole networks vs diffusers' UNet2DModel
+                cmd = [sys.executable, str(bench / SCRIPTS[suite]), "--json", str(path), "--device", args.device]
                 if args.quick:
                     cmd += ["--batch", "1,16", "--reps", "1"]
+            elif suite == "sampling-job":  # the sampling job vs the network's own cost and a diffusers loop
+                if args.device != "cpu":
+                    print(f"== {suite}: CPU only for now, skipped on {args.device}", flush=True)
+                    continue
+                cmd = [sys.executable, str(bench / SCRIPTS[suite]), "--json", str(path)]
+                if args.quick:
+                    cmd += ["--shape", "1x16x16", "--batch", "4", "--chunks", "1", "--reps", "1"]
             elif args.device == "cuda":
                 cmd = [sys.executable, str(bench / "gpu_bench.py"), "--out", str(path)]
                 cmd += (["--ops", ""] if suite == "schedulers" else ["--ops", GPU_OPS[suite], "--schedulers", ""])
@@ -588,7 +596,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"pygen bench: the {suite} suite failed (exit status {proc.returncode})", file=sys.stderr)
                 return 1
             print(flush=True)
-            if suite != "networks":
+            if suite not in SCRIPTS:
                 subprocess.run([sys.executable, str(bench / "summarize.py"), str(path)], cwd=bench.parent, check=True)
                 print(flush=True)
             results[suite] = json.loads(path.read_text())
