@@ -62,6 +62,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     fsync_dir(path.parent)
 
 
+def gigabytes(nbytes: float) -> str:
+    """``nbytes`` for a message: "1.23 GB"."""
+    return f"{nbytes / 1e9:.3g} GB"
+
+
 def memory_bytes() -> int:
     """This machine's RAM: the bound on what a file (a data header, a checkpoint config) may
     claim, and on the model a command may build."""

@@ -88,6 +88,7 @@ def _train(name: str, run_dir: Path, quick: bool, data: str = "digits", minutes:
     from pygen.models.labels import training_data
     from pygen.models.latent import latent_by_default
     from pygen.train import fit
+    from pygen.train.budget import stage_options
 
     train, test = pygen.data.train_test(pygen.data.load(data))
     family = "latent-diffusion" if name == "diffusion" and latent_by_default(tuple(train.shape)) else name
@@ -107,10 +108,10 @@ def _train(name: str, run_dir: Path, quick: bool, data: str = "digits", minutes:
         sec = measure_step_seconds(model, training_data(model, train), batch_size=settings["batch_size"],
                                    lr=settings["lr"])
         settings["steps"] = min(settings["steps"], steps_for_minutes(minutes, sec))
-    split = getattr(model, "stage_steps_for", None)
-    if split is not None and split(settings["steps"]) != model.ae_steps:  # both stages in a short run
+    stages = stage_options(model, settings["steps"])
+    if stages:  # both stages in a short run
         torch.manual_seed(settings["seed"])
-        model = cls.for_data(train, ae_steps=split(settings["steps"]))
+        model = cls.for_data(train, **stages)
     record = run_dir / "demo-train.json"  # a finished run is reused (with its measured time) on a re-run
     nparams = sum(p.numel() for p in model.parameters())
     if record.exists() and json.loads(record.read_text()).get("steps") == settings["steps"]:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pygen._io import write_atomic
+from pygen._io import gigabytes, write_atomic
 from pygen._lock import LOCK, DirectoryBusy
 
 __all__ = ["SamplingError", "sample_to_dir", "SampleDir", "plan_shards", "file_sha256", "MANIFEST"]
@@ -233,12 +233,8 @@ def _check_space(out: Path, n: int, probe: Tensor, fmt: str) -> None:
     done = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".npz", ".png"))
     need, free = n * per - done, shutil.disk_usage(out).free
     if need > free:
-        raise SamplingError(f"-n {n} needs about {_gb(n * per)} in {out} ({_gb(done)} of it written); "
-                            f"{_gb(free)} are free there: sample fewer, or into a larger disk")  # fmt: skip
-
-
-def _gb(b: float) -> str:
-    return f"{b / 1e9:.3g} GB"
+        raise SamplingError(f"-n {n} needs about {gigabytes(n * per)} in {out} ({gigabytes(done)} of it written); "
+                            f"{gigabytes(free)} are free there: sample fewer, or into a larger disk")  # fmt: skip
 
 
 def _read_manifest(out: Path) -> dict[str, Any] | None:

@@ -62,6 +62,22 @@ def test_cli_minutes_sets_and_records_the_step_count(tmp_path):
                           "5", "--no-progress", check=False), "give --steps or --minutes, not both")
     assert_user_error(cli("train", "vae", "--data", "digits", "--out", tmp_path / "c", "--minutes", "0",
                           "--no-progress", check=False), "--minutes")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"steps": 7}))  # a config's step count conflicts as --steps does
+    assert_user_error(cli("train", "vae", "--data", "digits", "--out", tmp_path / "d", "--minutes", "1", "--config",
+                          cfg, "--no-progress", check=False), f"--minutes sets the step count: {cfg} gives steps too")
+    assert not (tmp_path / "d" / "train.json").exists()
+
+
+def test_stage_options_size_a_staged_model_for_the_run():
+    from pygen.models import LatentDiffusion
+    from pygen.train.budget import stage_options
+
+    model = LatentDiffusion((1, 8, 8), ae_steps=800)
+    assert stage_options(model, 300) == {"ae_steps": 100}  # a third of a short run
+    assert stage_options(model, 2400) == {}  # 800 fits
+    assert stage_options(model, 4000) == {}
+    assert stage_options(VAE((1, 8, 8), latent_dim=2, hidden=16, network="mlp"), 5) == {}  # no stages
 
 
 def test_default_step_count_is_capped_at_the_familys_minutes(tmp_path, monkeypatch, capsys):

@@ -213,6 +213,23 @@ def test_lazy_folder_decodes_per_batch_and_equals_eager(tmp_path):
     assert isinstance(tr_l.source, ImageFiles) and torch.equal(tr_l.data, tr_e.data)
 
 
+def test_evaluate_decodes_only_the_reference_subset_of_a_lazy_folder(tmp_path, monkeypatch):
+    """``evaluate(n_reference=k)`` on a lazy folder reads k train files (and the test split),
+    not the whole folder: data larger than memory stays evaluable."""
+    from pygen.metrics import evaluate
+
+    for i in range(40):
+        _png(tmp_path / f"{i:02d}.png", _codes((8, 8), seed=i), "L")
+    lazy = load(tmp_path, lazy=True)
+    n_test = len(train_test(lazy)[1])
+    read: list[str] = []
+    decode = lazy.source.decode
+    lazy.source.decode = lambda path: read.append(path.name) or decode(path)  # the splits share it
+    res = evaluate(None, lazy, n=6, n_reference=8, features="pixels")
+    assert res["meta"]["n_reference"] == 8
+    assert len(read) == 8 + n_test, len(read)
+
+
 # ---- the trainer reads compact sources in the same order -------------------------------------
 
 

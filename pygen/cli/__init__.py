@@ -278,14 +278,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key in ("steps", "batch_size"):
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {settings[key]!r}")
-    from pygen._io import memory_bytes
+    from pygen._io import gigabytes, memory_bytes
     from pygen.models.base import meta_bytes
 
     weights = meta_bytes(lambda: fam.build(train, dict(options)))  # before allocating: 4000x4000 images...
     if 4 * weights > memory_bytes():  # weights, gradients and Adam's two moments
         raise UserError(f"a {args.family} model for {data_spec} (examples of shape {tuple(train.shape)}) with "
-                        f"{options or 'the default options'} holds {weights / 1e9:.3g} GB of weights; training needs "
-                        f"about 4x that, more than this machine's {memory_bytes() / 1e9:.3g} GB: use smaller images "
+                        f"{options or 'the default options'} holds {gigabytes(weights)} of weights; training needs "
+                        f"about 4x that, more than this machine's {gigabytes(memory_bytes())}: use smaller images "
                         "or a smaller network (--option)")  # fmt: skip
     torch.manual_seed(settings["seed"])  # the model's initialisation
     try:
@@ -315,12 +315,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             if is_run and not args.resume:
                 raise UserError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
         if args.minutes is not None:
+            if "steps" in cfg_train:
+                raise UserError(f"--minutes sets the step count: {args.config} gives steps too; drop one")
             _budget_steps(args, model, train, settings, record)
         elif default_steps and cap is not None:
             _budget_steps(args, model, train, settings, record, cap=cap)
-        split = getattr(model, "stage_steps_for", None)  # a staged model sized for the run's length
-        if split is not None and not saved and "ae_steps" not in options and split(settings["steps"]) != model.ae_steps:
-            options["ae_steps"] = split(settings["steps"])  # into train.json: a resume rebuilds the same model
+        from pygen.train.budget import stage_options
+
+        stages = {} if saved or "ae_steps" in options else stage_options(model, settings["steps"])
+        if stages:  # a staged model sized for the run's length
+            options.update(stages)  # into train.json: a resume rebuilds the same model
             torch.manual_seed(settings["seed"])
             model = fam.build(train, dict(options))
         return _train(args, model, train, test, settings, record, data_spec, rank0)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pygen._io import memory_bytes
+from pygen._io import gigabytes, memory_bytes
 from pygen.data.datasets import SPLITS, TOY2D, digits, patches, toy2d
 from pygen.data.storage import ImageFiles, Images, Source, materialize, take
 
@@ -69,7 +69,8 @@ class Data:
 
     @property
     def data(self) -> Tensor:
-        """All examples as float32 (N, ...) (images in [0, 1])."""
+        """All examples as float32 (N, ...) (images in [0, 1]). A lazy image folder decodes
+        every file here: for a subset, index ``source`` (:func:`pygen.data.storage.take`)."""
         return materialize(self.source)
 
     @property
@@ -210,8 +211,8 @@ def _npy_claim(path: Path) -> None:
     want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     have = path.stat().st_size - start
     if want > have:
-        raise _fail(path, f"its .npy header {shape} {dtype} claims {want / 1e9:.3g} GB, the file holds "
-                          f"{have / 1e9:.3g} GB: a damaged or truncated file")
+        raise _fail(path, f"its .npy header {shape} {dtype} claims {gigabytes(want)}, the file holds "
+                          f"{gigabytes(have)}: a damaged or truncated file")
 
 
 def _load_npy(path: Path, split: str) -> Data:
@@ -259,8 +260,8 @@ def _is_idx(path: Path) -> bool:
 
 def _check_claim(path: Path, nbytes: int, what: str) -> None:
     if nbytes > memory_bytes():
-        raise _fail(path, f"{what} claims {nbytes / 1e9:.3g} GB, more than this machine's memory "
-                          f"({memory_bytes() / 1e9:.3g} GB): a damaged header, or data to split into smaller files")
+        raise _fail(path, f"{what} claims {gigabytes(nbytes)}, more than this machine's memory "
+                          f"({gigabytes(memory_bytes())}): a damaged header, or data to split into smaller files")
 
 
 def _read_idx(path: Path) -> np.ndarray:

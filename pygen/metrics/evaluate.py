@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from pygen.data import TOY2D, TOY2D_DENSITIES, Data, load, toy2d, toy2d_log_prob, train_test
 from pygen.data.files import _TOY_TEST_SEED
+from pygen.data.storage import take
 from pygen.flows import dequantize
 from pygen.metrics.features import DigitsFeatures, FashionFeatures
 from pygen.metrics.likelihood import bits_per_dim, dataset_log_likelihood
@@ -255,12 +256,12 @@ def evaluate(
     if isinstance(data, str):
         data = load(data)
     train, test = train_test(data, seed=seed)
-    # compact (uint8, memory-mapped) images read as float32 once, not at every use below
-    train, test = (dataclasses.replace(d, source=d.data) for d in (train, test))
-    if n_reference is not None:
+    if n_reference is not None:  # before reading: a lazy folder decodes only these
         if n_reference < 6:
             raise ValueError(f"n_reference must be >= 6 (k-NN radii with k=5), got {n_reference}")
-        train = Data(train.data[:n_reference], None, train.name, "train")
+        train = Data(take(train.source, slice(0, n_reference)), None, train.name, "train")
+    # compact (uint8, memory-mapped) images read as float32 once, not at every use below
+    train, test = (dataclasses.replace(d, source=d.data) for d in (train, test))
     if train.name in TOY2D and n is not None:
         test = Data(toy2d(train.name, n, seed=seed + _TOY_TEST_SEED), None, train.name, "test")
     n = len(test) if n is None else int(n)

@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from pygen._io import LATEST, CorruptCheckpoint, load_checkpoint, save_atomic, select_checkpoint
+from pygen._io import LATEST, CorruptCheckpoint, gigabytes, load_checkpoint, save_atomic, select_checkpoint
 from pygen.models.labels import Batch
 from pygen.models.update import Update
 
@@ -214,7 +214,7 @@ def _build(cls: type[GenerativeModel], config: dict[str, Any], state: dict[str, 
     weights = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
     size = meta_bytes(lambda: cls(**config))
     if size > 4 * weights + (64 << 20):
-        raise CorruptCheckpoint(f"{file}: its config builds a model of {size / 1e9:.3g} GB for {weights / 1e9:.3g} GB "
+        raise CorruptCheckpoint(f"{file}: its config builds a model of {gigabytes(size)} for {gigabytes(weights)} "
                                 "of weights: a damaged or foreign checkpoint")  # fmt: skip
     return cls(**config)
 

@@ -16,7 +16,7 @@ import torch
 from pygen.models.base import GenerativeModel
 from pygen.train.callbacks import Callback
 
-__all__ = ["measure_step_seconds", "steps_for_minutes", "OVERHEAD"]
+__all__ = ["measure_step_seconds", "steps_for_minutes", "stage_options", "OVERHEAD"]
 
 #: share of a budget kept for what the probe does not time: held-out evaluations,
 #: checkpoints and sample grids
@@ -68,3 +68,14 @@ def steps_for_minutes(minutes: float, seconds_per_step: float, *, spent: float =
         raise ValueError(f"minutes must be > 0, got {minutes!r}")
     budget = (minutes * 60.0 - spent) * (1.0 - OVERHEAD)
     return max(1, int(budget / seconds_per_step))
+
+
+def stage_options(model: GenerativeModel, steps: int) -> dict[str, int]:
+    """Constructor options that size a staged model (:class:`pygen.models.LatentDiffusion`:
+    its autoencoder steps, ``stage_steps_for``) for a run of ``steps``: empty when the model
+    has no stages or they already fit. The caller rebuilds the model with them (and records
+    them, so that a resume rebuilds the same model)."""
+    split = getattr(model, "stage_steps_for", None)
+    if split is None or split(steps) == model.ae_steps:
+        return {}
+    return {"ae_steps": split(steps)}
