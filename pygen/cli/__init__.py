@@ -268,7 +268,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank0 and not saved:
             print(f"diffusion of {'x'.join(map(str, train.shape))} images on the CPU: latent diffusion, the faster "
                   "to a good model here (pygen train diffusion --pixel: in pixel space)", flush=True)
-    defaults = fam.train()
+    preset_name, preset = _preset(args, saved, fam)
+    options = {**preset.get("model", {}), **options}  # the preset under everything given
+    defaults = {**fam.train(), **preset.get("train", {})}
+    if rank0 and not saved and preset:
+        print(f"preset {preset_name}: {_describe(preset)} (--preset cpu: the CPU defaults)", flush=True)
     cap = fam.model.train_minutes  # the family's wall-clock cap on its default step count
     settings = {**TRAIN_FALLBACKS, **defaults, **{k: v for k, v in saved.items() if k in TRAIN_KEYS}, **cfg_train}
     default_steps = args.steps is None and "steps" not in cfg_train and "steps" not in saved
@@ -292,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = fam.build(train, dict(options))
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot build a {args.family} model for {data_spec} with {options}: {e}") from None
-    record = {"family": fam.name, "data": data_spec, **settings, "options": options,
+    record = {"family": fam.name, "data": data_spec, "preset": preset_name, **settings, "options": options,
               "command": "pygen " + " ".join(sys.argv[1:])}
     if image_size is not None:
         record["image_size"] = image_size
@@ -328,6 +332,31 @@ def cmd_train(args: argparse.Namespace) -> int:
             torch.manual_seed(settings["seed"])
             model = fam.build(train, dict(options))
         return _train(args, model, train, test, settings, record, data_spec, rank0)
+
+
+def _preset(args: argparse.Namespace, saved: dict[str, Any], fam: Any) -> tuple[str, dict[str, Any]]:
+    """(name, {"train": ..., "model": ...}) of the settings preset: --preset, else the resumed
+    run's, else "gpu" when training on CUDA and the family has one, else "cpu" (the class
+    defaults, an empty preset)."""
+    import torch
+
+    if saved and args.preset and saved.get("preset", "cpu") != args.preset:
+        raise UserError(f"{args.out} was trained with --preset {saved.get('preset', 'cpu')}, not {args.preset}: "
+                        "resume without it, or use another --out")
+    name = args.preset or (saved.get("preset", "cpu") if saved else None)  # runs from before presets: cpu
+    if name is None:
+        on_cuda = torch.device(args.device).type == "cuda" if args.device else torch.cuda.is_available()
+        name = "gpu" if on_cuda and "gpu" in fam.model.presets else "cpu"
+    if name == "cpu":
+        return name, {}
+    if name not in fam.model.presets:
+        raise UserError(f"--preset {name}: the {fam.name} family has no such preset (it has: "
+                        f"{', '.join(['cpu', *fam.model.presets])})")
+    return name, fam.model.presets[name]
+
+
+def _describe(preset: dict[str, Any]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for part in ("model", "train") for k, v in preset.get(part, {}).items())
 
 
 def _budget_steps(args: argparse.Namespace, model: Any, train: Any, settings: dict[str, Any],
@@ -677,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train to a wall-clock budget: the step count is set from the throughput measured on this "
                         "machine before training (a copy of the model, a few steps) and saved in train.json")
     s.add_argument("--seed", type=_int_at_least(0), help="model init and data order (default 0)")
+    s.add_argument("--preset", choices=("cpu", "gpu"),
+                   help="the family's settings for this hardware (default gpu when training on CUDA, else cpu): "
+                        "gpu trains wider networks on larger batches for more steps (sized for a 20-minute run on "
+                        "one H100-class GPU, not yet measured there; the 20-minute cap applies); saved in train.json")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the model's loss (forward and backward): the first step compiles (~2-3 min "
                         "for the 28x28 UNet on a 2-core CPU); measured there: 5%% faster at batch 16, 25%% slower "

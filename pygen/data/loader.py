@@ -8,8 +8,11 @@ permutation is drawn from a fresh generator seeded by (seed, epoch), so the posi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -18,7 +21,9 @@ from torch.utils.data import Dataset, default_collate
 
 from pygen.data.storage import ImageFiles, Images, materialize
 
-__all__ = ["TensorData", "InMemoryLoader", "epoch_permutation", "as_tensors"]
+__all__ = ["TensorData", "InMemoryLoader", "epoch_permutation", "as_tensors", "prefetched"]
+
+T = TypeVar("T")
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
@@ -26,6 +31,24 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     seeded with the pair: the same on every platform). The one epoch order of pygen: this
     loader and :class:`pygen.train.BatchOrder` both use it."""
     return torch.from_numpy(np.random.default_rng([int(seed), int(epoch)]).permutation(n))
+
+
+def prefetched(read: Callable[[int], T], keys: Iterable[int], depth: int = 1) -> Iterator[T]:
+    """``read(k)`` for each k of ``keys``, in order, the next ``depth`` reads running in a
+    background thread while the caller works on the current one: a lazy folder's decoding
+    (Pillow releases the GIL) overlaps the training step. The reads are pure functions of k,
+    so the results are the plain loop's; an error raised by read(k) reaches the caller at k."""
+    keys = iter(keys)
+    with ThreadPoolExecutor(1, thread_name_prefix="pygen-prefetch") as pool:
+        pending = deque(pool.submit(read, k) for k in itertools.islice(keys, depth + 1))
+        try:
+            while pending:
+                item = pending.popleft().result()
+                pending.extend(pool.submit(read, k) for k in itertools.islice(keys, 1))
+                yield item
+        finally:  # the caller stopped early: drop the reads not started
+            for f in pending:
+                f.cancel()
 
 
 def as_tensors(data: Any, *, lazy: bool = False) -> tuple[Tensor, Tensor | None]:

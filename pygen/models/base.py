@@ -80,6 +80,10 @@ class GenerativeModel(nn.Module):
     #: ``pygen train`` without --steps / --minutes trains the default step count, or as many
     #: steps as fit in this many minutes on the machine at hand (measured) when fewer
     train_minutes: ClassVar[float | None] = 20.0
+    #: settings for hardware that affords more, by name (``pygen train --preset NAME``; "gpu"
+    #: is chosen when training on CUDA): {"train": {steps, batch_size, lr}, "model": {for_data
+    #: options}} over :attr:`train_defaults` and ``for_data``'s defaults (which are "cpu")
+    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
     config: dict[str, Any]
     ema_decay: float | None = None
     ema_warmup: bool = False

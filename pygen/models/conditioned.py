@@ -63,6 +63,7 @@ class SuperResolution(Diffusion, family="sr"):
     """
 
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 64, "lr": 5e-4}
+    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}  # not Diffusion's: none sized for this stage yet
 
     def __init__(self, shape: tuple[int, ...] | list[int], *, scale: int = 4, aug_max: float = 0.2,
                  sample_aug: float = 0.0, **options: Any) -> None:
@@ -160,6 +161,7 @@ class Colorization(Diffusion, family="colorize"):
     range)."""
 
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 64, "lr": 5e-4}
+    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}  # not Diffusion's: none sized for this stage yet
 
     def __init__(self, shape: tuple[int, ...] | list[int], **options: Any) -> None:
         if len(shape) != 3 or shape[0] != 3:

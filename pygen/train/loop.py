@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pygen.data.loader import as_tensors, epoch_permutation
+from pygen.data.loader import as_tensors, epoch_permutation, prefetched
+from pygen.data.storage import ImageFiles
 from pygen._io import save_atomic, write_text_atomic
 from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions
 from pygen.models.update import PRECISIONS, Update, ema_warmup_fn
@@ -438,10 +439,15 @@ def _fit(
     history: list[dict[str, float]] = []
     window: dict[str, float] = {}
     window_n, t_last = 0, time.perf_counter()
+
+    def read(step: int) -> Any:
+        return _batch(x, labels, order.indices(step)[rank * local : (rank + 1) * local], device)
+
+    # a lazy folder decodes the next batch while this step trains
+    batches = prefetched(read, range(start, end)) if isinstance(x, ImageFiles) else map(read, range(start, end))
     try:
-        for step in range(start, end):
+        for step, batch in zip(range(start, end), batches):
             k = step + 1  # steps completed after this one
-            batch = _batch(x, labels, order.indices(step)[rank * local : (rank + 1) * local], device)
             lr_used = optimizers[0].param_groups[0]["lr"]
             try:
                 terms = model.training_step(batch, step, optimizers, update=update)
@@ -522,6 +528,8 @@ def _fit(
                     pbar.write(f"stopped early at step {k}: {run.stop_reason}")
                 break
     finally:
+        if hasattr(batches, "close"):  # a prefetching reader: its thread stops here
+            batches.close()
         if pbar is not None:
             pbar.close()
     if ema is not None:  # the model samples as load(out) does: with the averaged weights

@@ -1,0 +1,59 @@
+"""``pygen train --preset`` (issue 18, item 4): the families' larger settings for a GPU,
+chosen on CUDA, under every setting given, recorded in train.json and kept on resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from pygen.cli import UserError, _preset
+from pygen.cli.families import FAMILIES
+from pygen.models import families
+
+from test_cli import assert_user_error, cli
+
+
+def test_presets_hold_only_train_keys_and_for_data_options():
+    for name, cls in families().items():
+        for preset in cls.presets.values():
+            assert set(preset) <= {"train", "model"}, name
+            assert set(preset.get("train", {})) <= {"steps", "batch_size", "lr"}, name
+    assert {n for n, c in families().items() if "gpu" in c.presets} >= {"vae", "gan", "flow", "diffusion",
+                                                                       "latent-diffusion"}
+
+
+@pytest.mark.parametrize("device, want", [("cuda", "gpu"), ("cuda:1", "gpu"), ("cpu", "cpu")])
+def test_the_gpu_preset_is_chosen_on_cuda(device, want):
+    args = argparse.Namespace(preset=None, device=device, out="run")
+    name, preset = _preset(args, {}, FAMILIES["gan"])
+    assert name == want and preset == ({} if want == "cpu" else families()["gan"].presets["gpu"])
+    assert _preset(args, {"preset": "cpu"}, FAMILIES["gan"]) == ("cpu", {})  # a resumed run keeps its preset
+    assert _preset(args, {"family": "gan"}, FAMILIES["gan"]) == ("cpu", {})  # a run from before presets: cpu
+    assert _preset(args, {}, FAMILIES["sr"]) == ("cpu", {})  # a family without one
+    with pytest.raises(UserError, match="--preset gpu: the sr family has no such preset"):
+        _preset(argparse.Namespace(preset="gpu", device=device, out="run"), {}, FAMILIES["sr"])
+
+
+def test_cli_preset_gpu_builds_records_and_resumes(tmp_path):
+    run = tmp_path / "gan"
+    small = ["--option", "g_hidden=32", "--option", "d_hidden=32", "--z-dim", "8"]
+    out = cli("train", "gan", "--data", "digits16", "--out", run, "--preset", "gpu", "--steps", "1", "--batch-size", "8",
+              "--no-progress", *small)
+    assert "preset gpu: g width 64, d width 64, steps 20000, batch size 128" in out.stdout
+    rec = json.loads((run / "train.json").read_text())
+    assert rec["preset"] == "gpu" and rec["options"]["g_width"] == rec["options"]["d_width"] == 64
+    assert rec["steps"] == 1 and rec["batch_size"] == 8  # given settings beat the preset
+    cli("train", "gan", "--out", run, "--resume", "--steps", "2", "--no-progress")
+    again = json.loads((run / "train.json").read_text())
+    assert again["preset"] == "gpu" and again["options"] == rec["options"] and again["steps"] == 2
+    assert_user_error(cli("train", "gan", "--out", run, "--resume", "--preset", "cpu", "--no-progress", check=False),
+                      "was trained with --preset gpu, not cpu")
+    cpu = tmp_path / "cpu"
+    cli("train", "gan", "--data", "digits16", "--out", cpu, "--steps", "1", "--batch-size", "8", "--no-progress",
+        "--width", "8", *small)
+    rec = json.loads((cpu / "train.json").read_text())
+    assert rec["preset"] == "cpu" and "g_width" not in rec["options"] and rec["options"]["width"] == 8
+    assert_user_error(cli("train", "sr", "--data", "patches", "--out", tmp_path / "sr", "--preset", "gpu",
+                          "--no-progress", check=False), "--preset gpu: the sr family has no such preset")
