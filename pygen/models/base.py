@@ -122,10 +122,24 @@ class GenerativeModel(nn.Module):
         job). Only the keys the family's ``sample`` takes; the given ones are validated."""
         return {k: v for k, v in given.items() if v is not None}
 
+    #: whether ``sample`` uses the EMA copy a model keeps inside itself (:meth:`use_ema`)
+    sample_ema: bool = True
+
     def use_ema(self, flag: bool) -> None:
-        """Whether ``sample`` uses EMA weights the model keeps inside itself (a GAN's
-        generator EMA). :func:`load` calls it with its ``ema=`` argument; models whose EMA the
-        trainer keeps get it through the weights ``load`` picks. Default: nothing to do."""
+        """Whether ``sample`` uses EMA weights the model keeps inside itself (a GAN's EMA
+        generator, latent diffusion's EMA denoiser; see :meth:`pick_ema`) by default.
+        :func:`load` calls it with its ``ema=`` argument (``pygen sample --no-ema``: False);
+        models whose EMA the trainer keeps get it through the weights ``load`` picks."""
+        self.sample_ema = bool(flag)
+
+    def pick_ema(self, ema: bool | None, averaged: Any, raw: Any, missing: str) -> Any:
+        """``averaged`` (an EMA copy kept inside the model, None when it keeps none) or
+        ``raw``: by ``ema``, or :meth:`use_ema`'s choice when None. Asking for an EMA the
+        model does not keep is a ValueError: "this {missing} (ema_decay=None)"."""
+        if ema and averaged is None:
+            raise ValueError(f"this {missing} (ema_decay=None)")
+        use = self.sample_ema if ema is None else ema
+        return averaged if use and averaged is not None else raw
 
     def probe_copy(self) -> GenerativeModel:
         """A throwaway copy whose training steps cost what this model's steps cost: what

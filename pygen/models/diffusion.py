@@ -35,7 +35,7 @@ from pygen.models.base import GenerativeModel
 from pygen.models.cuda_graphs import GraphCache
 from pygen.models.custom import NetSpec, build_network, normalize_spec
 from pygen.models.inference import sampling
-from pygen.models.labels import Batch, num_classes_of, sample_labels, split_batch
+from pygen.models.labels import Batch, conditional_by_default, sample_labels, split_batch
 from pygen.models.precond import EDM, VP
 from pygen.models.seeding import Stream, derive_seed, resolve_seed
 from pygen.models.networks import is_image
@@ -173,11 +173,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
     def for_data(cls, data: Any, *, unconditional: bool = False, **options: Any) -> Diffusion:
         """The default model for a :class:`pygen.data.Data` (its shape; class-conditional
         when it has labels unless ``unconditional``), ``options`` overriding constructor arguments."""
-        if unconditional:
-            options["num_classes"] = None
-        elif getattr(data, "labels", None) is not None and "num_classes" not in options:
-            options["num_classes"] = num_classes_of(data)
-        return cls(tuple(data.shape), **options)
+        return cls(tuple(data.shape), **conditional_by_default(data, options, unconditional))
 
     @property
     def output_type(self) -> str:
@@ -211,10 +207,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
 
     # ---- training ------------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        x, labels = split_batch(batch, self.num_classes, type(self).__name__)
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"batch must be (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
-        return x, labels
+        return split_batch(batch, self.num_classes, type(self).__name__, self.shape)
 
     def training_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(x0 in model space, extra network inputs) of a data batch; image-conditioned

@@ -402,7 +402,6 @@ class GAN(GenerativeModel, family="gan"):
             self.g_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         # the last lazily computed R1, logged between R1 steps: persistent, so a resumed run logs the same
         self.register_buffer("last_r1", torch.zeros(()))
-        self.sample_ema = True  # sample() default: the EMA generator when there is one (see use_ema)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
@@ -597,11 +596,6 @@ class GAN(GenerativeModel, family="gan"):
         return self.loss(batch)
 
     # ---- sampling -----------------------------------------------------------------------------
-    def use_ema(self, flag: bool) -> None:
-        """Whether :meth:`sample` uses the EMA generator by default (``load(ema=False)`` /
-        ``pygen sample --no-ema`` set False: the trained generator)."""
-        self.sample_ema = bool(flag)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:  # fmt: skip
         # checkpoints of pygen <= 0.x kept last_r1 out of the state dict: start those at 0
@@ -620,10 +614,7 @@ class GAN(GenerativeModel, family="gan"):
         i + 1) z_dim) of ``seed``; random labels (conditional GAN, ``labels=None``) come from
         a derived seed by the same rule: sample i depends on (seed, offset + i) only.
         """
-        if ema and self.g_ema is None:
-            raise ValueError("this GAN keeps no EMA generator (ema_decay=None)")
-        use = self.sample_ema if ema is None else ema
-        net = self.g_ema if use and self.g_ema is not None else self.generator
+        net = self.pick_ema(ema, self.g_ema, self.generator, "GAN keeps no EMA generator")
         p = next(self.generator.parameters())
         s = resolve_seed(seed, generator)
         z = randn(n, self.z_dim, seed=s, offset=offset * self.z_dim, device=p.device, dtype=p.dtype)

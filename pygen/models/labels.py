@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,16 +12,20 @@ from torch import Tensor
 
 from pygen.models.seeding import Stream, derive_seed, uniform_labels
 
-__all__ = ["Batch", "split_batch", "sample_labels", "one_hot", "num_classes_of", "training_data"]
+__all__ = ["Batch", "split_batch", "sample_labels", "one_hot", "num_classes_of", "conditional_by_default",
+           "training_data"]
 
 Batch = Any  # a Tensor, or a tuple (x, labels): what the trainer hands to loss()
 
 
-def split_batch(batch: Batch, num_classes: int | None, owner: str) -> tuple[Tensor, Tensor | None]:
+def split_batch(batch: Batch, num_classes: int | None, owner: str,
+                shape: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
     """(x, labels) of a trainer batch (a tensor or (x, labels)): labels None for an
     unconditional model (labels in the batch are ignored), int64 for a conditional one, which
-    refuses unlabelled batches."""
+    refuses unlabelled batches; ``shape``: the one example shape x may have (B, *shape)."""
     x, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"batch must be (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
     if not num_classes:
         return x, None
     if labels is None:
@@ -60,6 +65,17 @@ def sample_labels(labels: Tensor | int | None, n: int, num_classes: int | None, 
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     """(n, num_classes) one-hot rows of int labels (n,), in ``dtype`` (a network's context)."""
     return F.one_hot(labels.long(), num_classes).to(dtype)
+
+
+def conditional_by_default(data: Any, options: dict[str, Any], unconditional: bool = False) -> dict[str, Any]:
+    """``options`` under the diffusion families' rule: class-conditional on the data's labels
+    when it has some (``num_classes`` from :func:`num_classes_of`), unless ``unconditional``
+    or ``options`` give ``num_classes``."""
+    if unconditional:
+        return {**options, "num_classes": None}
+    if getattr(data, "labels", None) is not None and "num_classes" not in options:
+        return {**options, "num_classes": num_classes_of(data)}
+    return options
 
 
 def num_classes_of(data: Any) -> int:

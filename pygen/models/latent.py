@@ -31,7 +31,7 @@ from pygen.models.autoencoder import KLAutoencoder, l1_per_example
 from pygen.models.base import GenerativeModel
 from pygen.models.diffusion import Diffusion
 from pygen.models.inference import sampling
-from pygen.models.labels import Batch, num_classes_of, split_batch
+from pygen.models.labels import Batch, conditional_by_default, split_batch
 from pygen.models.seeding import resolve_seed
 from pygen.models.update import Update, ema_warmup_fn
 
@@ -128,7 +128,6 @@ class LatentDiffusion(GenerativeModel, family="latent-diffusion"):
         # 0: training the autoencoder, 1: the diffusion model; the scale that makes latents unit-variance
         self.register_buffer("stage", torch.zeros((), dtype=torch.long))
         self.register_buffer("latent_scale", torch.ones(()))
-        self.sample_ema = True
 
     @classmethod
     def for_data(cls, data: Any, *, unconditional: bool = False, **options: Any) -> LatentDiffusion:
@@ -137,10 +136,7 @@ class LatentDiffusion(GenerativeModel, family="latent-diffusion"):
         shape = tuple(data.shape)
         if len(shape) != 3:
             raise ValueError(f"latent diffusion needs (C, H, W) images, got examples of shape {shape}")
-        if unconditional:
-            options["num_classes"] = None
-        elif getattr(data, "labels", None) is not None and "num_classes" not in options:
-            options["num_classes"] = num_classes_of(data)
+        options = conditional_by_default(data, options, unconditional)
         options.setdefault("levels", 2 if min(shape[1:]) >= 16 else 1)
         return cls(shape, **options)
 
@@ -151,10 +147,7 @@ class LatentDiffusion(GenerativeModel, family="latent-diffusion"):
                 torch.optim.Adam(self.diffusion.parameters(), lr=self.default_lr if lr is None else lr)]
 
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
-        x, labels = split_batch(batch, self.num_classes, type(self).__name__)
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"batch must be (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
-        return x, labels
+        return split_batch(batch, self.num_classes, type(self).__name__, self.shape)
 
     @torch.no_grad()
     def latents(self, x: Tensor, *, sample: bool = True) -> Tensor:
@@ -216,17 +209,11 @@ class LatentDiffusion(GenerativeModel, family="latent-diffusion"):
         return probe
 
     # ---- sampling ------------------------------------------------------------------------
-    def use_ema(self, flag: bool) -> None:
-        """Whether :meth:`sample` uses the diffusion model's EMA by default."""
-        self.sample_ema = bool(flag)
-
     def denoiser(self, ema: bool | None = None) -> Diffusion:
         """The latent :class:`Diffusion` that sampling uses: its EMA unless ``ema`` is False
         (None: :meth:`use_ema`'s choice)."""
-        use = self.sample_ema if ema is None else ema
-        if ema and self.diffusion_ema is None:
-            raise ValueError("this model keeps no EMA (ema_decay=None)")
-        return self.diffusion_ema.module if use and self.diffusion_ema is not None else self.diffusion
+        averaged = None if self.diffusion_ema is None else self.diffusion_ema.module
+        return self.pick_ema(ema, averaged, self.diffusion, "model keeps no EMA")
 
     def sample_settings(self, **given: Any) -> dict[str, Any]:
         """The sampler, step count and guidance scale that ``sample(**given)`` uses."""
