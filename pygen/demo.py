@@ -113,7 +113,7 @@ def _train(name: str, run_dir: Path, quick: bool, data: str = "digits", minutes:
         torch.manual_seed(settings["seed"])
         model = cls.for_data(train, **stages)
     record = run_dir / "demo-train.json"  # a finished run is reused (with its measured time) on a re-run
-    nparams = sum(p.numel() for p in model.parameters())
+    nparams = model.num_parameters()  # without EMA copies
     if record.exists() and json.loads(record.read_text()).get("steps") == settings["steps"]:
         seconds = json.loads(record.read_text())["train_seconds"]
         print(f"[{name}] reusing the finished run in {run_dir} (trained in {seconds:.0f} s)", flush=True)

@@ -57,3 +57,15 @@ def test_cli_preset_gpu_builds_records_and_resumes(tmp_path):
     assert rec["preset"] == "cpu" and "g_width" not in rec["options"] and rec["options"]["width"] == 8
     assert_user_error(cli("train", "sr", "--data", "patches", "--out", tmp_path / "sr", "--preset", "gpu",
                           "--no-progress", check=False), "--preset gpu: the sr family has no such preset")
+
+
+def test_num_parameters_leaves_out_the_ema_copies():
+    from pygen.models import GAN, VAE, LatentDiffusion
+
+    gan = GAN((1, 16, 16), g_width=8, d_width=8, ema_decay=0.999)
+    g, d = (sum(p.numel() for p in m.parameters()) for m in (gan.generator, gan.discriminator))
+    assert gan.num_parameters() == g + d < sum(p.numel() for p in gan.parameters())
+    ld = LatentDiffusion((1, 8, 8))
+    assert ld.num_parameters() == sum(p.numel() for m in (ld.autoencoder, ld.diffusion) for p in m.parameters())
+    vae = VAE((1, 8, 8), latent_dim=2, hidden=16, network="mlp")
+    assert vae.num_parameters() == sum(p.numel() for p in vae.parameters())

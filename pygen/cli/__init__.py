@@ -409,7 +409,7 @@ def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings
     from pygen._io import write_text_atomic
 
     out = Path(args.out)
-    nparams = sum(p.numel() for p in model.parameters())
+    nparams = model.num_parameters()  # without EMA copies
     if rank0:
         print(f"training {record['family']} ({nparams:,} parameters) on {data_spec} ({len(train)} train / {len(test)} test "
               f"examples of shape {tuple(train.shape)}): {settings['steps']} steps of {settings['batch_size']}, "

@@ -124,6 +124,13 @@ class GenerativeModel(nn.Module):
 
     #: whether ``sample`` uses the EMA copy a model keeps inside itself (:meth:`use_ema`)
     sample_ema: bool = True
+    #: the submodules that are EMA copies of others (not counted by :meth:`num_parameters`)
+    ema_copies: ClassVar[tuple[str, ...]] = ()
+
+    def num_parameters(self) -> int:
+        """The model's parameter count, without the EMA copies it keeps inside itself."""
+        skip = tuple(name + "." for name in self.ema_copies)
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(skip))
 
     def use_ema(self, flag: bool) -> None:
         """Whether ``sample`` uses EMA weights the model keeps inside itself (a GAN's EMA

@@ -308,6 +308,7 @@ class GAN(GenerativeModel, family="gan"):
 
     #: ``pygen train gan``: benchmarks/quality/gan_digits.py's default, 4000 steps of 64 at lr 5e-4
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 4000, "batch_size": 64, "lr": 5e-4}
+    ema_copies: ClassVar[tuple[str, ...]] = ("g_ema",)
     #: on a GPU: both networks twice as wide, batch 128, 20k steps (capped at 20 minutes);
     #: not yet measured on a GPU
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {

@@ -71,6 +71,7 @@ class LatentDiffusion(GenerativeModel, family="latent-diffusion"):
     ddp_find_unused_parameters: ClassVar[bool] = True
     #: measured on Fashion-MNIST on a 2-core AMD EPYC (benchmarks/quality/fashion_mnist.py)
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 4000, "batch_size": 128, "lr": 5e-4}
+    ema_copies: ClassVar[tuple[str, ...]] = ("diffusion_ema",)
     #: on a GPU (where pixel diffusion is the default): 20k steps of 256 (capped at 20
     #: minutes); not yet measured on a GPU
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
