@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -289,8 +290,6 @@ def test_cli_image_size_recorded_used_by_eval_and_kept_on_resume(tmp_path):
 
 
 def test_prefetched_yields_the_plain_loop_and_reads_ahead():
-    import threading
-
     from pygen.data import prefetched
 
     calls: list[int] = []
@@ -320,13 +319,23 @@ def test_prefetched_yields_the_plain_loop_and_reads_ahead():
     assert got == [0, 1, 2]  # the error reaches the caller at its own step
 
     calls.clear()
-    it = prefetched(read, range(100), depth=2)
-    next(it)
-    it.close()  # stopped early: the reads not started are dropped
-    assert len(calls) <= 4
+    gate, one = threading.Event(), threading.Event()
+
+    def slow(k: int) -> int:
+        calls.append(k)
+        if k >= 1:
+            one.set()
+            gate.wait(10)
+        return k
+
+    it = prefetched(slow, range(100), depth=2)
+    assert next(it) == 0 and one.wait(10)
+    threading.Timer(0.2, gate.set).start()  # read 1 ends while close() waits for it
+    it.close()  # stopped early while read 1 runs: reads not started (2) are dropped, 1 is waited for
+    assert calls == [0, 1]
 
 
-def test_fit_on_a_lazy_folder_prefetches_and_resumes_exactly(tmp_path):
+def test_fit_on_a_lazy_folder_prefetches_and_resumes_exactly(tmp_path, monkeypatch):
     """fit() reads a lazy folder's next batch in the background: the same weights as the
     in-memory run, and a run stopped and resumed equals one straight run."""
     (tmp_path / "img").mkdir()
@@ -341,9 +350,14 @@ def test_fit_on_a_lazy_folder_prefetches_and_resumes_exactly(tmp_path):
         fit(model, data, steps=steps, batch_size=8, progress=False, out=out, resume=resume, checkpoint_every=3)
         return model, torch.cat([p.detach().flatten() for p in model.parameters()])
 
+    threads: set[str] = set()
+    getitem = ImageFiles.__getitem__
+    monkeypatch.setattr(ImageFiles, "__getitem__",
+                        lambda self, idx: threads.add(threading.current_thread().name) or getitem(self, idx))
     _, straight = weights(eager, 7)
     _, w_lazy = weights(lazy, 7)
     assert torch.equal(straight, w_lazy)
+    assert any(t.startswith("pygen-prefetch") for t in threads), threads  # read in the background
     weights(lazy, 3, out=tmp_path / "run")
     torch.manual_seed(0)
     _, resumed = weights(lazy, 7, out=tmp_path / "run", resume=True)

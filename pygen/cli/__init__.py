@@ -227,6 +227,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                                                               "latent-diffusion"):
             raise UserError(f"{out} holds a {saved.get('family')!r} run, not {args.family!r}")
     cfg_train, cfg_model = _read_config(args.config)
+    if args.minutes is not None and "steps" in cfg_train:
+        raise UserError(f"--minutes sets the step count: {args.config} gives steps too; drop one")
     options = {**saved.get("options", {}), **cfg_model}
     for flag in fam.flags:
         dest = flag.lstrip("-").replace("-", "_")
@@ -272,7 +274,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = {**preset.get("model", {}), **options}  # the preset under everything given
     defaults = {**fam.train(), **preset.get("train", {})}
     if rank0 and not saved and preset:
-        print(f"preset {preset_name}: {_describe(preset)} (--preset cpu: the CPU defaults)", flush=True)
+        print(f"preset {preset_name}: {_describe(preset)} where not given (--preset cpu: the CPU defaults)",
+              flush=True)
     cap = fam.model.train_minutes  # the family's wall-clock cap on its default step count
     settings = {**TRAIN_FALLBACKS, **defaults, **{k: v for k, v in saved.items() if k in TRAIN_KEYS}, **cfg_train}
     default_steps = args.steps is None and "steps" not in cfg_train and "steps" not in saved
@@ -319,8 +322,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             if is_run and not args.resume:
                 raise UserError(f"{out} already holds a training run: pass --resume to continue it, or another --out")
         if args.minutes is not None:
-            if "steps" in cfg_train:
-                raise UserError(f"--minutes sets the step count: {args.config} gives steps too; drop one")
             _budget_steps(args, model, train, settings, record)
         elif default_steps and cap is not None:
             _budget_steps(args, model, train, settings, record, cap=cap)
@@ -343,7 +344,8 @@ def _preset(args: argparse.Namespace, saved: dict[str, Any], fam: Any) -> tuple[
     if saved and args.preset and saved.get("preset", "cpu") != args.preset:
         raise UserError(f"{args.out} was trained with --preset {saved.get('preset', 'cpu')}, not {args.preset}: "
                         "resume without it, or use another --out")
-    name = args.preset or (saved.get("preset", "cpu") if saved else None)  # runs from before presets: cpu
+    # a resumed run keeps its preset (runs from before presets, or without a train.json: cpu)
+    name = args.preset or (saved.get("preset", "cpu") if saved or args.resume else None)
     if name is None:
         on_cuda = torch.device(args.device).type == "cuda" if args.device else torch.cuda.is_available()
         name = "gpu" if on_cuda and "gpu" in fam.model.presets else "cpu"

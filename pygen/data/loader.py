@@ -43,9 +43,8 @@ def prefetched(read: Callable[[int], T], keys: Iterable[int], depth: int = 1) ->
         pending = deque(pool.submit(read, k) for k in itertools.islice(keys, depth + 1))
         try:
             while pending:
-                item = pending.popleft().result()
+                yield pending.popleft().result()  # the caller works while reads k+1 .. k+depth run
                 pending.extend(pool.submit(read, k) for k in itertools.islice(keys, 1))
-                yield item
         finally:  # the caller stopped early: drop the reads not started
             for f in pending:
                 f.cancel()
