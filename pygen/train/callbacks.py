@@ -205,15 +205,14 @@ class TensorBoard(Callback):
 class HeldOutFD(Callback):
     """Every ``every`` steps (and at the end), the Fréchet distance between ``n`` samples of
     the sampling weights and ``n`` held-out examples, in :func:`pygen.metrics.feature_space`
-    of the data, logged as "eval/fd"."""
+    of the data (a :class:`pygen.data.Data`), logged as "eval/fd"."""
 
     def __init__(self, data: Any, every: int, *, n: int = 1000, seed: int = 0) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"eval_fd_every must be an int >= 1, got {every!r}")
         from pygen.metrics.evaluate import feature_space
 
-        x = getattr(data, "source", None)
-        x = x if x is not None else (data.data if hasattr(data, "data") else data)
+        x = data.source  # the compact rows: a lazy folder decodes only the n held out below
         self.n = min(n, len(x))
         if self.n < 2:
             raise ValueError("the held-out FD needs at least 2 held-out examples")
