@@ -131,3 +131,53 @@ def test_tensorboard_writer_dir_purge_step_and_missing_package(tmp_path, monkeyp
     with pytest.raises(ImportError) as e:
         TensorBoard()
     assert str(e.value) == "TensorBoard logging needs the tensorboard package: pip install tensorboard"
+
+
+def test_best_checkpoint_rule_state_messages_and_end(tmp_path):
+    from pygen.train.callbacks import BestCheckpoint, Run
+
+    assert BestCheckpoint("m", patience=1).patience == 1
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match=f"patience must be an int >= 1, got {bad!r}"):
+            BestCheckpoint("m", patience=bad)
+    assert BestCheckpoint("m").state_dict() == {"best": None, "best_step": 0, "bad": 0}
+    saved = []
+    run = Run(torch.nn.Linear(1, 1), None, steps=10, out=tmp_path, seed=0, save=lambda path, extra: saved.append(
+        (path.name, extra)) or path)
+    assert run.step == 0 and run.stop_reason is None
+    cb = BestCheckpoint("loss", patience=2, min_delta=0.5)
+    for step, value in ((1, 1.0), (2, 0.7), (3, 0.4)):  # 0.7 is not 0.5 better than 1.0; 0.4 is
+        run.step = step
+        cb.on_step(run, {"loss": value})
+    assert cb.state_dict() == {"best": 0.4, "best_step": 3, "bad": 0}
+    assert [s for s, _ in saved] == ["best.pt", "best.pt"] and saved[-1][1]["best"] == {"metric": "loss",
+                                                                                       "value": 0.4, "step": 3}
+    for step in (4, 5):
+        run.step = step
+        cb.on_step(run, {"loss": 0.3})
+    assert run.stop_reason == "loss has not improved for 2 evaluations (best 0.4 at step 3)"
+    up = BestCheckpoint("max:acc", patience=1)
+    run.stop_reason = None
+    for step, value in ((1, 0.9), (2, 0.8)):
+        run.step = step
+        up.on_step(run, {"acc": value})
+    assert run.stop_reason == "acc has not improved for 1 evaluations (best 0.9 at step 1)"  # shown as measured
+    model = torch.nn.Linear(1, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for out in (None, tmp_path / "empty"):  # no run directory, no best.pt: the model is left as it is
+        BestCheckpoint("loss").on_end(SimpleNamespace(out=out, model=model))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match=r"save_checkpoint needs fit\(out=...\)"):
+        Run(model, None, steps=1, out=None, seed=0, save=None).save_checkpoint("x.pt")
+
+
+def test_tensorboard_logs_numbers_but_not_the_step_and_closes(monkeypatch):
+    logged, closed = [], []
+    tb = TensorBoard.__new__(TensorBoard)  # no package needed for the logging rule
+    tb.writer = SimpleNamespace(add_scalar=lambda k, v, s: logged.append((k, v, s)), close=lambda: closed.append(1))
+    tb.on_step(SimpleNamespace(step=7), {"step": 7, "loss": 0.5, "n": 3, "note": "x"})
+    assert logged == [("loss", 0.5, 7), ("n", 3, 7)]
+    tb.on_end(None)
+    assert closed == [1]
+    tb.writer = None
+    tb.on_end(None)  # never started: nothing to close
