@@ -65,6 +65,9 @@ def test_sample_grids_defaults_checks_seed_scale_and_tensorboard(tmp_path):
     # 3 images of 8x8 scaled by 128 // 8 = 16, in one row, 1-pixel padding scaled too
     want = pygen.images.make_grid(_grid_images(Stub((1, 8, 8)), 3, 11), scale=16)
     assert png.size == (want.shape[2], want.shape[1])
+    odd = SampleGrids(2, n=1)  # 43 pixels: scale 128 // 43 = 2
+    odd.on_step(SimpleNamespace(step=4, steps=10, seed=11, out=tmp_path / "o", sampling_model=Stub((1, 43, 43))), {})
+    assert Image.open(odd.written[0]).size[0] == pygen.images.make_grid(torch.zeros(1, 1, 43, 43), scale=2).shape[2]
     big = SimpleNamespace(step=4, steps=10, seed=11, out=tmp_path / "b", sampling_model=Stub((1, 100, 200)))
     grids_big = SampleGrids(2, n=1)
     grids_big.on_step(big, {})  # larger than 128 pixels: scale 1
