@@ -52,7 +52,7 @@ def monitored(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("trainer") / "vae"
     cli("train", "vae", "--data", "digits", "--out", run, "--steps", "20", "--batch-size", "32", "--lr", "0.002",
         "--lr-schedule", "cosine", "--warmup", "5", "--grad-accum", "2", "--weight-decay", "0.01",
-        "--keep-best", "--early-stop", "50", "--sample-every", "10", "--tensorboard", "--eval-every", "5",
+        "--grad-clip", "1e9", "--keep-best", "--early-stop", "50", "--sample-every", "10", "--tensorboard", "--eval-every", "5",
         "--log-every", "1", "--checkpoint-every", "10", "--no-progress", *TINY_VAE)  # fmt: skip
     return run
 
@@ -62,10 +62,11 @@ def test_schedule_settings_best_grids_and_tensorboard(monitored):
     f = lr_factor("cosine", 5, 20)
     assert [r["lr"] for r in records(monitored)] == pytest.approx([0.002 * f(k) for k in range(20)], rel=1e-9)
     saved = json.loads((monitored / "train.json").read_text())
-    assert {k: saved[k] for k in ("lr_schedule", "warmup", "grad_accum", "weight_decay", "keep_best", "early_stop",
-                                  "sample_every", "tensorboard")} == {  # fmt: skip
-        "lr_schedule": "cosine", "warmup": 5, "grad_accum": 2, "weight_decay": 0.01, "keep_best": "auto",
-        "early_stop": 50, "sample_every": 10, "tensorboard": True}  # fmt: skip
+    assert {k: saved[k] for k in ("lr_schedule", "warmup", "grad_accum", "weight_decay", "grad_clip", "keep_best",
+                                  "early_stop", "sample_every", "tensorboard")} == {  # fmt: skip
+        "lr_schedule": "cosine", "warmup": 5, "grad_accum": 2, "weight_decay": 0.01, "grad_clip": 1e9,
+        "keep_best": "auto", "early_stop": 50, "sample_every": 10, "tensorboard": True}  # fmt: skip
+    assert all(r["grad_norm"] > 0 for r in records(monitored) if "loss" in r)  # clipping logs the norm
     evals = {r["step"]: r["eval/loss"] for r in records(monitored) if "eval/loss" in r}
     best = torch.load(monitored / "best.pt", weights_only=True)["best"]
     assert best["metric"] == "eval/loss" and best["step"] == min(evals, key=evals.get)
@@ -108,6 +109,7 @@ def test_sample_and_eval_say_which_checkpoint_and_pick_it(monitored, tmp_path):
         (["--warmup", "-1"], "--warmup: must be >= 0"),
         (["--weight-decay", "-0.1"], "--weight-decay: must be a finite number >= 0"),
         (["--weight-decay", "nan"], "--weight-decay: must be a finite number >= 0"),
+        (["--grad-clip", "0"], "--grad-clip: must be a finite number > 0, got 0"),
         (["--early-stop", "0"], "--early-stop: must be >= 1"),
         (["--sample-every", "x"], "--sample-every: expected an integer"),
         (["--precision", "fp16"], "fp16"),

@@ -236,7 +236,8 @@ def test_weights_that_went_non_finite_are_never_checkpointed(tmp_path):
 
 def test_the_sampling_job_refuses_non_finite_samples(run, tmp_path):
     ckpt = torch.load(run / "ckpt-20.pt", weights_only=True)
-    for state in (ckpt["model"], ckpt["ema"] or {}):
+    assert "post_hoc" in ckpt  # the VAE's second stage: what load reads
+    for state in (ckpt["model"], ckpt["ema"] or {}, ckpt["post_hoc"]["model"]):
         for v in state.values():
             if v.is_floating_point():
                 v.fill_(float("nan"))
@@ -449,7 +450,8 @@ def test_scheduler_configs_are_bounded_and_checked(tmp_path, config, needle):
 
 def test_a_config_asking_for_far_more_than_its_weights_is_refused_before_allocating(run, tmp_path):
     ckpt = torch.load(run / "ckpt-20.pt", weights_only=True)
-    ckpt["config"]["hidden"] = 10**9  # a 64 x 1e9 first layer: 256 GB of float32
+    for config in (ckpt["config"], ckpt["post_hoc"]["config"]):  # post_hoc: what load reads by default
+        config["hidden"] = 10**9  # a 64 x 1e9 first layer: 256 GB of float32
     torch.save(ckpt, tmp_path / "wide.pt")
     with pytest.raises(CorruptCheckpoint, match=r"builds a model of \S+ GB for \S+ GB of weights"):
         load(tmp_path / "wide.pt")

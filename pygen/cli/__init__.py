@@ -91,11 +91,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---- train --------------------------------------------------------------------------------
 
 TRAIN_JSON = "train.json"  # the command's settings, so that --resume needs no repetition
-TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "lr_schedule", "warmup", "weight_decay", "grad_accum", "precision",
+TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "lr_schedule", "warmup", "weight_decay", "grad_clip", "grad_accum",
+              "precision",
               "keep_best", "early_stop", "tensorboard", "sample_every", "eval_fd_every", "log_every", "eval_every",
               "checkpoint_every")
 #: the trainer settings' values when neither the command, --config nor train.json gives one
-TRAIN_FALLBACKS = {"seed": 0, "lr_schedule": "constant", "warmup": 0, "weight_decay": None, "grad_accum": 1,
+TRAIN_FALLBACKS = {"seed": 0, "lr_schedule": "constant", "warmup": 0, "weight_decay": None, "grad_clip": None, "grad_accum": 1,
                    "precision": "fp32", "keep_best": None, "early_stop": None, "tensorboard": False,
                    "sample_every": None, "eval_fd_every": None, "log_every": 100, "eval_every": 500,
                    "checkpoint_every": 500}
@@ -436,7 +437,8 @@ def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings
             lr=settings["lr"], seed=settings["seed"], out=out, resume=args.resume, progress=not args.no_progress,
             log_every=settings["log_every"], eval_every=settings["eval_every"], eval_data=training_data(model, test),
             checkpoint_every=settings["checkpoint_every"], device=args.device, lr_schedule=settings["lr_schedule"],
-            warmup=settings["warmup"], weight_decay=settings["weight_decay"], grad_accum=settings["grad_accum"],
+            warmup=settings["warmup"], weight_decay=settings["weight_decay"], grad_clip=settings["grad_clip"],
+            grad_accum=settings["grad_accum"],
             precision=settings["precision"], callbacks=callbacks, compile=args.compile,
         )  # fmt: skip
     except FileExistsError as e:
@@ -735,6 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=_int_at_least(0), metavar="STEPS", help="linear lr warm-up steps (default 0)")
     t.add_argument("--weight-decay", type=_nonnegative_float, metavar="WD",
                    help="decoupled weight decay (Adam becomes AdamW; default: none)")
+    t.add_argument("--grad-clip", type=_positive_float, metavar="NORM",
+                   help="clip each optimizer's total gradient norm to NORM, logged before clipping as grad_norm "
+                        "(default: none)")
     t.add_argument("--grad-accum", type=_int_at_least(1), metavar="K",
                    help="micro-batches per optimizer step: the same --batch-size in 1/K of the memory (default 1)")
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"),

@@ -20,6 +20,10 @@ calls only the methods below, so a new family needs no trainer change:
 - ``ema_decay``: a float makes the trainer keep an EMA of the weights; ``ema_warmup = True``
   warms its decay up as min(decay, (1 + k) / (10 + k)) over the first updates.
 - ``evaluate_step(batch) -> dict``: the loss terms without gradient by default.
+- ``fit_post_hoc(data) -> str | None``: after the last step, stages fitted on the trained
+  weights (the VAE's second stage and variance calibration); the trainer writes the result
+  into the checkpoint :func:`load` reads (its ``"post_hoc"`` entry), beside the training
+  state, which stays as it was: a resume continues training from it unchanged.
 
 Sampling runs in eval mode with the caller's mode restored (decorate ``sample`` with
 :func:`pygen.models.inference.sampling`); samples depend on (seed, offset + i) only
@@ -189,6 +193,13 @@ class GenerativeModel(nn.Module):
         """Loss terms of a held-out batch, without gradient (the trainer averages them)."""
         return self.loss(batch)
 
+    def fit_post_hoc(self, data: Any) -> str | None:
+        """Fit what the model fits after training, on its final sampling weights and the
+        training ``data`` (as given to :func:`pygen.train.fit`); may change ``config`` and
+        add buffers. Returns one line saying what it fitted, or None when it fits nothing
+        (the default)."""
+        return None
+
     # ---- files ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write ``{"family", "config", "model", "versions"}`` to ``path`` atomically (temp file + rename)."""
@@ -257,7 +268,10 @@ def load(
 
     ema=True takes the EMA weights when the checkpoint has them (the raw weights otherwise),
     and makes a model that keeps its EMA inside itself (the GAN) sample with it; ema=False
-    the raw weights everywhere. The model is returned in eval mode on ``map_location``.
+    the raw weights everywhere. A checkpoint whose run fitted post-hoc stages
+    (:meth:`GenerativeModel.fit_post_hoc`, e.g. the VAE's second stage) gives the model with
+    them, unless ema=False asks for raw weights other than those they were fitted on. The
+    model is returned in eval mode on ``map_location``.
 
     The file is verified first (:func:`pygen._io.verify_checkpoint`): a damaged one raises
     :class:`pygen._io.CorruptCheckpoint`, except that a training directory's default or
@@ -273,8 +287,13 @@ def load(
 
     if family not in _REGISTRY:
         raise ValueError(f"{file}: unknown model family {family!r}; registered: {sorted(_REGISTRY)}")
-    model = _build(_REGISTRY[family], ckpt["config"], ckpt["model"], file)
-    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    post = ckpt.get("post_hoc")
+    if post is not None and (ema or not post["on_ema"]):  # the trained model with its post-hoc stages
+        config, state = post["config"], post["model"]
+    else:
+        config = ckpt["config"]
+        state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    model = _build(_REGISTRY[family], config, state, file)
     model.load_state_dict(state)
     model.use_ema(ema)
     return model.to(map_location).eval()

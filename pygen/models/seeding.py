@@ -35,6 +35,7 @@ class Stream(IntEnum):
     CASCADE_SR = 11  # the seed of a cascade's super-resolution stage
     IWAE = 13  # importance samples of an IWAE likelihood (example i, draw j)
     AUGMENT = 17  # a padded flow's augmentation pixels of example i (evaluate's likelihood)
+    POST_HOC = 19  # a trained model's post-hoc fit (the VAE's: examples, latent draws, calibration samples)
     STEP = 1000  # + k: the noise of a sampler's step k (k < 10^7)
     REPAINT_STEP = 10_000_000  # + e: RePaint's denoising step at event e
     REPAINT_KNOWN = 20_000_000  # + e: the known region noised to the new level at event e

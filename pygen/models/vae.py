@@ -29,11 +29,13 @@ measurements live in :mod:`pygen.metrics.vae`):
    sum_u max(lambda, mean over the batch of KL_u)) and the warm-up;
 3. aggregate posterior vs prior mismatch: :meth:`VAE.fit_second_stage` fits a Gaussian mixture
    or a small NSF flow to Q(z) after training; :meth:`VAE.sample` then draws latents from it;
-4. blurriness: :meth:`VAE.calibrate_variance` + ``sample(..., renormalize=True)`` rescales
-   each generated image's deviation from its own mean by one stored factor, so that the
-   average per-image variance of the samples matches the data's.
+4. blurriness: :meth:`VAE.calibrate_variance` sets one stored factor by which
+   :meth:`VAE.sample` then rescales each generated image's deviation from its own mean, so
+   that the average per-image variance of the samples matches the data's.
 
-The post-hoc stages of 3 and 4 live in :mod:`pygen.models.vae_stages`.
+The post-hoc stages of 3 and 4 live in :mod:`pygen.models.vae_stages`; ``post_hoc=True``
+(the default of :meth:`VAE.for_data`, so of ``pygen train vae``) fits both when training
+ends.
 
 Samples depend on (seed, index) only: the latent of sample i is pygen's Philox stream at
 positions [(offset + i) D, (offset + i + 1) D); a mixture's component choice and random
@@ -97,6 +99,9 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
         second_stage: set by :meth:`fit_second_stage` (``{"kind": "gmm", "components": K}``
             or ``{"kind": "flow", ...flow kwargs}``) so that :func:`pygen.models.load`
             rebuilds it; leave None when constructing.
+        post_hoc: when training ends (:func:`pygen.train.fit`), fit the second stage (a
+            Gaussian mixture on Q(z)) and calibrate the variance (:meth:`fit_post_hoc`);
+            :meth:`for_data` (``pygen train vae``) turns it on.
         encoder, decoder: your own networks as import specs (:mod:`pygen.models.custom`). The
             encoder maps what the built-in one gets — images (B, C + num_classes, H, W) with
             network "conv"/"auto" (one-hot labels as constant channels), else flattened
@@ -116,7 +121,7 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
         "gpu": {"train": {"steps": 20000, "batch_size": 256}, "model": {"hidden": 512}}}
     #: the constructor options :meth:`for_data` starts from
     data_defaults: ClassVar[dict[str, Any]] = {"latent_dim": 16, "likelihood": "gaussian", "gamma": "running",
-                                               "network": "mlp", "hidden": 256}
+                                               "network": "mlp", "hidden": 256, "post_hoc": True}
 
     def __init__(
         self,
@@ -139,6 +144,7 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
         logvar_range: Sequence[float] | None = None,
         ema_decay: float | None = None,
         second_stage: dict[str, Any] | None = None,
+        post_hoc: bool = False,
         encoder: NetSpec | None = None,
         decoder: NetSpec | None = None,
     ) -> None:
@@ -168,7 +174,7 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
             "hidden": hidden, "act": act, "norm": norm, "num_classes": num_classes, "beta": float(beta),
             "kl_warmup_steps": int(kl_warmup_steps), "free_bits": float(free_bits),
             "logvar_range": list(logvar_range) if logvar_range is not None else None,
-            "ema_decay": ema_decay, "second_stage": None,
+            "ema_decay": ema_decay, "second_stage": None, "post_hoc": bool(post_hoc),
         }  # fmt: skip
         self.data_shape, self.latent_dim, self.likelihood, self.gamma_mode = shape, latent_dim, likelihood, gamma
         self.num_classes, self.beta, self.kl_warmup_steps = num_classes, float(beta), int(kl_warmup_steps)
@@ -452,7 +458,7 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
         offset: int = 0,
         labels: Tensor | int | None = None,
         second_stage: bool | None = None,
-        renormalize: bool = False,
+        renormalize: bool | None = None,
     ) -> Tensor:
         """(n, *data_shape) decoded means of latents drawn from the second stage when fitted
         (``second_stage=False``: the prior N(0, I)); sample i depends on (seed, offset + i)
@@ -461,12 +467,15 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
         A conditional model samples class ``labels`` (an int or (n,)), or, when None, labels
         drawn uniformly from a derived stream with the same offset rule. ``renormalize``
         rescales each image's deviation from its own mean by the calibrated factor
-        (:meth:`calibrate_variance`) and clamps to [0, 1].
+        (:meth:`calibrate_variance`) and clamps to [0, 1]; None: when a factor was
+        calibrated (it is not 1).
         """
         s = resolve_seed(seed, generator)
         z = self.latents(n, seed=s, offset=offset, second_stage=second_stage)
         labels = sample_labels(labels, n, self.num_classes, seed=s, offset=offset, device=z.device, owner="VAE")
         x = self.decode(z, labels)
+        if renormalize is None:
+            renormalize = bool(self.var_scale != 1)
         return self.renormalize_variance(x) if renormalize else x
 
     @sampling

@@ -9,18 +9,23 @@
   data's: the remedy for blurry samples.
 
 Both are buffers or submodules of the model (saved in its state dict; the second stage's
-kind in its config, so that :func:`pygen.models.load` rebuilds it).
+kind in its config, so that :func:`pygen.models.load` rebuilds it). A VAE built with
+``post_hoc=True`` (what :meth:`~pygen.models.VAE.for_data`, hence ``pygen train vae``,
+builds) fits both when training ends (:meth:`PostHocStages.fit_post_hoc`, called by
+:func:`pygen.train.fit`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pygen.data.loader import as_tensors
+from pygen.data.storage import materialize
 from pygen.models.flow import Flow
 from pygen.models.inference import eval_mode
 from pygen.models.seeding import Stream, counter_uniform, derive_seed
@@ -68,7 +73,7 @@ class PostHocStages:
         n = len(x) if n is None else n
         target = float(x.flatten(1).double().var(1, unbiased=False).mean())
         gen = torch.cat([
-            self.sample(min(batch_size, n - i), seed=seed, offset=i, second_stage=second_stage)
+            self.sample(min(batch_size, n - i), seed=seed, offset=i, second_stage=second_stage, renormalize=False)
             for i in range(0, n, batch_size)
         ]).double()  # fmt: skip
 
@@ -86,6 +91,29 @@ class PostHocStages:
             scale = 0.5 * (lo + hi)
         self.var_scale.fill_(scale)
         return scale
+
+    def fit_post_hoc(self, data: Any, *, max_examples: int = 20000, components: int = 10, seed: int = 0) -> str | None:
+        """With ``post_hoc=True``: :meth:`fit_second_stage` (a ``components``-Gaussian
+        mixture on about 20,000 draws z ~ Q(z|x), up to 4 per example: EM's time grows with
+        them) and :meth:`calibrate_variance` (10,000 samples at most), on at most
+        ``max_examples`` examples of ``data`` (a seeded subset of larger data), all from the
+        seed's :attr:`Stream.POST_HOC` stream. Returns what it fitted in one line; None
+        (nothing fitted) with ``post_hoc=False``."""
+        if not self.config.get("post_hoc"):
+            return None
+        t0 = time.perf_counter()
+        s = derive_seed(seed, Stream.POST_HOC)
+        x, labels = as_tensors(data, lazy=True)
+        if len(x) > max_examples:  # a seeded subset, read in index order (a lazy folder decodes only it)
+            keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(s))[:max_examples].sort().values
+            x, labels = x[keep], labels[keep] if labels is not None else None
+        x = materialize(x)
+        subset = (x, labels) if labels is not None else x
+        draws = max(1, min(4, 20_000 // len(x)))
+        self.fit_second_stage(subset, "gmm", components=min(components, len(x) * draws), draws=draws, seed=s)
+        scale = self.calibrate_variance(subset, n=min(len(x), 10_000), seed=s)
+        return (f"a {self.config['second_stage']['components']}-component Gaussian mixture on Q(z) of {len(x)} "
+                f"examples x {draws} draws, variance factor {scale:.4g} ({time.perf_counter() - t0:.1f} s)")
 
     # ---- the second stage -------------------------------------------------------------
     def _build_second_stage(self, spec: dict[str, Any]) -> None:
@@ -165,7 +193,7 @@ class PostHocStages:
                 z = (mu + std * eps).reshape(-1, mu.shape[1])
             else:
                 z = mu
-            gm = GaussianMixture(components, covariance_type="full", reg_covar=1e-5, random_state=seed, max_iter=500)
+            gm = GaussianMixture(components, covariance_type="full", reg_covar=1e-5, random_state=seed % 2**32, max_iter=500)
             gm.fit(z.double().cpu().numpy())
             self._build_second_stage({"kind": "gmm", "components": int(components)})
             cov = torch.as_tensor(gm.covariances_, dtype=torch.float64)

@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pygen.data.loader import as_tensors, epoch_permutation, prefetched
 from pygen.data.storage import ImageFiles
-from pygen._io import save_atomic, write_text_atomic
+from pygen._io import save_atomic, select_checkpoint, write_text_atomic
 from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions
 from pygen.models.update import PRECISIONS, Update, ema_warmup_fn
 from pygen.train import ddp
@@ -288,8 +288,9 @@ def fit(
     After ``fit`` returns, ``model`` is what :func:`pygen.models.load` of the run gives: in
     eval mode, holding the EMA weights when the model keeps an EMA (``ema_decay``; the raw
     final weights are in the checkpoints, ``load(out, ema=False)``) — the best checkpoint's
-    when a :class:`~pygen.train.callbacks.BestCheckpoint` kept one — so ``model.sample()``
-    right after training equals sampling the saved run.
+    when a :class:`~pygen.train.callbacks.BestCheckpoint` kept one — with what
+    ``model.fit_post_hoc(data)`` then fits on them (a VAE's second stage; also written into
+    that checkpoint), so ``model.sample()`` right after training equals sampling the saved run.
     """
     if not isinstance(model, GenerativeModel):
         raise TypeError(f"model must be a pygen.models.GenerativeModel, got {type(model).__name__}")
@@ -537,4 +538,21 @@ def _fit(
     model.eval()
     for cb in cbs:
         cb.on_end(run)
+    fitted = model.fit_post_hoc(data)  # on the weights sampling uses, every rank alike
+    if fitted is not None and info.is_main:
+        if progress:
+            print(f"post-hoc: {fitted}", flush=True)
+        if out_dir is not None:
+            _add_post_hoc(out_dir, model, on_ema=ema is not None)
     return history
+
+
+def _add_post_hoc(out_dir: Path, model: GenerativeModel, *, on_ema: bool) -> None:
+    """Add the model with its post-hoc stages to the checkpoint :func:`pygen.models.load`
+    reads from ``out_dir`` (best.pt or the latest), as its ``"post_hoc"`` entry; the training
+    state beside it stays as it was (a resume continues from it)."""
+    file = select_checkpoint(out_dir, None, verify=False)
+    ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    ckpt["post_hoc"] = {"config": _json_config(model), "model": state, "on_ema": on_ema}
+    save_atomic(ckpt, file)
