@@ -93,7 +93,7 @@ def _train(name: str, run_dir: Path, quick: bool, data: str = "digits", minutes:
     train, test = pygen.data.train_test(pygen.data.load(data))
     family = "latent-diffusion" if name == "diffusion" and latent_by_default(tuple(train.shape)) else name
     cls = pygen.models.families()[family]
-    settings = {"seed": 0, **cls.train_defaults}
+    settings = {"seed": 0, **cls.train_defaults_for(train)}
     default_steps = settings["steps"]
     torch.manual_seed(settings["seed"])
     model = cls.for_data(train)

@@ -418,3 +418,22 @@ def test_short_training_loss_falls():
     m2 = tiny(likelihood="gaussian", gamma="running")
     hist2 = fit(m2, x, steps=60, batch_size=64, progress=False, log_every=20, lr=3e-3)
     assert float(m2.running_mse) < 1.0 and hist2[-1]["mse"] < hist2[0]["mse"]
+
+
+def test_defaults_sized_by_the_data():
+    """for_data / train_defaults_for: the digits' small VAE below 256 values per example, the
+    larger one measured on Fashion-MNIST from 256 up; both clamp logvar and fit the post-hoc stages."""
+    from types import SimpleNamespace
+
+    def data(*shape):
+        return SimpleNamespace(shape=shape, labels=None, kind="image", bins=256)
+
+    small, edge, large = data(1, 15, 17), data(1, 16, 16), data(1, 28, 28)
+    for d, hidden, latent, steps in ((small, 256, 16, 2000), (edge, 512, 32, 25000), (large, 512, 32, 25000)):
+        m = VAE.for_data(d)
+        assert (m.config["hidden"], m.latent_dim, m.config["logvar_range"], m.config["post_hoc"]) == (
+            hidden, latent, [-20.0, 4.0], True)
+        assert VAE.train_defaults_for(d) == {"steps": steps, "batch_size": 128, "lr": 2e-3}
+    assert VAE.for_data(large, hidden=64, latent_dim=3).config["hidden"] == 64  # options win
+    assert VAE.for_data(large, hidden=64, latent_dim=3).latent_dim == 3
+    assert VAE((1, 28, 28)).config["post_hoc"] is False and VAE((1, 28, 28)).config["logvar_range"] is None

@@ -273,7 +273,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                   "to a good model here (pygen train diffusion --pixel: in pixel space)", flush=True)
     preset_name, preset = _preset(args, saved, fam)
     options = {**preset.get("model", {}), **options}  # the preset under everything given
-    defaults = {**fam.train(), **preset.get("train", {})}
+    defaults = {**fam.train(train), **preset.get("train", {})}
     if rank0 and not saved and preset:
         print(f"preset {preset_name}: {_describe(preset)} where not given (--preset cpu: the CPU defaults)",
               flush=True)

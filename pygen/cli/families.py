@@ -1,9 +1,9 @@
 """The families ``pygen train`` offers: a help line and the command-line flags of each.
 
 The defaults themselves live on the model classes (one place): ``Model.for_data(data,
-**options)`` builds the default model for the data, ``Model.train_defaults`` holds the steps,
-batch size and learning rate, each measured on the digits (see the classes and the scripts in
-``benchmarks/``). A flag's ``dest`` is the ``for_data`` option it sets.
+**options)`` builds the default model for the data, ``Model.train_defaults_for(data)`` gives the
+steps, batch size and learning rate (``Model.train_defaults`` unless the family sizes them by
+the data), each measured (see the classes and the scripts in ``benchmarks/``). A flag's ``dest`` is the ``for_data`` option it sets.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ class Family:
         """The family's default model for the *train* split ``data``, ``options`` overriding it."""
         return self.model.for_data(data, **options)
 
-    def train(self) -> dict[str, Any]:
-        """{"steps", "batch_size", "lr"}: the family's training defaults."""
-        return dict(self.model.train_defaults)
+    def train(self, data: Any) -> dict[str, Any]:
+        """{"steps", "batch_size", "lr"}: the family's training defaults for the *train* split ``data``."""
+        return self.model.train_defaults_for(data)
 
 
 _COND = {"--conditional": dict(action="store_true", default=None,
@@ -41,10 +41,11 @@ _COND = {"--conditional": dict(action="store_true", default=None,
 FAMILIES: dict[str, Family] = {
     "vae": Family(
         "vae", "variational autoencoder (Gaussian decoder with running-MSE variance)",
-        {"--latent-dim": dict(type=int, help="latent variables (default 16)"),
+        {"--latent-dim": dict(type=int, help="latent variables (default 16; 32 for data of >= 256 dims)"),
          "--likelihood": dict(choices=("gaussian", "bernoulli"), help="decoder likelihood (default gaussian)"),
          "--gamma": dict(choices=("fixed", "learned", "running"), help="decoder std (default running)"),
-         "--hidden": dict(type=int, help="vae: MLP width (default 256); flow: conditioner width (default 64)"),
+         "--hidden": dict(type=int, help="vae: MLP width (default 256; 512 for data of >= 256 dims); flow: conditioner "
+                                              "width (default 64)"),
          "--network": dict(choices=("auto", "mlp", "conv"), help="encoder/decoder (default mlp)"), **_COND},
     ),
     "gan": Family(

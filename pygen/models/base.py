@@ -28,7 +28,7 @@ calls only the methods below, so a new family needs no trainer change:
 Sampling runs in eval mode with the caller's mode restored (decorate ``sample`` with
 :func:`pygen.models.inference.sampling`); samples depend on (seed, offset + i) only
 (:mod:`pygen.models.seeding`). The command line and the sampling job use three more hooks:
-``for_data(data, **options)`` and ``train_defaults`` (the family's defaults, one place),
+``for_data(data, **options)`` and ``train_defaults`` / ``train_defaults_for(data)`` (the family's defaults, one place),
 ``sample_settings(**given)`` (the settings a sample call actually uses) and ``use_ema(flag)``.
 
 Files: :meth:`GenerativeModel.save` writes ``{"family", "config", "model", "versions"}``;
@@ -113,6 +113,12 @@ class GenerativeModel(nn.Module):
     ) -> Tensor:
         """(n, *data_shape) samples in the data's range; sample i depends on (seed, offset + i) only."""
         raise NotImplementedError
+
+    @classmethod
+    def train_defaults_for(cls, data: Any) -> dict[str, Any]:
+        """{"steps", "batch_size", "lr"} for training on ``data`` (what ``pygen train`` and
+        the demo start from): :attr:`train_defaults` unless the family sizes them by the data."""
+        return dict(cls.train_defaults)
 
     @classmethod
     def for_data(cls, data: Any, **options: Any) -> GenerativeModel:
