@@ -142,3 +142,17 @@ def test_renormalize_defaults_to_whether_a_factor_was_calibrated():
     first = float(m.var_scale)
     m.calibrate_variance(X, n=100)
     assert float(m.var_scale) == first
+
+
+def test_fit_passes_its_seed_and_its_data():
+    m = train(None, seed=3)
+    fresh = vae()
+    fresh.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("gmm_") and k != "var_scale"},
+                          strict=False)  # fmt: skip
+    fresh.fit_post_hoc(X, seed=3)
+    torch.testing.assert_close(fresh.gmm_means, m.gmm_means, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.var_scale, m.var_scale, rtol=0, atol=0)
+    other = vae()
+    other.load_state_dict(fresh.state_dict(), strict=False)
+    other.fit_post_hoc(X, seed=0)
+    assert not torch.equal(other.gmm_means, m.gmm_means)

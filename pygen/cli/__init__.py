@@ -92,12 +92,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 TRAIN_JSON = "train.json"  # the command's settings, so that --resume needs no repetition
 TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "lr_schedule", "warmup", "weight_decay", "grad_clip", "grad_accum",
-              "precision",
-              "keep_best", "early_stop", "tensorboard", "sample_every", "eval_fd_every", "log_every", "eval_every",
-              "checkpoint_every")
+              "precision", "keep_best", "early_stop", "tensorboard", "sample_every", "eval_fd_every", "log_every",
+              "eval_every", "checkpoint_every")
 #: the trainer settings' values when neither the command, --config nor train.json gives one
-TRAIN_FALLBACKS = {"seed": 0, "lr_schedule": "constant", "warmup": 0, "weight_decay": None, "grad_clip": None, "grad_accum": 1,
-                   "precision": "fp32", "keep_best": None, "early_stop": None, "tensorboard": False,
+TRAIN_FALLBACKS = {"seed": 0, "lr_schedule": "constant", "warmup": 0, "weight_decay": None, "grad_clip": None,
+                   "grad_accum": 1, "precision": "fp32", "keep_best": None, "early_stop": None, "tensorboard": False,
                    "sample_every": None, "eval_fd_every": None, "log_every": 100, "eval_every": 500,
                    "checkpoint_every": 500}
 
@@ -438,8 +437,8 @@ def _train(args: argparse.Namespace, model: Any, train: Any, test: Any, settings
             log_every=settings["log_every"], eval_every=settings["eval_every"], eval_data=training_data(model, test),
             checkpoint_every=settings["checkpoint_every"], device=args.device, lr_schedule=settings["lr_schedule"],
             warmup=settings["warmup"], weight_decay=settings["weight_decay"], grad_clip=settings["grad_clip"],
-            grad_accum=settings["grad_accum"],
-            precision=settings["precision"], callbacks=callbacks, compile=args.compile,
+            grad_accum=settings["grad_accum"], precision=settings["precision"], callbacks=callbacks,
+            compile=args.compile,
         )  # fmt: skip
     except FileExistsError as e:
         raise UserError(str(e).replace("resume=True", "--resume")) from None

@@ -3,7 +3,8 @@
 The defaults themselves live on the model classes (one place): ``Model.for_data(data,
 **options)`` builds the default model for the data, ``Model.train_defaults_for(data)`` gives the
 steps, batch size and learning rate (``Model.train_defaults`` unless the family sizes them by
-the data), each measured (see the classes and the scripts in ``benchmarks/``). A flag's ``dest`` is the ``for_data`` option it sets.
+the data), each measured (see the classes and the scripts in ``benchmarks/``). A flag's
+``dest`` is the ``for_data`` option it sets.
 """
 
 from __future__ import annotations

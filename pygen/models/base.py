@@ -20,7 +20,7 @@ calls only the methods below, so a new family needs no trainer change:
 - ``ema_decay``: a float makes the trainer keep an EMA of the weights; ``ema_warmup = True``
   warms its decay up as min(decay, (1 + k) / (10 + k)) over the first updates.
 - ``evaluate_step(batch) -> dict``: the loss terms without gradient by default.
-- ``fit_post_hoc(data) -> str | None``: after the last step, stages fitted on the trained
+- ``fit_post_hoc(data, *, seed) -> str | None``: after the last step, stages fitted on the trained
   weights (the VAE's second stage and variance calibration); the trainer writes the result
   into the checkpoint :func:`load` reads (its ``"post_hoc"`` entry), beside the training
   state, which stays as it was: a resume continues training from it unchanged.
@@ -28,7 +28,7 @@ calls only the methods below, so a new family needs no trainer change:
 Sampling runs in eval mode with the caller's mode restored (decorate ``sample`` with
 :func:`pygen.models.inference.sampling`); samples depend on (seed, offset + i) only
 (:mod:`pygen.models.seeding`). The command line and the sampling job use three more hooks:
-``for_data(data, **options)`` and ``train_defaults`` / ``train_defaults_for(data)`` (the family's defaults, one place),
+``for_data(data, **options)`` and ``train_defaults_for(data)`` (the family's defaults, one place),
 ``sample_settings(**given)`` (the settings a sample call actually uses) and ``use_ema(flag)``.
 
 Files: :meth:`GenerativeModel.save` writes ``{"family", "config", "model", "versions"}``;
@@ -199,11 +199,11 @@ class GenerativeModel(nn.Module):
         """Loss terms of a held-out batch, without gradient (the trainer averages them)."""
         return self.loss(batch)
 
-    def fit_post_hoc(self, data: Any) -> str | None:
+    def fit_post_hoc(self, data: Any, *, seed: int = 0) -> str | None:
         """Fit what the model fits after training, on its final sampling weights and the
-        training ``data`` (as given to :func:`pygen.train.fit`); may change ``config`` and
-        add buffers. Returns one line saying what it fitted, or None when it fits nothing
-        (the default)."""
+        training ``data`` (as given to :func:`pygen.train.fit`, with its ``seed``); may
+        change ``config`` and add buffers. Returns one line saying what it fitted, or None
+        when it fits nothing (the default)."""
         return None
 
     # ---- files ------------------------------------------------------------------------

@@ -289,7 +289,7 @@ def fit(
     eval mode, holding the EMA weights when the model keeps an EMA (``ema_decay``; the raw
     final weights are in the checkpoints, ``load(out, ema=False)``) — the best checkpoint's
     when a :class:`~pygen.train.callbacks.BestCheckpoint` kept one — with what
-    ``model.fit_post_hoc(data)`` then fits on them (a VAE's second stage; also written into
+    ``model.fit_post_hoc(data, seed=seed)`` then fits on them (a VAE's second stage; also written into
     that checkpoint), so ``model.sample()`` right after training equals sampling the saved run.
     """
     if not isinstance(model, GenerativeModel):
@@ -538,7 +538,7 @@ def _fit(
     model.eval()
     for cb in cbs:
         cb.on_end(run)
-    fitted = model.fit_post_hoc(data)  # on the weights sampling uses, every rank alike
+    fitted = model.fit_post_hoc(data, seed=seed)  # on the weights sampling uses, every rank alike
     if fitted is not None and info.is_main:
         if progress:
             print(f"post-hoc: {fitted}", flush=True)
