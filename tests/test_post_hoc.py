@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pygen.models import load
+from pygen.models.seeding import Stream, derive_seed
 from pygen.models.vae import VAE
 from pygen.train import fit
 from pygen.train.callbacks import BestCheckpoint
@@ -156,3 +157,41 @@ def test_fit_passes_its_seed_and_its_data():
     other.load_state_dict(fresh.state_dict(), strict=False)
     other.fit_post_hoc(X, seed=0)
     assert not torch.equal(other.gmm_means, m.gmm_means)
+
+
+def test_a_lazy_folder_decodes_only_the_subset(tmp_path):
+    from PIL import Image
+
+    import pygen.data
+    from pygen.data.storage import ImageFiles
+
+    for i in range(12):
+        Image.fromarray((torch.rand(8, 8) * 255).to(torch.uint8).numpy(), mode="L").save(tmp_path / f"{i:02d}.png")
+    lazy = pygen.data.load(tmp_path, lazy=True)
+    assert isinstance(lazy.source, ImageFiles)
+    read = []
+    decode = lazy.source.decode
+    lazy.source.decode = lambda p: read.append(p) or decode(p)
+    m = vae()
+    assert m.fit_post_hoc(lazy.source, max_examples=5).startswith("a 10-component Gaussian mixture on Q(z) of 5 examples")
+    assert len(read) == 5
+
+
+def test_the_default_subset_is_20000_examples():
+    x = blobs(20001, seed=1)
+    assert vae().fit_post_hoc(x).startswith("a 10-component Gaussian mixture on Q(z) of 20000 examples x 1 draws")
+
+
+def test_a_conditional_vae_fits_with_its_labels():
+    y = torch.arange(len(X)) % 3
+    m = vae(num_classes=3)
+    m.fit_post_hoc((X, y), max_examples=100)  # the subset keeps each example's label
+    keep = torch.randperm(len(X), generator=torch.Generator().manual_seed(derive_seed(0, Stream.POST_HOC)))[:100]
+    ref = vae(num_classes=3)
+    ref.fit_post_hoc((X[keep.sort().values], y[keep.sort().values]))
+    torch.testing.assert_close(m.gmm_means, ref.gmm_means, rtol=0, atol=0)
+    full = vae(num_classes=3)
+    full.fit_post_hoc((X, y))  # no subset: the labels as given
+    wrong = vae(num_classes=3)
+    wrong.fit_post_hoc((X, (y + 1) % 3))
+    assert not torch.equal(full.gmm_means, wrong.gmm_means)

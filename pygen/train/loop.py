@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pygen.data.loader import as_tensors, epoch_permutation, prefetched
 from pygen.data.storage import ImageFiles
-from pygen._io import save_atomic, select_checkpoint, write_text_atomic
+from pygen._io import load_checkpoint, save_atomic, select_checkpoint, write_text_atomic
 from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions
 from pygen.models.update import PRECISIONS, Update, ema_warmup_fn
 from pygen.train import ddp
@@ -551,8 +551,8 @@ def _add_post_hoc(out_dir: Path, model: GenerativeModel, *, on_ema: bool) -> Non
     """Add the model with its post-hoc stages to the checkpoint :func:`pygen.models.load`
     reads from ``out_dir`` (best.pt or the latest), as its ``"post_hoc"`` entry; the training
     state beside it stays as it was (a resume continues from it)."""
-    file = select_checkpoint(out_dir, None, verify=False)
-    ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    file = select_checkpoint(out_dir, verify=False)  # written by this run a moment ago
+    ckpt = load_checkpoint(file, verify=False)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     ckpt["post_hoc"] = {"config": _json_config(model), "model": state, "on_ema": on_ema}
     save_atomic(ckpt, file)
