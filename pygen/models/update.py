@@ -114,7 +114,7 @@ class Update:
         if self.grad_clip is not None:
             norm = nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
-            norm = nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+            norm = nn.utils.get_total_norm([p.grad for p in params])  # 0 for no gradients
         if self.scaler is not None:
             self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
             self.scaler.update()
