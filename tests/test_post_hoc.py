@@ -195,3 +195,30 @@ def test_a_conditional_vae_fits_with_its_labels():
     wrong = vae(num_classes=3)
     wrong.fit_post_hoc((X, (y + 1) % 3))
     assert not torch.equal(full.gmm_means, wrong.gmm_means)
+
+
+def _reference(x: torch.Tensor, n: int, draws: int, calibrate: int) -> VAE:
+    """What fit_post_hoc fits, spelled out: the seeded subset, the mixture, the calibration."""
+    s = derive_seed(0, Stream.POST_HOC)
+    if len(x) > n:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(s))[:n].sort().values]
+    ref = vae()
+    ref.fit_second_stage(x, "gmm", components=10, draws=draws, seed=s)
+    ref.calibrate_variance(x, n=calibrate, seed=s)
+    return ref
+
+
+@pytest.mark.parametrize("n, draws, calibrate", [(6667, 2, 6667), (20001, 1, 10000)])
+def test_the_fit_spelled_out(n, draws, calibrate):
+    """About 20000 latents: 20000 // n draws (6667 examples: 2, not 3); calibration on at most
+    10000 samples; every step from the POST_HOC stream."""
+    x = blobs(n, seed=2)
+    m = vae()
+    line = m.fit_post_hoc(x)
+    ref = _reference(x, 20000, draws, calibrate)
+    torch.testing.assert_close(m.gmm_means, ref.gmm_means, rtol=0, atol=0)
+    torch.testing.assert_close(m.gmm_chol, ref.gmm_chol, rtol=0, atol=0)
+    torch.testing.assert_close(m.var_scale, ref.var_scale, rtol=0, atol=0)
+    assert f"of {min(n, 20000)} examples x {draws} draws, variance factor {float(m.var_scale):.4g} (" in line
+    seconds = float(line.rsplit("(", 1)[1].split(" s)")[0])
+    assert 0 <= seconds < 600
