@@ -12,17 +12,9 @@ from pygen.models.vae import VAE
 from pygen.train import fit
 from pygen.train.callbacks import BestCheckpoint
 
+from test_vae import blobs
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
-
-
-def blobs(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
-    """(n, 1, size, size) Gaussian blobs in [0, 1] at random places."""
-    g = torch.Generator().manual_seed(seed)
-    grid = torch.arange(size, dtype=torch.float32)
-    c = 1 + (size - 2) * torch.rand(n, 2, generator=g)
-    w = 0.8 + torch.rand(n, 1, 1, generator=g)
-    d2 = (grid.view(1, size, 1) - c[:, 0].view(n, 1, 1)) ** 2 + (grid.view(1, 1, size) - c[:, 1].view(n, 1, 1)) ** 2
-    return torch.exp(-d2 / (2 * w**2)).unsqueeze(1)
 
 
 X = blobs(300)
