@@ -65,6 +65,12 @@ USER_MODULE = textwrap.dedent('''
 
     def not_a_module(**kwargs):
         raise AssertionError("must never be called")
+
+    class Zoo:
+        class Inner(nn.Module):
+            def __init__(self, width=3):
+                super().__init__()
+                self.width = width
 ''')
 
 
@@ -103,6 +109,20 @@ def test_build_passes_known_arguments_it_takes_and_refuses_non_modules(user_modu
         build_network("no_such_module_xyz:Net", "net")
     with pytest.raises(ValueError, match=r"Denoiser\(\*\*\{'depth': 2\}\) failed"):
         build_network({"target": f"{user_module}:Denoiser", "kwargs": {"depth": 2}}, "net", shape=(1, 8, 8))
+
+
+def test_nested_classes_resolve_and_every_refusal_names_the_role(user_module):
+    assert build_network({"target": f"{user_module}:Zoo.Inner", "kwargs": {"width": 5}}, "prior").width == 5
+    with pytest.raises(ValueError, match=rf"^prior: module '{user_module}' has no 'Zoo.Missing'$"):
+        build_network(f"{user_module}:Zoo.Missing", "prior")
+    with pytest.raises(ValueError, match=r"^prior: target must be 'package.module:Class', got 'a:'$"):
+        normalize_spec("a:", "prior")
+    with pytest.raises(ValueError, match=r"^prior must be 'package.module:Class' or \{'target'.*got 3$"):
+        normalize_spec(3, "prior")
+    with pytest.raises(ValueError, match=r"^prior: 'os:system' is not an nn.Module class$"):
+        build_network("os:system", "prior")
+    with pytest.raises(ValueError, match=r"^prior: cannot import 'no_such_module_xyz' for 'no_such_module_xyz:N'"):
+        build_network("no_such_module_xyz:N", "prior")
 
 
 def _roundtrip(model, tmp_path):

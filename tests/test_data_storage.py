@@ -6,6 +6,7 @@ the trainer reads every kind of source in the same (seed, step)-pure order."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 
@@ -335,13 +336,38 @@ def test_prefetched_yields_the_plain_loop_and_reads_ahead():
     assert calls == [0, 1]
 
 
+def test_prefetched_in_worker_processes_keeps_order_errors_and_the_global_rng():
+    from pygen.data import prefetched
+
+    torch.manual_seed(5)
+    expect = torch.rand(3)
+    torch.manual_seed(5)
+    got = list(prefetched(lambda k: (k * k, os.getpid()), range(7), depth=2, workers=2))
+    assert torch.equal(torch.rand(3), expect)  # starting the workers drew nothing from torch's global RNG
+    assert all(type(v) is tuple for v in got)  # as read returned it (a batch and its labels)
+    assert [v for v, _ in got] == [k * k for k in range(7)] and os.getpid() not in {p for _, p in got}
+    assert list(prefetched(lambda k: k, [], workers=2)) == []
+
+    def bad(k: int) -> int:
+        if k == 3:
+            raise DataError("x.png: not a readable image")
+        return k
+
+    got = []
+    with pytest.raises(DataError, match="^x.png: not a readable image$"):  # itself, not a worker's traceback text
+        for v in prefetched(bad, range(6), workers=1):
+            got.append(v)
+    assert got == [0, 1, 2]
+
+
 def test_fit_on_a_lazy_folder_prefetches_and_resumes_exactly(tmp_path, monkeypatch):
     """fit() reads a lazy folder's next batch in the background: the same weights as the
     in-memory run, and a run stopped and resumed equals one straight run."""
-    (tmp_path / "img").mkdir()
-    for i in range(24):
-        _png(tmp_path / "img" / f"{i:02d}.png", _codes((8, 8), seed=200 + i), "L")
+    for i in range(24):  # two classes: batches are (images, labels) tuples
+        (tmp_path / "img" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        _png(tmp_path / "img" / "ab"[i % 2] / f"{i:02d}.png", _codes((8, 8), seed=200 + i), "L")
     lazy, eager = load(tmp_path / "img", lazy=True), load(tmp_path / "img")
+    assert lazy.labels is not None
 
     def weights(data, steps, out=None, resume=False, model=None):
         if model is None:
@@ -350,14 +376,22 @@ def test_fit_on_a_lazy_folder_prefetches_and_resumes_exactly(tmp_path, monkeypat
         fit(model, data, steps=steps, batch_size=8, progress=False, out=out, resume=resume, checkpoint_every=3)
         return model, torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    threads: set[str] = set()
+    readers = tmp_path / "readers"  # the processes that decoded batches (a worker writes here too)
     getitem = ImageFiles.__getitem__
-    monkeypatch.setattr(ImageFiles, "__getitem__",
-                        lambda self, idx: threads.add(threading.current_thread().name) or getitem(self, idx))
+
+    def logged(self, idx):
+        with open(readers, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return getitem(self, idx)
+
+    monkeypatch.setattr(ImageFiles, "__getitem__", logged)
     _, straight = weights(eager, 7)
+    assert not readers.exists()
     _, w_lazy = weights(lazy, 7)
     assert torch.equal(straight, w_lazy)
-    assert any(t.startswith("pygen-prefetch") for t in threads), threads  # read in the background
+    pids = readers.read_text().split()
+    # model.setup's first batch here, then each of the 7 steps' batches once, in a worker process
+    assert len(pids) == 8 and pids.count(str(os.getpid())) == 1, pids
     weights(lazy, 3, out=tmp_path / "run")
     torch.manual_seed(0)
     _, resumed = weights(lazy, 7, out=tmp_path / "run", resume=True)

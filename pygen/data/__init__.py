@@ -22,7 +22,7 @@ from pygen.data.datasets import (
     toy2d_log_prob,
 )
 from pygen.data.files import FASHION_MNIST_CLASSES, NAMES, Data, DataError, fashion_mnist, load, train_test
-from pygen.data.loader import InMemoryLoader, TensorData, as_tensors, epoch_permutation, prefetched
+from pygen.data.loader import InMemoryLoader, TensorData, as_tensors, default_workers, epoch_permutation, prefetched
 
 __all__ = [
     "SPLITS",
@@ -44,6 +44,7 @@ __all__ = [
     "TensorData",
     "InMemoryLoader",
     "prefetched",
+    "default_workers",
     "epoch_permutation",
     "as_tensors",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pygen.data.loader import as_tensors, epoch_permutation, prefetched
+from pygen.data.loader import as_tensors, default_workers, epoch_permutation, prefetched
 from pygen.data.storage import ImageFiles
 from pygen._io import load_checkpoint, save_atomic, select_checkpoint, write_text_atomic
 from pygen.models.base import GenerativeModel, TrainingDiverged, _json_config, versions
@@ -441,11 +442,15 @@ def _fit(
     window: dict[str, float] = {}
     window_n, t_last = 0, time.perf_counter()
 
-    def read(step: int) -> Any:
-        return _batch(x, labels, order.indices(step)[rank * local : (rank + 1) * local], device)
+    def read(step: int, on: torch.device = device) -> Any:
+        return _batch(x, labels, order.indices(step)[rank * local : (rank + 1) * local], on)
 
-    # a lazy folder decodes the next batch while this step trains
-    batches = prefetched(read, range(start, end)) if isinstance(x, ImageFiles) else map(read, range(start, end))
+    if isinstance(x, ImageFiles):  # a lazy folder: worker processes decode the next batches while this step trains
+        ahead = prefetched(functools.partial(read, on=torch.device("cpu")), range(start, end), depth=2,
+                           workers=default_workers())
+        batches = (tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device) for b in ahead)
+    else:
+        batches = map(read, range(start, end))
     try:
         for step, batch in zip(range(start, end), batches):
             k = step + 1  # steps completed after this one
