@@ -1,0 +1,83 @@
+"""Details of the model layer that a uniform mutation sample (300 of its 11,572 mutants) found
+unchecked, each against an exact answer: WGAN-GP's penalty, the GAN generator's sigmoid
+output, which buffers a checkpoint holds, the feature nets' training augmentation and
+accuracy, and evaluate's table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pygen.metrics.evaluate import format_table
+from pygen.metrics.train_features import _shift_flip, accuracy
+from pygen.models.gan import Generator, gradient_penalty
+from pygen.models.precond import VP
+from pygen.models.unet import SinusoidalEmbedding
+
+
+def test_gradient_penalty_exact_and_finite_at_a_zero_gradient():
+    real, fake = torch.ones(5, 1, 2, 3, dtype=torch.float64), torch.zeros(5, 1, 2, 3, dtype=torch.float64)
+    # D(x) = |x|^2 / 2: grad = x_hat = e (per example), so ||grad|| = e sqrt(6)
+    got = gradient_penalty(lambda x: x.square().flatten(1).sum(1) / 2, real, fake,
+                           generator=torch.Generator().manual_seed(3))
+    e = torch.rand(5, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).flatten()
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(((e * 6**0.5 - 1) ** 2).mean().item(), rel=1e-9)
+    # a constant critic: zero gradient, the penalty (0 - 1)^2 = 1 and finite (the eps inside the root)
+    w = torch.zeros((), requires_grad=True)
+    flat = gradient_penalty(lambda x: w * 0 + x.sum((1, 2, 3)) * 0, real.float(), fake.float())
+    assert torch.isfinite(flat) and flat.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_generator_sigmoid_output():
+    torch.manual_seed(0)
+    g = Generator(z_dim=8, shape=(1, 8, 8), output="sigmoid")
+    x = g(torch.randn(4, 8))
+    assert x.shape == (4, 1, 8, 8) and bool(((x > 0) & (x < 1)).all())
+    with pytest.raises(ValueError, match="output"):
+        Generator(z_dim=8, shape=(1, 8, 8), output="relu")
+
+
+def test_derived_buffers_stay_out_of_checkpoints():
+    # derived from the config: a checkpoint holding them would refuse a config that derives others
+    assert "freqs" not in SinusoidalEmbedding(8).state_dict()
+    assert "freqs" in dict(SinusoidalEmbedding(8).named_buffers())
+    assert list(VP("epsilon", torch.linspace(0.1, 1, 5)).state_dict()) == []
+
+
+def test_shift_flip_is_the_seeded_shift_then_flip():
+    b, h, w, shift = 6, 5, 7, 2
+    x = torch.rand(b, 1, h, w)
+    got = _shift_flip(x, torch.Generator().manual_seed(4), shift=shift)
+    g = torch.Generator().manual_seed(4)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, b), generator=g)
+    flip = torch.rand(b, generator=g) < 0.5
+    pad = F.pad(x, (shift,) * 4)
+    for i in range(b):
+        want = pad[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        assert torch.equal(got[i], want.flip(-1) if flip[i] else want), i
+    assert 0 < int(flip.sum()) < b  # both branches are checked
+
+
+def test_accuracy_is_the_share_of_test_digits_predicted():
+    from pygen.data import digits
+
+    _, y = digits("test", size=16)
+
+    class HalfRight:
+        def predict(self, x):
+            assert x.shape[-1] == 16
+            p = y.clone()
+            p[: len(y) // 2] = (p[: len(y) // 2] + 1) % 10
+            return p
+
+    assert accuracy(HalfRight(), 16) == pytest.approx((len(y) - len(y) // 2) / len(y), rel=1e-12)
+
+
+def test_format_table_rows_and_meta_line():
+    table = format_table({"fd": 1.23456, "baseline_data": {"fd": 0.5}, "meta": {"n": 10, "data": "digits"}})
+    lines = table.split("\n")
+    assert lines[0] == "| metric | better | model | held-out data (floor) |"
+    assert lines[2].startswith("| fd | lower | 1.235 | 0.5 |")
+    assert lines[-2:] == ["", "n: 10; data: digits"]
