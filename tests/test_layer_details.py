@@ -81,3 +81,39 @@ def test_format_table_rows_and_meta_line():
     assert lines[0] == "| metric | better | model | held-out data (floor) |"
     assert lines[2].startswith("| fd | lower | 1.235 | 0.5 |")
     assert lines[-2:] == ["", "n: 10; data: digits"]
+
+
+def _vae(**kw):
+    from pygen.models import VAE
+
+    torch.manual_seed(0)
+    return VAE((1, 4, 4), latent_dim=3, hidden=8, network="mlp", **kw)
+
+
+def test_vae_logvar_range_clamps_the_encoder():
+    vae = _vae(logvar_range=(-1.0, 0.5))
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(50)  # logvars far outside the range
+    _, logvar = vae.encode(torch.rand(16, 1, 4, 4))
+    assert logvar.min().item() == -1.0 and logvar.max().item() == 0.5
+
+
+def test_vae_learned_gamma_and_latents_from_a_generator():
+    vae = _vae(likelihood="gaussian", gamma="learned")
+    with torch.no_grad():
+        vae.log_gamma.fill_(-1.25)
+    g = vae.gamma()
+    assert g.item() == pytest.approx(torch.tensor(-1.25).exp().item(), rel=1e-7) and g.requires_grad
+    a = vae.latents(5, generator=torch.Generator().manual_seed(1))
+    b = vae.latents(5, generator=torch.Generator().manual_seed(1))
+    c = vae.latents(5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_aggregate_posterior_mismatch_is_seeded():
+    from pygen.metrics import aggregate_posterior_mismatch
+
+    vae, x = _vae(), torch.rand(64, 1, 4, 4)
+    a, b = (aggregate_posterior_mismatch(vae, x, seed=3) for _ in range(2))
+    assert a == b and a != aggregate_posterior_mismatch(vae, x, seed=4)
