@@ -117,3 +117,25 @@ def test_aggregate_posterior_mismatch_is_seeded():
     vae, x = _vae(), torch.rand(64, 1, 4, 4)
     a, b = (aggregate_posterior_mismatch(vae, x, seed=3) for _ in range(2))
     assert a == b and a != aggregate_posterior_mismatch(vae, x, seed=4)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "png"])
+def test_sampling_job_reports_shards_timing_and_versions(tmp_path, fmt):
+    import json
+
+    import pygen
+    from pygen.sampling import MANIFEST, describe, sample_to_dir
+
+    ckpt = tmp_path / "vae.pt"
+    _vae().save(ckpt)
+    calls: list[tuple[int, int]] = []
+    m = sample_to_dir(ckpt, 10, tmp_path / "s", batch_size=4, shard_size=4, fmt=fmt, progress=False, grid=False,
+                      on_shard=lambda a, b: calls.append((a, b)))
+    assert calls == [(0, 4), (4, 8), (8, 10)]
+    saved = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    assert saved["versions"] == {"pygen": str(pygen.__version__), "torch": torch.__version__} == m["versions"]
+    assert isinstance(saved["seconds"], float) and saved["seconds"] > 0 and saved["sampled"] == 10
+    kind = "shards" if fmt == "npz" else "PNG ranges"
+    rate = f"{10 / saved['seconds']:,.0f} samples/s"
+    assert describe(saved) == (f"10 samples of vae (seed 0) in 3 {kind}; this run sampled 10 in "
+                               f"{saved['seconds']:.1f} s ({rate})")
