@@ -139,3 +139,19 @@ def test_sampling_job_reports_shards_timing_and_versions(tmp_path, fmt):
     rate = f"{10 / saved['seconds']:,.0f} samples/s"
     assert describe(saved) == (f"10 samples of vae (seed 0) in 3 {kind}; this run sampled 10 in "
                                f"{saved['seconds']:.1f} s ({rate})")
+
+
+def test_resume_warnings_point_at_the_callers_line(tmp_path):
+    import warnings
+
+    from pygen.train import fit
+
+    data = torch.rand(32, 1, 4, 4)
+    fit(_vae(), data, steps=2, batch_size=8, progress=False, out=tmp_path, lr_schedule="cosine")
+    for change in ({"seed": 1, "steps": 3}, {"steps": 4}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(_vae(), data, batch_size=8, progress=False, out=tmp_path, resume=True, lr_schedule="cosine",
+                **{"steps": 3, **change})
+        ours = [w for w in caught if "resuming" in str(w.message)]
+        assert ours and all(w.filename == __file__ for w in ours), [(w.filename, str(w.message)) for w in caught]
