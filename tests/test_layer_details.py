@@ -155,3 +155,23 @@ def test_resume_warnings_point_at_the_callers_line(tmp_path):
                 **{"steps": 3, **change})
         ours = [w for w in caught if "resuming" in str(w.message)]
         assert ours and all(w.filename == __file__ for w in ours), [(w.filename, str(w.message)) for w in caught]
+
+
+def test_gan_step_terms_and_the_divergence_message_of_the_g_step():
+    from pygen.models import GAN
+    from pygen.train.loop import TrainingDiverged
+
+    torch.manual_seed(0)
+    gan = GAN((2,), z_dim=4)
+    opts = [torch.optim.Adam(gan.discriminator.parameters()), torch.optim.Adam(gan.generator.parameters())]
+    x = torch.randn(16, 2)
+    torch.manual_seed(1)
+    out = gan.training_step(x, 0, opts)
+    assert {"loss", "loss_d", "loss_g", "d_real", "d_fake", "d_fake_g"} <= set(out)
+    gan.max_loss = 1e-12  # any loss now "explodes": the D step's first
+    with pytest.raises(TrainingDiverged, match=r"^GAN training diverged at training step 5: \|loss_d\| = "):
+        gan.training_step(x, 4, opts)
+    with pytest.raises(TrainingDiverged, match=r"^GAN training diverged at training step 8: \|loss_g\| = .* > max_loss "
+                                               r"1e-12 \(loss=hinge\)$") as e:
+        gan.generator_step(x, 7, opts[1])
+    assert e.value.step == 8
