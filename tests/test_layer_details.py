@@ -175,3 +175,18 @@ def test_gan_step_terms_and_the_divergence_message_of_the_g_step():
                                                r"1e-12 \(loss=hinge\)$") as e:
         gan.generator_step(x, 7, opts[1])
     assert e.value.step == 8
+
+
+def test_super_resolution_scale_from_the_data_and_sample_aug_saved(tmp_path):
+    from types import SimpleNamespace
+
+    from pygen.models import load
+    from pygen.models.conditioned import SuperResolution
+
+    data = SimpleNamespace(shape=(1, 8, 12), low_res=torch.zeros(5, 1, 2, 3))  # 12 / 3 columns: x4
+    assert SuperResolution.for_data(data).scale == 4
+    assert SuperResolution.for_data(data, scale=2).scale == 2  # given explicitly: kept
+    torch.manual_seed(0)
+    sr = SuperResolution((1, 8, 8), scale=2, sample_aug=0.1)
+    sr.save(tmp_path / "sr.pt")
+    assert load(tmp_path / "sr.pt").sample_aug == pytest.approx(0.1)
