@@ -190,3 +190,13 @@ def test_super_resolution_scale_from_the_data_and_sample_aug_saved(tmp_path):
     sr = SuperResolution((1, 8, 8), scale=2, sample_aug=0.1)
     sr.save(tmp_path / "sr.pt")
     assert load(tmp_path / "sr.pt").sample_aug == pytest.approx(0.1)
+
+
+def test_mlp_layers_and_the_vae_decoder_width():
+    from pygen.models.networks import MLP
+
+    shapes = lambda m: [tuple(l.weight.shape) for l in m if isinstance(l, torch.nn.Linear)]  # noqa: E731
+    assert shapes(MLP(3, 2, hidden=5, layers=3)) == [(5, 3), (5, 5), (5, 5), (2, 5)]
+    assert shapes(MLP(3, 2, hidden=5, layers=0)) == [(2, 3)]
+    vae = _vae()  # hidden=8: the decoder as wide as the encoder
+    assert {s[0] for s in shapes(vae.decoder.modules()) if s[0] != 16} == {8}
