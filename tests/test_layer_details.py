@@ -200,3 +200,17 @@ def test_mlp_layers_and_the_vae_decoder_width():
     assert shapes(MLP(3, 2, hidden=5, layers=0)) == [(2, 3)]
     vae = _vae()  # hidden=8: the decoder as wide as the encoder
     assert {s[0] for s in shapes(vae.decoder.modules()) if s[0] != 16} == {8}
+
+
+def test_evaluate_refuses_n_below_4_and_names_a_wrong_sample_shape():
+    from pygen.metrics import evaluate
+
+    class Wrong:
+        def sample(self, n, *, seed=None):
+            return torch.rand(n, 3)
+
+    with pytest.raises(ValueError, match=r"^n must be >= 4 \(recall's k-NN radii over the samples use k = 3\), got 3$"):
+        evaluate(None, "two_moons", n=3)  # was refused only below 2, then failed inside recall
+    assert 0 <= evaluate(None, "two_moons", n=4, n_reference=50)["baseline_data"]["recall"] <= 1
+    with pytest.raises(ValueError, match=r"^model.sample\(4\) must return a tensor of shape \(4, 2\), got \(4, 3\)$"):
+        evaluate(Wrong(), "two_moons", n=4, n_reference=50)

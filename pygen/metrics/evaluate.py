@@ -265,8 +265,8 @@ def evaluate(
     if train.name in TOY2D and n is not None:
         test = Data(toy2d(train.name, n, seed=seed + _TOY_TEST_SEED), None, train.name, "test")
     n = len(test) if n is None else int(n)
-    if n < 2:
-        raise ValueError(f"n must be >= 2, got {n}")
+    if n < 4:  # recall's k-NN radii over the n candidates use k = 3
+        raise ValueError(f"n must be >= 4 (recall's k-NN radii over the samples use k = 3), got {n}")
     sr = test.low_res is not None
     if sr and n > len(test):
         raise ValueError(f"super-resolution data: n must be <= {len(test)} (the test inputs), got {n}")
