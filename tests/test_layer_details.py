@@ -214,3 +214,12 @@ def test_evaluate_refuses_n_below_4_and_names_a_wrong_sample_shape():
     assert 0 <= evaluate(None, "two_moons", n=4, n_reference=50)["baseline_data"]["recall"] <= 1
     with pytest.raises(ValueError, match=r"^model.sample\(4\) must return a tensor of shape \(4, 2\), got \(4, 3\)$"):
         evaluate(Wrong(), "two_moons", n=4, n_reference=50)
+
+
+def test_a_class_conditional_diffusion_builds_a_conditional_network():
+    from pygen.models import Diffusion
+
+    for shape in ((1, 8, 8), (2,)):
+        torch.manual_seed(0)
+        emb = [m for m in Diffusion(shape, num_classes=3).net.modules() if isinstance(m, torch.nn.Embedding)]
+        assert [e.num_embeddings for e in emb] == [4], shape  # 3 labels + the unconditional one
