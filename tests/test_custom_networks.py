@@ -159,3 +159,8 @@ def test_each_family_trains_saves_and_loads_user_networks(user_module, tmp_path)
     sys.path.remove(str(tmp_path))
     with pytest.raises(ValueError, match=f"cannot import '{user_module}'"):
         load(tmp_path / "m.pt")
+
+
+def test_a_conditional_diffusion_passes_num_classes_to_the_users_network(user_module):
+    net = Diffusion((1, 8, 8), num_classes=3, net=f"{user_module}:Denoiser").net
+    assert net.got == {"shape": (1, 8, 8), "num_classes": 3, "width": 8}
