@@ -223,3 +223,18 @@ def test_a_class_conditional_diffusion_builds_a_conditional_network():
         torch.manual_seed(0)
         emb = [m for m in Diffusion(shape, num_classes=3).net.modules() if isinstance(m, torch.nn.Embedding)]
         assert [e.num_embeddings for e in emb] == [4], shape  # 3 labels + the unconditional one
+
+
+def test_step_time_probe_runs_warm_up_plus_min_steps(monkeypatch):
+    from pygen.models import VAE
+    from pygen.train.budget import measure_step_seconds
+
+    calls = []
+    step = VAE.training_step
+    monkeypatch.setattr(VAE, "training_step", lambda self, *a, **k: calls.append(1) or step(self, *a, **k))
+    vae, x = _vae(), torch.rand(32, 1, 4, 4)
+    assert measure_step_seconds(vae, x, batch_size=8, min_seconds=0) > 0
+    assert len(calls) == 1 + 3  # one warm-up step, then the default 3 timed
+    calls.clear()
+    measure_step_seconds(vae, x, batch_size=8, min_steps=200, min_seconds=0)
+    assert len(calls) == 201  # as many as asked: the probe's fit is not capped
