@@ -238,3 +238,25 @@ def test_step_time_probe_runs_warm_up_plus_min_steps(monkeypatch):
     calls.clear()
     measure_step_seconds(vae, x, batch_size=8, min_steps=200, min_seconds=0)
     assert len(calls) == 201  # as many as asked: the probe's fit is not capped
+
+
+def test_a_resume_with_another_lr_says_so_once_and_applies_it(tmp_path):
+    import warnings
+
+    from pygen.train import fit
+
+    data = torch.rand(32, 1, 4, 4)
+    fit(_vae(), data, steps=2, batch_size=8, lr=1e-3, progress=False, out=tmp_path)
+    for lr, warned in ((1e-3, False), (5e-4, True)):
+        model = _vae()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hist = fit(model, data, steps=3 if not warned else 4, batch_size=8, lr=lr, progress=False,
+                       out=tmp_path, resume=True, log_every=1)
+        ours = [str(w.message) for w in caught if "with lr" in str(w.message)]
+        if warned:
+            assert ours == [f"resuming from {tmp_path / 'ckpt-3.pt'} with lr 0.0005 (base lrs 0.001 before): the "
+                            "schedule continues from the new base"], ours
+        else:
+            assert ours == []
+        assert hist[-1]["lr"] == pytest.approx(lr)  # the new base applies
