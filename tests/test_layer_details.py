@@ -260,3 +260,22 @@ def test_a_resume_with_another_lr_says_so_once_and_applies_it(tmp_path):
         else:
             assert ours == []
         assert hist[-1]["lr"] == pytest.approx(lr)  # the new base applies
+
+
+def test_latent_diffusion_halves_twice_only_when_both_sides_are_16_or_more():
+    from pygen.data import Data
+    from pygen.models import LatentDiffusion
+
+    for hw, levels in (((12, 20), 1), ((20, 12), 1), ((16, 16), 2), ((16, 40), 2), ((12, 12), 1)):
+        torch.manual_seed(0)
+        model = LatentDiffusion.for_data(Data(torch.rand(8, 1, *hw), None, "x"), unconditional=True)
+        assert model.config["levels"] == levels, hw
+
+
+def test_flow_for_data_with_another_kind_drops_the_default_kinds_layer_options():
+    from pygen.data import Data
+    from pygen.models import Flow
+
+    torch.manual_seed(0)
+    images = Data(torch.rand(8, 1, 8, 8), None, "x")  # Glow's defaults: levels, depth, hidden
+    assert Flow.for_data(images, kind="realnvp").config["kind"] == "realnvp"  # RealNVP takes no depth / levels
