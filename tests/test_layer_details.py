@@ -279,3 +279,24 @@ def test_flow_for_data_with_another_kind_drops_the_default_kinds_layer_options()
     torch.manual_seed(0)
     images = Data(torch.rand(8, 1, 8, 8), None, "x")  # Glow's defaults: levels, depth, hidden
     assert Flow.for_data(images, kind="realnvp").config["kind"] == "realnvp"  # RealNVP takes no depth / levels
+
+
+def test_gan_evaluation_loss_and_the_collapse_message():
+    from pygen.models import GAN
+    from pygen.train.loop import TrainingDiverged
+
+    torch.manual_seed(0)
+    gan = GAN((2,), z_dim=4)
+    x = torch.randn(16, 2)
+    torch.manual_seed(1)
+    ev = gan.loss(x)  # phase None: both adversarial losses, no penalties
+    assert set(ev) == {"loss", "loss_d", "loss_g", "d_real", "d_fake"}
+    assert torch.equal(ev["loss"], ev["loss_d"] + ev["loss_g"])
+    with torch.no_grad():
+        for p in gan.generator.parameters():
+            p.zero_()  # every fake is the same point: a collapse
+    opt = torch.optim.Adam(gan.generator.parameters())
+    with pytest.raises(TrainingDiverged, match=r"^GAN training collapsed at training step 6: every generated sample "
+                                               r"of the batch is the same \(spread 0 < ") as e:
+        gan.generator_step(x, 5, opt)
+    assert e.value.step == 6
