@@ -300,3 +300,12 @@ def test_gan_evaluation_loss_and_the_collapse_message():
                                                r"of the batch is the same \(spread 0 < ") as e:
         gan.generator_step(x, 5, opt)
     assert e.value.step == 6
+
+
+def test_second_stage_on_the_posterior_means_fits_the_means():
+    vae, x = _vae(), torch.rand(64, 1, 4, 4)
+    vae.fit_second_stage(x, components=1, latents="mean", seed=0)
+    mu, _ = vae.encode_data(x)
+    # one full-covariance component on the means: its mean is theirs
+    assert torch.allclose(vae.gmm_means[0].double(), mu.double().mean(0), atol=1e-5)
+    assert vae.config["second_stage"]["kind"] == "gmm"
