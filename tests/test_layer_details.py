@@ -309,3 +309,15 @@ def test_second_stage_on_the_posterior_means_fits_the_means():
     # one full-covariance component on the means: its mean is theirs
     assert torch.allclose(vae.gmm_means[0].double(), mu.double().mean(0), atol=1e-5)
     assert vae.config["second_stage"]["kind"] == "gmm"
+
+
+def test_a_failed_second_stage_fit_leaves_no_stage_and_a_loadable_model(tmp_path):
+    from pygen.models import load
+
+    vae, x = _vae(), torch.rand(64, 1, 4, 4)
+    vae.fit_second_stage(x, components=1, latents="mean", seed=0)
+    with pytest.raises(ValueError):  # more components than examples: scikit-learn refuses
+        vae.fit_second_stage(x[:4], components=10, latents="mean", seed=0)
+    assert vae.config["second_stage"] is None and "gmm_means" not in dict(vae.named_buffers())
+    vae.save(tmp_path / "v.pt")
+    assert torch.equal(load(tmp_path / "v.pt").latents(3, seed=1), vae.latents(3, seed=1))  # from the prior
