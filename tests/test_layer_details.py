@@ -321,3 +321,15 @@ def test_a_failed_second_stage_fit_leaves_no_stage_and_a_loadable_model(tmp_path
     assert vae.config["second_stage"] is None and "gmm_means" not in dict(vae.named_buffers())
     vae.save(tmp_path / "v.pt")
     assert torch.equal(load(tmp_path / "v.pt").latents(3, seed=1), vae.latents(3, seed=1))  # from the prior
+
+
+def test_aggregate_posterior_samples_of_a_conditional_vae_decode_with_the_labels():
+    from pygen.metrics import aggregate_posterior_samples
+    from pygen.models.seeding import randn
+
+    vae, x, y = _vae(num_classes=2), torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 1, 0, 1, 0])
+    got = aggregate_posterior_samples(vae, (x, y), seed=5, batch_size=4)
+    mu, logvar = vae.encode(x, y)
+    z = mu + torch.exp(0.5 * logvar) * randn(*mu.shape, seed=5)
+    assert torch.allclose(got, vae.decode(z, y), atol=1e-6)
+    assert not torch.allclose(got, vae.decode(z, 1 - y), atol=1e-3)  # the labels matter
