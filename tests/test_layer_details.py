@@ -333,3 +333,27 @@ def test_aggregate_posterior_samples_of_a_conditional_vae_decode_with_the_labels
     z = mu + torch.exp(0.5 * logvar) * randn(*mu.shape, seed=5)
     assert torch.allclose(got, vae.decode(z, y), atol=1e-6)
     assert not torch.allclose(got, vae.decode(z, 1 - y), atol=1e-3)  # the labels matter
+
+
+def test_kl_autoencoder_channel_widths_and_a_narrow_width():
+    from pygen.models.autoencoder import KLAutoencoder
+
+    convs = lambda m: [l.out_channels for l in m.modules() if isinstance(l, torch.nn.Conv2d)]  # noqa: E731
+    ae = KLAutoencoder((1, 8, 8), levels=2, width=8)
+    assert sorted(set(convs(ae.encoder))) == [8, 16, 32]  # 2 * width at 1/2, 4 * width at 1/4, 2 * 4 latent
+    ae = KLAutoencoder((1, 8, 12), levels=1, width=2)  # 4 channels: groups must divide them
+    assert ae.latent_shape == (4, 4, 6)
+
+
+def test_guidance_defaults_to_the_conditional_prediction():
+    from pygen.models import Diffusion
+
+    torch.manual_seed(0)
+    d = Diffusion((2,), num_classes=3)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # a zero-initialised output layer would hide the labels
+    x, sigma, y = torch.randn(4, 2), torch.full((4,), 0.5), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        assert torch.equal(d.guided(x, sigma, y), d.guided(x, sigma, y, guidance_scale=1.0))
+        assert not torch.allclose(d.guided(x, sigma, y), d.guided(x, sigma, y, guidance_scale=2.0))
