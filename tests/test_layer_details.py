@@ -357,3 +357,13 @@ def test_guidance_defaults_to_the_conditional_prediction():
     with torch.no_grad():
         assert torch.equal(d.guided(x, sigma, y), d.guided(x, sigma, y, guidance_scale=1.0))
         assert not torch.allclose(d.guided(x, sigma, y), d.guided(x, sigma, y, guidance_scale=2.0))
+
+
+def test_sampling_a_vae_with_diffusion_options_names_the_flag(tmp_path):
+    from pygen.sampling import SamplingError, sample_to_dir
+
+    ckpt = tmp_path / "vae.pt"
+    _vae().save(ckpt)
+    for opt, flag in (({"steps": 5}, "--steps"), ({"sampler": "ddim"}, "--sampler"), ({"guidance": 2.0}, "--guidance")):
+        with pytest.raises(SamplingError, match=rf"^{flag} does not apply to a 'vae' model \(its sample\(\) takes "):
+            sample_to_dir(ckpt, 4, tmp_path / "s", progress=False, grid=False, **opt)
