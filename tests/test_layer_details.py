@@ -367,3 +367,19 @@ def test_sampling_a_vae_with_diffusion_options_names_the_flag(tmp_path):
     for opt, flag in (({"steps": 5}, "--steps"), ({"sampler": "ddim"}, "--sampler"), ({"guidance": 2.0}, "--guidance")):
         with pytest.raises(SamplingError, match=rf"^{flag} does not apply to a 'vae' model \(its sample\(\) takes "):
             sample_to_dir(ckpt, 4, tmp_path / "s", progress=False, grid=False, **opt)
+
+
+def test_resume_trims_metrics_past_the_checkpoint_and_keeps_lines_without_a_step(tmp_path):
+    import json
+
+    from pygen.train import fit
+    from pygen.train.loop import METRICS
+
+    data = torch.rand(32, 1, 4, 4)
+    fit(_vae(), data, steps=2, batch_size=8, progress=False, out=tmp_path, log_every=1)
+    log = tmp_path / METRICS
+    # a note without a step (kept), a record past the checkpoint (dropped: the resume redoes it), a cut line
+    log.write_text(log.read_text() + '{"note": "user"}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    fit(_vae(), data, steps=2, batch_size=8, progress=False, out=tmp_path, resume=True, log_every=1)
+    steps = [json.loads(line).get("step") for line in log.read_text().splitlines()]
+    assert steps == [1, 2, None], steps
