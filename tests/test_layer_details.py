@@ -124,7 +124,7 @@ def test_sampling_job_reports_shards_timing_and_versions(tmp_path, fmt):
     import json
 
     import pygen
-    from pygen.sampling import MANIFEST, describe, sample_to_dir
+    from pygen.sampling import MANIFEST, SampleDir, describe, sample_to_dir
 
     ckpt = tmp_path / "vae.pt"
     _vae().save(ckpt)
@@ -139,6 +139,8 @@ def test_sampling_job_reports_shards_timing_and_versions(tmp_path, fmt):
     rate = f"{10 / saved['seconds']:,.0f} samples/s"
     assert describe(saved) == (f"10 samples of vae (seed 0) in 3 {kind}; this run sampled 10 in "
                                f"{saved['seconds']:.1f} s ({rate})")
+    job = SampleDir(tmp_path / "s")
+    assert job.read(3, 3).shape == (0, 1, 4, 4) and job.read(2, 5).shape == (3, 1, 4, 4)  # an empty range too
 
 
 def test_resume_warnings_point_at_the_callers_line(tmp_path):
