@@ -385,3 +385,16 @@ def test_resume_trims_metrics_past_the_checkpoint_and_keeps_lines_without_a_step
     fit(_vae(), data, steps=2, batch_size=8, progress=False, out=tmp_path, resume=True, log_every=1)
     steps = [json.loads(line).get("step") for line in log.read_text().splitlines()]
     assert steps == [1, 2, None], steps
+
+
+def test_a_checkpoint_whose_config_asks_for_far_more_than_its_weights_is_refused(tmp_path):
+    from pygen.models import load
+    from pygen._io import CorruptCheckpoint
+
+    _vae().save(tmp_path / "v.pt")
+    ckpt = torch.load(tmp_path / "v.pt", weights_only=False)
+    ckpt["config"]["hidden"] = 100_000  # 10^10 weights in the 100k x 100k layers
+    torch.save(ckpt, tmp_path / "big.pt")
+    with pytest.raises(CorruptCheckpoint, match=r"big.pt: its config builds a model of .* GB for .* of weights: a "
+                                                r"damaged or foreign checkpoint$"):
+        load(tmp_path / "big.pt")
