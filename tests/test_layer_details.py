@@ -398,3 +398,18 @@ def test_a_checkpoint_whose_config_asks_for_far_more_than_its_weights_is_refused
     with pytest.raises(CorruptCheckpoint, match=r"big.pt: its config builds a model of .* GB for .* of weights: a "
                                                 r"damaged or foreign checkpoint$"):
         load(tmp_path / "big.pt")
+
+
+def test_min_snr_weighting_is_vps_and_refused_with_edm():
+    from pygen.models import Diffusion
+
+    with pytest.raises(ValueError, match=r"^snr_gamma \(Min-SNR weighting\) is for precond='vp'; EDM weights its "
+                                         r"loss itself, got snr_gamma=5.0 with precond='edm'$"):
+        Diffusion((2,), snr_gamma=5.0)
+    losses = []
+    for gamma in (None, 0.5):
+        torch.manual_seed(0)
+        d = Diffusion((2,), precond="vp", snr_gamma=gamma)
+        torch.manual_seed(1)
+        losses.append(d.loss(torch.randn(64, 2))["loss"].item())
+    assert losses[1] < losses[0]  # Min-SNR caps the weight of the low-noise steps at gamma / SNR < 1

@@ -125,6 +125,9 @@ class Diffusion(GenerativeModel, family="diffusion"):
         shape = tuple(int(s) for s in shape)
         if precond not in ("edm", "vp"):
             raise ValueError(f"precond must be 'edm' or 'vp', got {precond!r}")
+        if precond == "edm" and snr_gamma is not None:  # EDM weights its loss by lambda(sigma): Min-SNR is VP's
+            raise ValueError(f"snr_gamma (Min-SNR weighting) is for precond='vp'; EDM weights its loss itself, "
+                             f"got snr_gamma={snr_gamma!r} with precond='edm'")
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
         if sampler not in SAMPLERS:
@@ -228,7 +231,7 @@ class Diffusion(GenerativeModel, family="diffusion"):
 
         edm = isinstance(self.precond, EDM)
         per = diffusion_loss(net, x0, self.alphas_cumprod, t=t, prediction_type=self.output_type,
-                             snr_gamma=None if edm else self.snr_gamma, labels=labels, **extra)
+                             snr_gamma=self.snr_gamma, labels=labels, **extra)
         if edm:
             per = per * self.precond.loss_weight(self.train_sigmas[t])
         return {"loss": per.mean()}
