@@ -413,3 +413,16 @@ def test_min_snr_weighting_is_vps_and_refused_with_edm():
         torch.manual_seed(1)
         losses.append(d.loss(torch.randn(64, 2))["loss"].item())
     assert losses[1] < losses[0]  # Min-SNR caps the weight of the low-noise steps at gamma / SNR < 1
+
+
+def test_ddpm_loss_draws_every_training_timestep(monkeypatch):
+    import pygen.models.diffusion as diffusion
+
+    seen = []
+    real = diffusion.diffusion_loss
+    monkeypatch.setattr(diffusion, "diffusion_loss", lambda *a, t, **k: seen.append(t) or real(*a, t=t, **k))
+    torch.manual_seed(0)
+    d = diffusion.Diffusion((2,), precond="vp", num_train_timesteps=50)
+    torch.manual_seed(1)
+    d.loss(torch.randn(2000, 2))
+    assert sorted(set(seen[0].tolist())) == list(range(50))  # uniform on 0 .. T-1: t = 0 included
