@@ -426,3 +426,18 @@ def test_ddpm_loss_draws_every_training_timestep(monkeypatch):
     torch.manual_seed(1)
     d.loss(torch.randn(2000, 2))
     assert sorted(set(seen[0].tolist())) == list(range(50))  # uniform on 0 .. T-1: t = 0 included
+
+
+def test_a_super_resolution_job_upsamples_the_datas_test_inputs(tmp_path):
+    from pygen.data import load as load_data
+    from pygen.models.conditioned import SuperResolution
+    from pygen.sampling import SampleDir, sample_to_dir
+
+    torch.manual_seed(0)
+    sr = SuperResolution((3, 32, 32), scale=4, width=8, mults=[1], blocks=1, attention=[])
+    sr.save(tmp_path / "sr.pt")
+    sample_to_dir(tmp_path / "sr.pt", 2, tmp_path / "s", data="patches", steps=2, progress=False, grid=False)
+    got = SampleDir(tmp_path / "s").read(0, 2)
+    low = load_data("patches", "test").low_res[:2]
+    want = sr.sample(2, low_res=low, steps=2, seed=0)
+    assert torch.allclose(got, want, atol=1e-5)
