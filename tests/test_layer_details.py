@@ -441,3 +441,14 @@ def test_a_super_resolution_job_upsamples_the_datas_test_inputs(tmp_path):
     low = load_data("patches", "test").low_res[:2]
     want = sr.sample(2, low_res=low, steps=2, seed=0)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_job_larger_than_the_free_space_is_one_line_before_anything_is_written(tmp_path):
+    from pygen.sampling import SamplingError, sample_to_dir
+
+    _vae().save(tmp_path / "vae.pt")
+    n = 10**12  # 16 floats each: 64 TB
+    with pytest.raises(SamplingError, match=rf"^-n {n} needs about 6.4e\+04 GB in .*s \(0 GB of it written\); "
+                                            r"[0-9.e+]+ GB are free there: sample fewer, or into a larger disk$"):
+        sample_to_dir(tmp_path / "vae.pt", n, tmp_path / "s", progress=False, grid=False)
+    assert not any(p.suffix in (".npz", ".png") for p in (tmp_path / "s").iterdir())
