@@ -102,12 +102,12 @@ def _train(name: str, run_dir: Path, quick: bool, data: str = "digits", minutes:
         if name in cap:
             settings["steps"] = min(settings["steps"], cap[name])
     else:  # other data: each family's default steps, cut to a wall-clock budget measured here
-        from pygen.train.budget import measure_step_seconds, steps_for_minutes
+        from pygen.train.budget import plan_for_minutes
 
         minutes = minutes if minutes is not None else (1.0 if quick else 5.0)
-        sec = measure_step_seconds(model, training_data(model, train), batch_size=settings["batch_size"],
-                                   lr=settings["lr"])
-        settings["steps"] = min(settings["steps"], steps_for_minutes(minutes, sec))
+        fits, _, _ = plan_for_minutes(model, training_data(model, train), minutes, batch_size=settings["batch_size"],
+                                      lr=settings["lr"])
+        settings["steps"] = min(settings["steps"], fits)
     stages = stage_options(model, settings["steps"])
     if stages:  # both stages in a short run
         torch.manual_seed(settings["seed"])

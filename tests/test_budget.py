@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from pygen.models import VAE
+from pygen.models import VAE, LatentDiffusion
 from pygen.train import fit
 from pygen.train.budget import OVERHEAD, measure_step_seconds, steps_for_minutes
 
@@ -69,13 +69,46 @@ def test_cli_minutes_sets_and_records_the_step_count(tmp_path):
     assert not (tmp_path / "d" / "train.json").exists()
 
 
+def test_a_cheaper_first_stage_keeps_its_steps_and_the_rest_of_the_time_goes_to_the_dearer_stage():
+    budget = 600 * (1 - OVERHEAD)  # 10 minutes: 540 s
+    # 100 first-stage steps of 0.1 s (10 s), then 530 s of 1 s steps
+    assert steps_for_minutes(10, 1.0, first_stage=(100, 0.1)) == 100 + int((budget - 10) / 1.0)
+    # 1000 first-stage steps would take 100 s but then outnumber the 440 that follow:
+    # the first stage is cut to n = 540 / 1.1 = 490 steps, the dearer one gets >= n
+    steps = steps_for_minutes(10, 1.0, first_stage=(1000, 0.1))
+    assert steps == 490 + int(budget - 490 * 0.1)
+    assert LatentDiffusion((1, 8, 8), ae_steps=1000).stage_steps_for(steps) == 490  # the split the budget assumed
+    assert steps_for_minutes(10, 1.0, first_stage=(0, 0.1)) == steps_for_minutes(10, 1.0)
+
+
+def test_the_minutes_plan_times_each_stage_of_a_staged_model_at_its_own_cost(monkeypatch):
+    import pygen.train.budget as budget
+
+    timed = []
+
+    def fake(model, data, *, batch_size, probe=None, **kw):
+        timed.append(None if probe is None else (int(probe.ae_steps), model.ae_steps))
+        return 1.0 if probe is None else 0.25
+
+    monkeypatch.setattr(budget, "measure_step_seconds", fake)
+    model = LatentDiffusion((1, 8, 8), ae_steps=40)
+    steps, sec, first = budget.plan_for_minutes(model, torch.rand(8, 1, 8, 8), 1.0, batch_size=4)
+    assert timed == [None, (2**62, 40)] and (sec, first) == (1.0, 0.25)  # its autoencoder-only copy timed apart
+    assert 40 + int(60 * (1 - OVERHEAD) - 40 * 0.25) - 1 <= steps <= 40 + int(60 * (1 - OVERHEAD) - 40 * 0.25)
+    timed.clear()
+    steps, sec, first = budget.plan_for_minutes(VAE((1, 8, 8), latent_dim=2, hidden=16, network="mlp"),
+                                                torch.rand(8, 1, 8, 8), 1.0, batch_size=4)
+    assert timed == [None] and first is None and steps <= int(60 * (1 - OVERHEAD))
+
+
 def test_stage_options_size_a_staged_model_for_the_run():
     from pygen.models import LatentDiffusion
     from pygen.train.budget import stage_options
 
     model = LatentDiffusion((1, 8, 8), ae_steps=800)
-    assert stage_options(model, 300) == {"ae_steps": 100}  # a third of a short run
-    assert stage_options(model, 2400) == {}  # 800 fits
+    assert stage_options(model, 300) == {"ae_steps": 150}  # half of a short run
+    assert stage_options(model, 1599) == {"ae_steps": 799}
+    assert stage_options(model, 1600) == {}  # 800 fits
     assert stage_options(model, 4000) == {}
     assert stage_options(VAE((1, 8, 8), latent_dim=2, hidden=16, network="mlp"), 5) == {}  # no stages
 

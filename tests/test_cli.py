@@ -292,7 +292,7 @@ def test_demo_on_fashion_mnist_cuts_steps_to_the_budget_and_trains_diffusion_in_
     res = json.loads((tmp_path / "demo" / "fashion-mnist-quick" / "report.json").read_text())["results"]["diffusion"]
     assert res["family"] == "latent-diffusion" and res["data"] == "fashion-mnist" and res["shape"] == [1, 28, 28]
     assert 1 <= res["steps"] < res["default_steps"]  # cut to a quarter of a minute
-    assert res["config"]["ae_steps"] == max(res["steps"] // 3, min(1, res["steps"] - 1))  # both stages trained
+    assert 1 <= res["config"]["ae_steps"] <= res["steps"] // 2  # both stages trained
     assert res["evaluate"]["fd"] > 0
     report = (tmp_path / "demo" / "fashion-mnist-quick" / "report.md").read_text()
     assert "pygen train latent-diffusion --data fashion-mnist" in report

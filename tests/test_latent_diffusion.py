@@ -94,9 +94,23 @@ def test_stage_two_loss_is_the_diffusion_loss_of_the_scaled_latents():
     torch.testing.assert_close(z1, 0.5 * m.autoencoder.encode(x)[0])
 
 
-def test_a_short_run_gives_the_autoencoder_a_third_of_it_and_the_diffusion_model_the_rest():
+def test_a_short_run_gives_the_autoencoder_at_most_half_of_it_and_the_diffusion_model_the_rest():
     m = _model(ae_steps=800)
-    assert [m.stage_steps_for(s) for s in (1, 2, 3, 6, 2400, 2423, 10**6)] == [0, 1, 1, 2, 800, 800, 800]
+    assert [m.stage_steps_for(s) for s in (1, 2, 3, 7, 1599, 1600, 10**6)] == [0, 1, 1, 3, 799, 800, 800]
+
+
+def test_the_first_stage_probe_trains_only_the_autoencoder_on_a_copy():
+    m = _model(ae_steps=5)
+    n, probe = m.first_stage_probe()
+    assert n == 5 and m.ae_steps == 5 and probe is not m
+    assert all(p is not q for p, q in zip(probe.parameters(), m.parameters()))
+    opts = probe.configure_optimizers()
+    batch = _data(4)
+    before = [p.clone() for p in probe.diffusion.parameters()]
+    for step in range(10):  # past this model's 5 autoencoder steps: still the autoencoder
+        out = probe.training_step(batch, step, opts)
+    assert "l1" in out and int(probe.stage) == 0 and int(m.stage) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, probe.diffusion.parameters()))
 
 
 def test_the_step_probe_times_the_diffusion_stage_on_a_copy():
@@ -203,7 +217,7 @@ def test_cli_trains_samples_and_evaluates_a_latent_diffusion_run(tmp_path):
     assert tr.returncode == 0, tr.stderr
     record = json.loads((run / "train.json").read_text())
     assert record["family"] == "latent-diffusion"
-    assert record["options"]["ae_steps"] == 2  # a short run: the autoencoder gets a third of it
+    assert record["options"]["ae_steps"] == 3  # a short run: the autoencoder gets half of it
     model = load(run)
     assert isinstance(model, LatentDiffusion) and int(model.stage) == 1 and model.num_classes == 10
     sa = subprocess.run([*cmd, "sample", str(run), "-n", "6", "--steps", "2", "--out", str(tmp_path / "s")],

@@ -98,6 +98,9 @@ def main() -> None:
         out = {"command": "pygen " + " ".join(train_cmd[3:]), "train_seconds": round(train_s, 1),
                "eval_seconds": round(eval_s, 1), "steps": rec["steps"], "batch_size": rec["batch_size"],
                "measured_seconds_per_step": rec.get("measured_seconds_per_step")}
+        if "measured_seconds_per_first_stage_step" in rec:  # latent diffusion's autoencoder, timed apart
+            out["measured_seconds_per_first_stage_step"] = rec["measured_seconds_per_first_stage_step"]
+            out["first_stage_steps"] = rec["options"].get("ae_steps", rec.get("ae_steps"))
         if ev.returncode == 0:
             r = json.loads(ev_json.read_text())
             fd, floor, bar = r.get("fd"), r["baseline_data"].get("fd"), r["baseline_gaussian"].get("fd")

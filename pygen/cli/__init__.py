@@ -303,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               "command": "pygen " + " ".join(sys.argv[1:])}
     if image_size is not None:
         record["image_size"] = image_size
-    for key in ("minutes", "default_minutes_cap", "measured_seconds_per_step"):  # how the step count was set
+    for key in ("minutes", "default_minutes_cap", "measured_seconds_per_step", "measured_seconds_per_first_stage_step"):  # how the step count was set
         if key in saved:
             record[key] = saved[key]
     if data.classes is not None:  # what label k means (a folder's sub-folder names)
@@ -367,10 +367,9 @@ def _budget_steps(args: argparse.Namespace, model: Any, train: Any, settings: di
     and train.json (a resume then continues to the same count: it stays exact). ``cap``: no
     --steps or --minutes given; the family's default step count, cut to what fits in ``cap``
     minutes here."""
-    import time
 
     from pygen.models.labels import training_data
-    from pygen.train.budget import measure_step_seconds, steps_for_minutes
+    from pygen.train.budget import plan_for_minutes
 
     minutes = cap if cap is not None else args.minutes
     if cap is None and args.steps is not None:
@@ -381,18 +380,19 @@ def _budget_steps(args: argparse.Namespace, model: Any, train: Any, settings: di
         if cap is not None:
             return  # under torchrun the default step count stands (no one-process probe)
         raise UserError("--minutes measures one process's throughput; under torchrun pass --steps")
-    t0 = time.perf_counter()
     what = f"--minutes {minutes:g}" if cap is None else f"the default cap of {minutes:g} minutes"
     print(f"measuring this machine's training throughput for {what} ...", flush=True)
     try:
-        sec = measure_step_seconds(model, training_data(model, train), batch_size=settings["batch_size"],
-                                   lr=settings["lr"], grad_accum=settings["grad_accum"],
-                                   precision=settings["precision"], device=args.device)  # fmt: skip
+        steps, sec, first_sec = plan_for_minutes(
+            model, training_data(model, train), minutes, batch_size=settings["batch_size"], lr=settings["lr"],
+            grad_accum=settings["grad_accum"], precision=settings["precision"], device=args.device)  # fmt: skip
     except (ValueError, RuntimeError) as e:  # settings fit refuses: the real run says so in its own words
         if cap is not None:
             return
         raise UserError(f"cannot measure the throughput for --minutes: {str(e).splitlines()[0]}") from None
-    steps = steps_for_minutes(minutes, sec, spent=time.perf_counter() - t0)
+    if first_sec is not None:
+        print(f"{first_sec:.3g} s per step of its first stage", flush=True)
+        record["measured_seconds_per_first_stage_step"] = round(first_sec, 6)
     if cap is not None:
         fits = steps
         steps = min(settings["steps"], fits)

@@ -16,7 +16,7 @@ import torch
 from pygen.models.base import GenerativeModel
 from pygen.train.callbacks import Callback
 
-__all__ = ["measure_step_seconds", "steps_for_minutes", "stage_options", "OVERHEAD"]
+__all__ = ["measure_step_seconds", "steps_for_minutes", "plan_for_minutes", "stage_options", "OVERHEAD"]
 
 #: share of a budget kept for what the probe does not time: held-out evaluations,
 #: checkpoints and sample grids
@@ -47,14 +47,16 @@ class _StepTimer(Callback):
 
 
 def measure_step_seconds(model: GenerativeModel, data: Any, *, batch_size: int, min_steps: int = 3,
-                         min_seconds: float = 3.0, max_seconds: float = 30.0, **fit_kwargs: Any) -> float:
+                         min_seconds: float = 3.0, max_seconds: float = 30.0, probe: GenerativeModel | None = None,
+                         **fit_kwargs: Any) -> float:
     """Seconds per optimizer step of :func:`pygen.train.fit` (``fit_kwargs``: its options,
     e.g. lr, grad_accum, precision, device) on a deep copy of ``model``; the RNG states are
     restored afterwards, so the run that follows is the run it would have been. The copy is
-    ``model.probe_copy()`` (a model whose stages differ in cost times its dearer one)."""
+    ``probe``, else ``model.probe_copy()`` (a model whose stages differ in cost times its
+    dearer one)."""
     from pygen.train import fit
 
-    probe = model.probe_copy()
+    probe = model.probe_copy() if probe is None else probe
     timer = _StepTimer(min_steps, min_seconds, max_seconds)
     with torch.random.fork_rng(devices=[]):
         fit(probe, data, steps=10**9, batch_size=batch_size, out=None, progress=False, log_every=10**9,
@@ -62,12 +64,39 @@ def measure_step_seconds(model: GenerativeModel, data: Any, *, batch_size: int, 
     return timer.seconds_per_step
 
 
-def steps_for_minutes(minutes: float, seconds_per_step: float, *, spent: float = 0.0) -> int:
-    """Steps that fit in ``minutes`` (less ``spent`` seconds already used, less :data:`OVERHEAD`)."""
+def steps_for_minutes(minutes: float, seconds_per_step: float, *, spent: float = 0.0,
+                      first_stage: tuple[int, float] | None = None) -> int:
+    """Steps that fit in ``minutes`` (less ``spent`` seconds already used, less :data:`OVERHEAD`).
+
+    ``first_stage``: (steps, seconds per step) of a cheaper first stage (latent diffusion's
+    autoencoder, ``stage_steps_for``): it keeps its steps but at most half of the run's (so
+    ``stage_steps_for`` of the result gives it exactly that many), the rest of the time goes
+    to steps of ``seconds_per_step``."""
     if not minutes > 0:
         raise ValueError(f"minutes must be > 0, got {minutes!r}")
     budget = (minutes * 60.0 - spent) * (1.0 - OVERHEAD)
-    return max(1, int(budget / seconds_per_step))
+    if first_stage is None:
+        return max(1, int(budget / seconds_per_step))
+    n, first_seconds = first_stage
+    n = max(0, min(n, int(budget / (first_seconds + seconds_per_step))))  # then the rest is >= n steps
+    return max(1, n + int((budget - n * first_seconds) / seconds_per_step))
+
+
+def plan_for_minutes(model: GenerativeModel, data: Any, minutes: float, *, batch_size: int,
+                     **fit_kwargs: Any) -> tuple[int, float, float | None]:
+    """(steps, seconds per step, seconds per first-stage step or None): the steps of
+    ``model`` (``fit_kwargs``: fit's options) that fit in ``minutes`` here, measured (the
+    probes' own time is spent from the budget). A model with a cheaper first stage
+    (``first_stage_probe()``: its steps and a copy that trains only that stage) has both
+    stages timed, so the budget counts each stage at its own cost."""
+    t0 = time.perf_counter()
+    sec = measure_step_seconds(model, data, batch_size=batch_size, **fit_kwargs)
+    first, first_sec = None, None
+    if hasattr(model, "first_stage_probe"):
+        n, probe = model.first_stage_probe()
+        first_sec = measure_step_seconds(model, data, batch_size=batch_size, probe=probe, **fit_kwargs)
+        first = (n, first_sec)
+    return steps_for_minutes(minutes, sec, spent=time.perf_counter() - t0, first_stage=first), sec, first_sec
 
 
 def stage_options(model: GenerativeModel, steps: int) -> dict[str, int]:
