@@ -169,9 +169,12 @@ def test_a_lazy_folder_decodes_only_the_subset(tmp_path):
     assert len(read) == 5
 
 
-def test_the_default_subset_is_20000_examples():
+def test_the_default_subset_is_20000_examples_and_the_mixture_has_one_component_per_400():
     x = blobs(20001, seed=1)
-    assert vae().fit_post_hoc(x).startswith("a 10-component Gaussian mixture on Q(z) of 20000 examples x 1 draws")
+    assert vae().fit_post_hoc(x).startswith("a 50-component Gaussian mixture on Q(z) of 20000 examples x 1 draws")
+    assert vae().fit_post_hoc(x[:8399]).startswith("a 20-component Gaussian mixture on Q(z) of 8399 examples x 2 draws")
+    assert vae().fit_post_hoc(x[:3000]).startswith("a 10-component")  # at least 10
+    assert vae().fit_post_hoc(x[:3000], components=7).startswith("a 7-component")
 
 
 def test_a_conditional_vae_fits_with_its_labels():
@@ -195,7 +198,7 @@ def _reference(x: torch.Tensor, n: int, draws: int, calibrate: int) -> VAE:
     if len(x) > n:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(s))[:n].sort().values]
     ref = vae()
-    ref.fit_second_stage(x, "gmm", components=10, draws=draws, seed=s)
+    ref.fit_second_stage(x, "gmm", components=min(50, max(10, len(x) // 400)), draws=draws, seed=s)
     ref.calibrate_variance(x, n=calibrate, seed=s)
     return ref
 

@@ -71,7 +71,7 @@ class LatentDiffusion(GenerativeModel, family="latent-diffusion"):
     ddp_find_unused_parameters: ClassVar[bool] = True
     #: measured on Fashion-MNIST on a 2-core AMD EPYC (benchmarks/quality/fashion_mnist.py):
     #: 2500 autoencoder steps (its test reconstructions' FD 2.0, against 5.8 after 800) then
-    #: 4000 of the diffusion model, each stage about 3x cheaper than the next
+    #: 4000 of the diffusion model (whose steps cost 1.7x an autoencoder step)
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 6500, "batch_size": 128, "lr": 5e-4}
     ema_copies: ClassVar[tuple[str, ...]] = ("diffusion_ema",)
     #: on a GPU (where pixel diffusion is the default): 20k steps of 256 (capped at 20
@@ -206,7 +206,7 @@ class LatentDiffusion(GenerativeModel, family="latent-diffusion"):
 
     def first_stage_probe(self) -> tuple[int, LatentDiffusion]:
         """(``ae_steps``, a throwaway copy that trains only the autoencoder): the --minutes
-        budget times this stage apart, as its steps cost about a third of a diffusion step."""
+        budget times this stage apart: its steps cost less than a diffusion step."""
         probe = copy.deepcopy(self)
         probe.ae_steps = 2**62
         return self.ae_steps, probe
