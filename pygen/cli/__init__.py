@@ -303,7 +303,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               "command": "pygen " + " ".join(sys.argv[1:])}
     if image_size is not None:
         record["image_size"] = image_size
-    for key in ("minutes", "default_minutes_cap", "measured_seconds_per_step", "measured_seconds_per_first_stage_step"):  # how the step count was set
+    how_set = ("minutes", "default_minutes_cap", "measured_seconds_per_step", "measured_seconds_per_first_stage_step")
+    for key in how_set:  # how the step count was set
         if key in saved:
             record[key] = saved[key]
     if data.classes is not None:  # what label k means (a folder's sub-folder names)

@@ -69,9 +69,9 @@ class LatentDiffusion(GenerativeModel, family="latent-diffusion"):
     #: each stage leaves the other's parameters without gradients (DistributedDataParallel must
     #: know); the latent scale set at the switch is a buffer, so DDP broadcasts rank 0's
     ddp_find_unused_parameters: ClassVar[bool] = True
-    #: measured on Fashion-MNIST on a 2-core AMD EPYC (benchmarks/quality/fashion_mnist.py):
-    #: 2500 autoencoder steps (its test reconstructions' FD 2.0, against 5.8 after 800) then
-    #: 4000 of the diffusion model (whose steps cost 1.7x an autoencoder step)
+    #: measured on Fashion-MNIST (benchmarks/quality/latent_autoencoder.py, fashion_mnist.py;
+    #: a 2-core Intel Xeon): 2500 autoencoder steps (its test reconstructions' FD 1.8, against
+    #: 6.3 after 800) then 4000 of the diffusion model (whose steps cost 1.7x as much)
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 6500, "batch_size": 128, "lr": 5e-4}
     ema_copies: ClassVar[tuple[str, ...]] = ("diffusion_ema",)
     #: on a GPU (where pixel diffusion is the default): 20k steps of 256 (capped at 20
