@@ -101,6 +101,22 @@ def test_the_minutes_plan_times_each_stage_of_a_staged_model_at_its_own_cost(mon
     assert timed == [None] and first is None and steps <= int(60 * (1 - OVERHEAD))
 
 
+def test_cli_minutes_times_latent_diffusions_autoencoder_stage_apart_and_keeps_it_on_resume(tmp_path):
+    run = tmp_path / "ld"
+    tiny = ["--option", "width=8", "--option", "mults=[1]", "--option", "blocks=1", "--option", "attention=false",
+            "--option", "ae_width=4"]
+    out = cli("train", "latent-diffusion", "--data", "digits", "--out", run, "--minutes", "0.3", "--batch-size", "16",
+              "--no-progress", *tiny)
+    rec = json.loads((run / "train.json").read_text())
+    first, sec = rec["measured_seconds_per_first_stage_step"], rec["measured_seconds_per_step"]
+    assert first > 0 and sec > 0 and f"{first:.3g} s per step of its first stage" in out.stdout
+    n = min(2500, rec["steps"] // 2)  # the autoencoder's share, as the budget planned it (0 on a machine so
+    assert rec["options"].get("ae_steps", 2500) == n  # loaded that the probes spent the budget: 1 step)
+    assert rec["steps"] <= n + (0.3 * 60 * (1 - OVERHEAD) - n * first) / sec + 1  # each stage at its own cost
+    cli("train", "latent-diffusion", "--out", run, "--resume", "--no-progress")  # nothing left to do
+    assert json.loads((run / "train.json").read_text())["measured_seconds_per_first_stage_step"] == first
+
+
 def test_stage_options_size_a_staged_model_for_the_run():
     from pygen.models import LatentDiffusion
     from pygen.train.budget import stage_options
