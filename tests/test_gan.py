@@ -206,6 +206,13 @@ def test_n_dis_discriminator_steps_per_generator_step():
         assert torch.isfinite(out[key]), key
 
 
+def test_the_logged_lr_is_the_generator_s_under_ttur():
+    """D steps at lr x lr_ratio, then G at lr: the trainer logs G's, the --lr the user gave."""
+    hist = fit(image_gan(lr_ratio=4.0), digits_batch(16), steps=2, batch_size=8, lr=3e-4, log_every=1,
+               progress=False, seed=0)
+    assert [r["lr"] for r in hist] == [3e-4, 3e-4]
+
+
 def test_spectral_norm_on_every_discriminator_weight():
     for gan in (image_gan(), point_gan(), image_gan(num_classes=10)):
         layers = [m for m in gan.discriminator.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]

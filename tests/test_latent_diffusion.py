@@ -176,6 +176,14 @@ def test_inpainting_keeps_the_known_pixels_and_fills_the_rest():
     assert torch.equal(full[:, 0], x[:2])
 
 
+def test_the_logged_lr_is_the_stage_s_own():
+    """Stage 1 steps the autoencoder's Adam (ae_lr), stage 2 the diffusion model's (the run's lr):
+    metrics.jsonl names the one that stepped, not the first optimizer's."""
+    x, y = _data(16)
+    hist = fit(_model(ae_lr=3e-3), (x, y), steps=4, batch_size=8, lr=7e-4, log_every=1, progress=False, seed=1)
+    assert [r["lr"] for r in hist] == [3e-3, 3e-3, 7e-4, 7e-4]
+
+
 def test_resume_across_the_stage_switch_is_exact(tmp_path):
     x, y = _data(32)
     a = _model()

@@ -4,6 +4,7 @@ the official test split: FD in the FashionFeatures space beside the data floor (
 images against the training images) and the fitted-Gaussian bar, bits/dim for the flow.
 
     python benchmarks/quality/fashion_mnist.py [--families vae,flow,gan,diffusion,latent-diffusion] [--n 2000] [--out DIR]
+        [--minutes M]   (`pygen train ... --minutes M` instead of the default steps; recorded as "FAMILY (--minutes M)")
 
 Runs the commands as a user would (subprocesses, 2 torch threads), one at a time; run it
 with nothing else on the machine: the wall times are part of the result. Writes
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/fashion-mnist"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--guided-n", type=int, default=500, help="samples per guidance scale (conditional families)")
+    p.add_argument("--minutes", type=float, help="train with --minutes M (the whole budget) instead of the default steps")
     p.add_argument("--guided-only", action="store_true",
                    help="only the guided accuracy and grid of runs already trained under --out")
     a = p.parse_args()
@@ -74,19 +76,22 @@ def main() -> None:
     if dest.exists():  # the same day's runs of other families are kept
         results["families"] = json.loads(dest.read_text()).get("families", {})
     for fam in a.families.split(","):
-        run = a.out / fam
+        key = fam if a.minutes is None else f"{fam} (--minutes {a.minutes:g})"
+        run = a.out / (fam if a.minutes is None else f"{fam}-{a.minutes:g}min")
         if a.guided_only:
-            results["families"].setdefault(fam, {}).update(guided(run, fam, a.guided_n, a.threads))
+            results["families"].setdefault(key, {}).update(guided(run, fam, a.guided_n, a.threads))
             dest.write_text(json.dumps(results, indent=1, default=float) + "\n")
             continue
         train_cmd = [sys.executable, "-m", "pygen", "train", fam, "--data", "fashion-mnist", "--out", str(run),
                      "--threads", str(a.threads), "--no-progress"]
+        if a.minutes is not None:
+            train_cmd += ["--minutes", f"{a.minutes:g}"]
         t0 = time.perf_counter()
         tr = subprocess.run(train_cmd, env=env, capture_output=True, text=True)
         train_s = time.perf_counter() - t0
         print(tr.stdout[-2000:], tr.stderr[-2000:], flush=True)
         if tr.returncode != 0:
-            results["families"][fam] = {"error": tr.stderr.strip().splitlines()[-1:], "train_seconds": train_s}
+            results["families"][key] = {"error": tr.stderr.strip().splitlines()[-1:], "train_seconds": train_s}
             continue
         rec = json.loads((run / "train.json").read_text())
         ev_json = run / "eval.json"
@@ -111,7 +116,7 @@ def main() -> None:
             out["eval_error"] = ev.stderr.strip().splitlines()[-1:]
         if fam in ("diffusion", "latent-diffusion"):
             out.update(guided(run, fam, a.guided_n, a.threads))
-        results["families"][fam] = out
+        results["families"][key] = out
         dest.write_text(json.dumps(results, indent=1, default=float) + "\n")
         print(json.dumps({k: v for k, v in out.items() if k != "eval"}), flush=True)
     print(f"wrote {dest}")

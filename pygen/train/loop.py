@@ -451,10 +451,15 @@ def _fit(
         batches = (tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device) for b in ahead)
     else:
         batches = map(read, range(start, end))
+    # the logged lr: that of the last optimizer that stepped (a GAN's G after its D; latent
+    # diffusion's autoencoder, then its diffusion model), read by the optimizers' own hooks
+    stepped: list[float] = []
+    hooks = [o.register_step_post_hook(lambda o, *_: stepped.append(o.param_groups[0]["lr"])) for o in optimizers]
+    lr_used = optimizers[0].param_groups[0]["lr"]
     try:
         for step, batch in zip(range(start, end), batches):
             k = step + 1  # steps completed after this one
-            lr_used = optimizers[0].param_groups[0]["lr"]
+            stepped.clear()
             try:
                 terms = model.training_step(batch, step, optimizers, update=update)
             except TrainingDiverged as e:  # raised by the model (an exploding GAN loss): name the checkpoint
@@ -462,6 +467,7 @@ def _fit(
                     raise
                 raise TrainingDiverged(f"{e}; last good checkpoint: {describe(last_ckpt)}", step=e.step,
                                        checkpoint=last_ckpt) from e
+            lr_used = stepped[-1] if stepped else lr_used  # none: an AMP step skipped for inf grads
             for sch in schedulers:
                 sch.step()
             if ema is not None:
@@ -534,6 +540,8 @@ def _fit(
                     pbar.write(f"stopped early at step {k}: {run.stop_reason}")
                 break
     finally:
+        for h in hooks:
+            h.remove()
         if hasattr(batches, "close"):  # a prefetching reader: its thread stops here
             batches.close()
         if pbar is not None:
