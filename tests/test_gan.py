@@ -213,6 +213,28 @@ def test_the_logged_lr_is_the_generator_s_under_ttur():
     assert [r["lr"] for r in hist] == [3e-4, 3e-4]
 
 
+def test_labelled_images_of_28x28_and_up_train_class_conditional_by_default():
+    """for_data: labelled large examples (measured on Fashion-MNIST) get the projection GAN;
+    small ones (the digits), unlabelled data and ``unconditional`` the unconditional one."""
+    from types import SimpleNamespace
+
+    def data(*shape, labels=True):
+        return SimpleNamespace(shape=shape, labels=torch.arange(10) if labels else None, kind="image", bins=256)
+
+    kw = {"g_width": 8, "d_width": 8}
+    assert GAN.for_data(data(1, 28, 28), **kw).num_classes == 10
+    assert GAN.for_data(data(3, 16, 16), **kw).num_classes == 10  # 768 values: large
+    assert GAN.for_data(data(1, 15, 17), **kw).num_classes is None  # 255 values: the digits' rule
+    assert GAN.for_data(data(1, 28, 28, labels=False), **kw).num_classes is None
+    assert GAN.for_data(data(1, 28, 28), unconditional=True, **kw).num_classes is None
+    assert GAN.for_data(data(1, 8, 8), conditional=True, **kw).num_classes == 10
+    assert GAN.for_data(data(1, 28, 28), num_classes=12, **kw).num_classes == 12  # options win
+    with pytest.raises(ValueError, match="conditional and unconditional"):
+        GAN.for_data(data(1, 28, 28), conditional=True, unconditional=True)
+    with pytest.raises(ValueError, match="labels"):
+        GAN.for_data(data(1, 8, 8, labels=False), conditional=True)
+
+
 def test_spectral_norm_on_every_discriminator_weight():
     for gan in (image_gan(), point_gan(), image_gan(num_classes=10)):
         layers = [m for m in gan.discriminator.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]

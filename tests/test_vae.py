@@ -429,7 +429,7 @@ def test_defaults_sized_by_the_data():
         return SimpleNamespace(shape=shape, labels=None, kind="image", bins=256)
 
     small, edge, large = data(1, 15, 17), data(1, 16, 16), data(1, 28, 28)
-    for d, hidden, latent, steps in ((small, 256, 16, 2000), (edge, 512, 32, 25000), (large, 512, 32, 25000)):
+    for d, hidden, latent, steps in ((small, 256, 16, 2000), (edge, 512, 32, 120000), (large, 512, 32, 120000)):
         m = VAE.for_data(d)
         assert (m.config["hidden"], m.latent_dim, m.config["logvar_range"], m.config["post_hoc"]) == (
             hidden, latent, [-20.0, 4.0], True)

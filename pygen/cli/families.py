@@ -39,6 +39,10 @@ class Family:
 _COND = {"--conditional": dict(action="store_true", default=None,
                                help="vae, gan, flow: condition on the data's labels (pygen sample then takes --labels)")}
 
+_UNCOND = dict(action="store_true", default=None,
+               help="diffusion, latent-diffusion: ignore the data's labels; gan: the same (labelled images of "
+                    "28x28 and up train class-conditional by default)")
+
 FAMILIES: dict[str, Family] = {
     "vae": Family(
         "vae", "variational autoencoder (Gaussian decoder with running-MSE variance)",
@@ -55,7 +59,8 @@ FAMILIES: dict[str, Family] = {
          "--loss": dict(choices=("hinge", "ns", "wgan-gp"), help="(default hinge)"),
          "--r1-gamma": dict(type=float, help="R1 penalty (default 0.1; 0: off)"),
          "--width": dict(type=int, help="conv base width of G and D (default 32)"),
-         "--diffaugment": dict(action="store_true", default=None, help="DiffAugment translation + cutout"), **_COND},
+         "--diffaugment": dict(action="store_true", default=None, help="DiffAugment translation + cutout"), **_COND,
+         "--unconditional": _UNCOND},
     ),
     "flow": Family(
         "flow", "normalizing flow (Glow for images, RealNVP for points)",
@@ -67,7 +72,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "diffusion": Family(
         "diffusion", "denoising diffusion model (pygen.models.Diffusion; class-conditional on labelled data)",
-        {"--unconditional": dict(action="store_true", default=None, help="diffusion: ignore the data's labels"),
+        {"--unconditional": _UNCOND,
          "--pixel": dict(action="store_true", default=None,
                          help="diffusion: denoise pixels even where latent diffusion is the default (images of "
                               "28x28 and larger trained on the CPU)")},
@@ -75,7 +80,7 @@ FAMILIES: dict[str, Family] = {
     "latent-diffusion": Family(
         "latent-diffusion", "diffusion on an autoencoder's latents (pygen.models.LatentDiffusion: 28x28x1 -> 7x7x4; "
         "images only)",
-        {"--unconditional": dict(action="store_true", default=None, help="diffusion: ignore the data's labels")},
+        {"--unconditional": _UNCOND},
     ),
     "sr": Family(
         "sr", "diffusion super-resolution (pygen.models.SuperResolution; data with low-res inputs, e.g. patches)",

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -81,6 +82,11 @@ class GenerativeModel(nn.Module):
     default_lr: ClassVar[float] = 1e-3
     #: what ``pygen train FAMILY`` uses unless told otherwise: {"steps", "batch_size", "lr"}
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 128, "lr": None}
+    #: examples of at least this many values (28x28 images and up) are "large": they train with
+    #: :attr:`large_train` over :attr:`train_defaults`
+    large_dims: ClassVar[int] = 256
+    #: the family's train settings for large examples (measured on Fashion-MNIST), if they differ
+    large_train: ClassVar[dict[str, Any]] = {}
     #: ``pygen train`` without --steps / --minutes trains the default step count, or as many
     #: steps as fit in this many minutes on the machine at hand (measured) when fewer
     train_minutes: ClassVar[float | None] = 20.0
@@ -115,10 +121,16 @@ class GenerativeModel(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def is_large(cls, data: Any) -> bool:
+        """Whether ``data``'s examples have at least :attr:`large_dims` values."""
+        return math.prod(data.shape) >= cls.large_dims
+
+    @classmethod
     def train_defaults_for(cls, data: Any) -> dict[str, Any]:
         """{"steps", "batch_size", "lr"} for training on ``data`` (what ``pygen train`` and
-        the demo start from): :attr:`train_defaults` unless the family sizes them by the data."""
-        return dict(cls.train_defaults)
+        the demo start from): :attr:`train_defaults`, :attr:`large_train` over them for large
+        examples (:meth:`is_large`)."""
+        return {**cls.train_defaults, **(cls.large_train if cls.is_large(data) else {})}
 
     @classmethod
     def for_data(cls, data: Any, **options: Any) -> GenerativeModel:

@@ -116,14 +116,14 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
     #: running-MSE decoder variance), 2000 steps of 128 at lr 2e-3: FD 5.0 vs the Gaussian bar's
     #: 14.85 on the digits, ~95 s on one thread
     train_defaults: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 128, "lr": 2e-3}
-    #: examples of at least this many values (28x28 images) get :attr:`large_defaults`
-    large_dims: ClassVar[int] = 256
     #: measured on Fashion-MNIST (FD with the post-hoc stages, 2000 samples, floor 0.317): 256 wide,
-    #: 16 latents, 2000 steps 14.5; 512 wide, 32 latents, 10000 steps 7.4, 25000 steps 6.7; on
-    #: its 8000-image subset 2500 steps 9.3, 10000 steps 5.7 (floor 0.396). A 2-core CPU runs
-    #: 25000 steps in about 10 minutes.
-    large_defaults: ClassVar[dict[str, dict[str, Any]]] = {"model": {"hidden": 512, "latent_dim": 32},
-                                                           "train": {"steps": 25000}}
+    #: 16 latents, 2000 steps 14.5; 512 wide, 32 latents, 10000 steps 7.4, 25000 steps 6.7 (a 2-core
+    #: AMD EPYC, 10 minutes); with a 50-component second stage on a 2-core Intel Xeon, 25000 steps
+    #: 4.92 (5 minutes), 112042 steps 4.28 (``--minutes 20``); so at most 120000, and the
+    #: 20-minute cap binds on a 2-core CPU. On its 8000-image subset (10 components) 2500 steps
+    #: 9.3, 10000 steps 5.7, 15729 steps 5.4 (floor 0.396).
+    large_model: ClassVar[dict[str, Any]] = {"hidden": 512, "latent_dim": 32}
+    large_train: ClassVar[dict[str, Any]] = {"steps": 120000}
     #: on a GPU: twice the CPU's widest and longest, batch 256 (capped at 20 minutes); not yet
     #: measured on a GPU
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
@@ -227,20 +227,12 @@ class VAE(PostHocStages, GenerativeModel, family="vae"):
     @classmethod
     def for_data(cls, data: Any, *, conditional: bool = False, **options: Any) -> VAE:
         """The default VAE for a :class:`pygen.data.Data` (:attr:`data_defaults`, and
-        :attr:`large_defaults`' for examples of at least :attr:`large_dims` values,
+        :attr:`large_model` for large examples (:meth:`is_large`),
         ``options`` overriding them); ``conditional``: on the data's labels."""
-        large = math.prod(data.shape) >= cls.large_dims
-        opts = {**cls.data_defaults, **(cls.large_defaults["model"] if large else {}), **options}
+        opts = {**cls.data_defaults, **(cls.large_model if cls.is_large(data) else {}), **options}
         if conditional:
             opts["num_classes"] = num_classes_of(data)
         return cls(data.shape, **opts)
-
-    @classmethod
-    def train_defaults_for(cls, data: Any) -> dict[str, Any]:
-        """:attr:`train_defaults`, with :attr:`large_defaults`' steps for examples of at least
-        :attr:`large_dims` values."""
-        large = math.prod(data.shape) >= cls.large_dims
-        return {**cls.train_defaults, **(cls.large_defaults["train"] if large else {})}
 
     # ---- helpers ----------------------------------------------------------------------
     def _split(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
