@@ -74,13 +74,13 @@ def test_cli_minutes_sets_and_records_the_step_count(tmp_path):
 
 
 def test_a_cheaper_first_stage_keeps_its_steps_and_the_rest_of_the_time_goes_to_the_dearer_stage():
-    budget = 600 * (1 - OVERHEAD)  # 10 minutes: 510 s
-    # 100 first-stage steps of 0.1 s (10 s), then 500 s of 1 s steps
+    budget = 600 * (1 - OVERHEAD)  # 10 minutes: 480 s
+    # 100 first-stage steps of 0.1 s (10 s), then 470 s of 1 s steps
     assert steps_for_minutes(10, 1.0, first_stage=(100, 0.1)) == 100 + int((budget - 10) / 1.0)
-    # 1000 first-stage steps would take 100 s but then outnumber the 410 that follow:
-    # the first stage is cut to n = 510 / 1.1 = 463 steps, the dearer one gets >= n
+    # 1000 first-stage steps would take 100 s but then outnumber the 380 that follow:
+    # the first stage is cut to n = 480 / 1.1 = 436 steps, the dearer one gets >= n
     n = int(budget / 1.1)
-    assert n == 463
+    assert n == 436
     steps = steps_for_minutes(10, 1.0, first_stage=(1000, 0.1))
     assert steps == n + int(budget - n * 0.1)
     assert LatentDiffusion((1, 8, 8), ae_steps=1000).stage_steps_for(steps) == n  # the split the budget assumed
@@ -97,10 +97,10 @@ def test_the_minutes_plan_times_each_stage_of_a_staged_model_at_its_own_cost(mon
         return 1.0 if probe is None else 0.25
 
     monkeypatch.setattr(budget, "measure_step_seconds", fake)
-    model = LatentDiffusion((1, 8, 8), ae_steps=40)
+    model = LatentDiffusion((1, 8, 8), ae_steps=30)  # fits: 30 x (0.25 + 1) s <= the 48 s planned
     steps, sec, first = budget.plan_for_minutes(model, torch.rand(8, 1, 8, 8), 1.0, batch_size=4)
-    assert timed == [None, (2**62, 40)] and (sec, first) == (1.0, 0.25)  # its autoencoder-only copy timed apart
-    assert 40 + int(60 * (1 - OVERHEAD) - 40 * 0.25) - 1 <= steps <= 40 + int(60 * (1 - OVERHEAD) - 40 * 0.25)
+    assert timed == [None, (2**62, 30)] and (sec, first) == (1.0, 0.25)  # its autoencoder-only copy timed apart
+    assert 30 + int(60 * (1 - OVERHEAD) - 30 * 0.25) - 1 <= steps <= 30 + int(60 * (1 - OVERHEAD) - 30 * 0.25)
     timed.clear()
     steps, sec, first = budget.plan_for_minutes(VAE((1, 8, 8), latent_dim=2, hidden=16, network="mlp"),
                                                 torch.rand(8, 1, 8, 8), 1.0, batch_size=4)
@@ -167,7 +167,7 @@ def test_stage_options_size_a_staged_model_for_the_run():
 
 def test_default_step_count_is_capped_at_the_familys_minutes(tmp_path, monkeypatch, capsys):
     """No --steps: the default count, cut to what fits in ``train_minutes`` here; a machine
-    made slow (50 s a step, measured) trains 20 steps (20 min less 15%: 20.4), and says so."""
+    made slow (50 s a step, measured) trains 19 steps (20 min less 20%: 19.2), and says so."""
     import signal
     import warnings
 
@@ -186,10 +186,10 @@ def test_default_step_count_is_capped_at_the_familys_minutes(tmp_path, monkeypat
     finally:
         signal.signal(signal.SIGTERM, handler)
     printed = capsys.readouterr().out
-    assert "20 steps fit in 20 minutes; training 20 of the default 2000" in printed
+    assert "19 steps fit in 20 minutes; training 19 of the default 2000" in printed
     rec = json.loads((out / "train.json").read_text())
-    assert rec["steps"] == 20 and rec["default_minutes_cap"] == 20.0 and rec["measured_seconds_per_step"] == 50.0
-    assert (out / "latest").read_text().strip() == "ckpt-20.pt"
+    assert rec["steps"] == 19 and rec["default_minutes_cap"] == 20.0 and rec["measured_seconds_per_step"] == 50.0
+    assert (out / "latest").read_text().strip() == "ckpt-19.pt"
     monkeypatch.setattr(budget, "measure_step_seconds", lambda *a, **k: 0.001)  # fast: the default count stands
     import argparse
 
